@@ -1,0 +1,37 @@
+"""subspace_jax: memory-efficient LLM training by low-rank subspace optimization.
+
+GaLore, GoLore and RSO as composable ``optax.GradientTransformation``\\ s::
+
+  import optax, subspace_jax as sj
+  tx = optax.chain(
+      sj.golore(rank=128, update_gap=200),
+      optax.add_decayed_weights(0.1),
+      optax.scale_by_learning_rate(1e-3),
+  )
+"""
+
+from subspace_jax import matrix_view, projection, transform
+from subspace_jax.matrix_view import MatrixView, default_view, views_by_path
+from subspace_jax.transform import (
+    SubspaceState,
+    galore,
+    golore,
+    rso,
+    scale_by_subspace,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MatrixView",
+    "SubspaceState",
+    "default_view",
+    "galore",
+    "golore",
+    "matrix_view",
+    "projection",
+    "rso",
+    "scale_by_subspace",
+    "transform",
+    "views_by_path",
+]

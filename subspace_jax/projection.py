@@ -1,0 +1,186 @@
+"""Samplers of rank-r subspaces: pure, jit-able functions.
+
+Every sampler returns an ``(m, r)`` matrix ``P`` whose columns span the
+subspace; a gradient ``G`` of shape ``(m, n)`` is projected as ``Pᵀ G``
+(``(r, n)``) and an update ``U`` is mapped back as ``P U``.
+
+* :func:`svd_subspace` – the top-r left singular vectors (GaLore).
+* :func:`randomized_subspace` – the same subspace, approximately, by a
+  randomized range finder with power iterations, optionally warm-started from
+  the previous projection (much cheaper than a full SVD for large matrices).
+* :func:`stiefel` – a uniform (Haar) sample on the Stiefel manifold St(m, r)
+  (GoLore).
+* :func:`scaled_stiefel` – ``sqrt(m / r) · stiefel``, so that
+  ``PᵀP = (m / r) I`` and ``E[P Pᵀ] = I`` (RSO).
+
+All computation happens in float32 whatever the input dtype; the result is
+cast to ``dtype`` (float32 by default).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "svd_subspace",
+    "randomized_subspace",
+    "stiefel",
+    "scaled_stiefel",
+    "captured_energy",
+]
+
+
+def _check_matrix(g: jax.Array, rank: int) -> None:
+  if g.ndim != 2:
+    raise ValueError(f"expected a matrix, got shape {g.shape}")
+  if not 0 < rank <= g.shape[0]:
+    raise ValueError(
+        f"rank must be in [1, {g.shape[0]}] for a {g.shape} matrix, got {rank}"
+    )
+
+
+def svd_subspace(
+    g: jax.Array, rank: int, *, right: bool = False, dtype=jnp.float32
+) -> jax.Array:
+  """Top-``rank`` singular vectors of ``g`` by an exact (thin) SVD.
+
+  Args:
+    g: An ``(m, n)`` matrix, any float dtype (the SVD runs in float32).
+    rank: Number of singular vectors, ``1 <= rank <= min(m, n)``.
+    right: Return the right singular vectors (``(n, rank)``) instead of the
+      left ones (``(m, rank)``). They are taken from the SVD of ``g`` itself,
+      not of ``gᵀ``, so their signs are those of ``jnp.linalg.svd(g)``.
+    dtype: dtype of the result.
+
+  Returns:
+    A matrix with ``rank`` orthonormal columns.
+  """
+  _check_matrix(g.T if right else g, rank)
+  u, _, vh = jnp.linalg.svd(g.astype(jnp.float32), full_matrices=False)
+  vecs = vh[:rank].T if right else u[:, :rank]
+  return vecs.astype(dtype)
+
+
+def _orthonormalize(y: jax.Array) -> jax.Array:
+  q, _ = jnp.linalg.qr(y)
+  return q
+
+
+def randomized_subspace(
+    g: jax.Array,
+    rank: int,
+    key: jax.Array,
+    *,
+    init: jax.Array | None = None,
+    oversample: int = 8,
+    power_iters: int = 2,
+    dtype=jnp.float32,
+) -> jax.Array:
+  """Approximate top-``rank`` left singular subspace of ``g``.
+
+  A randomized range finder (Halko, Martinsson & Tropp 2011, arXiv 0909.4061,
+  Alg. 4.4): ``Q = orth(G Ω)`` for a Gaussian ``Ω`` with ``rank + oversample``
+  columns, refined by ``power_iters`` rounds of ``Q ← orth(G orth(Gᵀ Q))``;
+  the top ``rank`` directions inside ``span(Q)`` then come from the small
+  eigenproblem of ``(QᵀG)(QᵀG)ᵀ``. The cost is a few ``m × n × (r + p)``
+  matrix products instead of a full SVD.
+
+  With ``init`` (the previous projection, ``(m, rank)``), the starting block is
+  ``[init, G Ω_p]``: the previous subspace plus ``oversample`` random
+  directions, which is where a slowly changing gradient subspace is found
+  fastest.
+
+  Args:
+    g: An ``(m, n)`` matrix, any float dtype (computation in float32).
+    rank: Subspace dimension, ``1 <= rank <= m``.
+    key: A ``jax.random`` key for the Gaussian test matrix.
+    init: Optional ``(m, rank)`` warm start.
+    oversample: Extra columns of the sketch (clipped so the sketch has at most
+      ``min(m, n)`` columns).
+    power_iters: Rounds of subspace iteration (more: more accurate, slower).
+    dtype: dtype of the result.
+
+  Returns:
+    An ``(m, rank)`` matrix with orthonormal columns.
+  """
+  _check_matrix(g, rank)
+  m, n = g.shape
+  g = g.astype(jnp.float32)
+  width = max(rank, min(rank + oversample, m, n))
+  if init is None:
+    omega = jax.random.normal(key, (n, width), jnp.float32)
+    y = g @ omega
+  else:
+    if init.shape != (m, rank):
+      raise ValueError(f"init must have shape {(m, rank)}, got {init.shape}")
+    extra = width - rank
+    omega = jax.random.normal(key, (n, extra), jnp.float32)
+    y = jnp.concatenate([init.astype(jnp.float32), g @ omega], axis=1)
+  q = _orthonormalize(y)
+  for _ in range(power_iters):
+    q = _orthonormalize(g @ _orthonormalize(g.T @ q))
+  b = q.T @ g  # (width, n)
+  # eigh returns ascending eigenvalues: the last `rank` vectors are the top.
+  _, vecs = jnp.linalg.eigh(b @ b.T)
+  return (q @ vecs[:, ::-1][:, :rank]).astype(dtype)
+
+
+def stiefel(key: jax.Array, m: int, rank: int, *, dtype=jnp.float32) -> jax.Array:
+  """A uniform (Haar) sample from the Stiefel manifold St(m, rank).
+
+  Built as the Q factor of the QR decomposition of a Gaussian ``Z`` (m × r)
+  with the signs fixed so that ``R`` has a positive diagonal. This has the
+  same distribution as the polar factor ``Z (ZᵀZ)^{-1/2}`` used in the GoLore
+  paper: for any orthogonal ``H``, ``HZ`` has the law of ``Z`` and both maps
+  satisfy ``f(HZ) = H f(Z)``, so both laws are left-orthogonally invariant,
+  and the uniform law is the only such law on St(m, r). QR is preferred as it
+  is cheaper and numerically stable (no inverse square root).
+
+  Args:
+    key: A ``jax.random`` key.
+    m: Ambient dimension.
+    rank: Number of orthonormal columns, ``1 <= rank <= m``.
+    dtype: dtype of the result.
+
+  Returns:
+    An ``(m, rank)`` matrix ``P`` with ``PᵀP = I``.
+  """
+  if not 0 < rank <= m:
+    raise ValueError(f"rank must be in [1, {m}], got {rank}")
+  z = jax.random.normal(key, (m, rank), jnp.float32)
+  q, r = jnp.linalg.qr(z)
+  signs = jnp.where(jnp.diagonal(r) < 0, -1.0, 1.0)
+  return (q * signs[None, :]).astype(dtype)
+
+
+def scaled_stiefel(
+    key: jax.Array, m: int, rank: int, *, dtype=jnp.float32
+) -> jax.Array:
+  """RSO's random projection: ``sqrt(m / rank)`` times a Stiefel sample.
+
+  ``PᵀP = (m / rank) I`` and ``E[P Pᵀ] = I``, so ``P Pᵀ G`` is an unbiased
+  estimate of ``G``.
+
+  Args:
+    key: A ``jax.random`` key.
+    m: Ambient dimension.
+    rank: Number of columns, ``1 <= rank <= m``.
+    dtype: dtype of the result.
+
+  Returns:
+    An ``(m, rank)`` matrix.
+  """
+  p = stiefel(key, m, rank, dtype=jnp.float32)
+  return (p * jnp.sqrt(m / rank)).astype(dtype)
+
+
+def captured_energy(p: jax.Array, g: jax.Array) -> jax.Array:
+  """Fraction ``‖PᵀG‖² / ‖G‖²`` of ``g``'s energy inside ``span(p)``.
+
+  ``p`` must have orthonormal columns.
+  """
+  g = g.astype(jnp.float32)
+  return jnp.sum(jnp.square(p.astype(jnp.float32).T @ g)) / jnp.sum(
+      jnp.square(g)
+  )

@@ -1,0 +1,12 @@
+"""Test session setup: 8 host devices for the sharding tests.
+
+XLA reads the flag when the CPU backend starts, so it must be set before any
+test imports jax.
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
