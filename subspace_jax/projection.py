@@ -89,7 +89,9 @@ def randomized_subspace(
   With ``init`` (the previous projection, ``(m, rank)``), the starting block is
   ``[init, G Ω_p]``: the previous subspace plus ``oversample`` random
   directions, which is where a slowly changing gradient subspace is found
-  fastest.
+  fastest. Each returned column's sign is chosen to agree with ``init``'s
+  column (else: its largest entry is positive), so the result does not flip
+  with rounding and inner-optimizer moments stay meaningful across refreshes.
 
   Args:
     g: An ``(m, n)`` matrix, any float dtype (computation in float32).
@@ -123,7 +125,16 @@ def randomized_subspace(
   b = q.T @ g  # (width, n)
   # eigh returns ascending eigenvalues: the last `rank` vectors are the top.
   _, vecs = jnp.linalg.eigh(b @ b.T)
-  return (q @ vecs[:, ::-1][:, :rank]).astype(dtype)
+  p = q @ vecs[:, ::-1][:, :rank]
+  # Eigenvector signs are arbitrary (and flip with rounding); the inner
+  # optimizer's moments are not sign-invariant across refreshes. Align each
+  # column with the warm start, else make its largest entry positive.
+  if init is not None:
+    s = jnp.sum(p * init.astype(jnp.float32), axis=0)
+  else:
+    s = jnp.take_along_axis(p, jnp.argmax(jnp.abs(p), axis=0)[None], axis=0)[0]
+  p = p * jnp.where(s < 0, -1.0, 1.0)[None, :]
+  return p.astype(dtype)
 
 
 def stiefel(key: jax.Array, m: int, rank: int, *, dtype=jnp.float32) -> jax.Array:

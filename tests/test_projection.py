@@ -126,3 +126,13 @@ def test_captured_energy():
   g, u, s = _decaying(20, 30)
   e = float(proj.captured_energy(jnp.asarray(u[:, :3], jnp.float32), jnp.asarray(g, jnp.float32)))
   np.testing.assert_allclose(e, np.sum(s[:3] ** 2) / np.sum(s**2), rtol=1e-5)
+
+
+def test_randomized_subspace_signs_follow_the_warm_start():
+  g, u, _ = _decaying(60, 40, decay=0.8)
+  init = jnp.asarray(-u[:, :4], jnp.float32)  # the exact subspace, negated
+  p = np.asarray(proj.randomized_subspace(jnp.asarray(g, jnp.float32), 4, jax.random.key(0), init=init))
+  np.testing.assert_allclose(p, np.asarray(init), atol=1e-3)
+  # Cold start: the largest entry of every column is positive.
+  q = np.asarray(proj.randomized_subspace(jnp.asarray(g, jnp.float32), 4, jax.random.key(1)))
+  assert np.all(q[np.argmax(np.abs(q), axis=0), np.arange(4)] > 0)
