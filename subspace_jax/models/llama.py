@@ -1,0 +1,467 @@
+"""A LLaMA decoder-only language model written with Flax NNX.
+
+The architecture follows the models trained in the GaLore paper
+(arXiv 2403.03507): pre-norm decoder blocks with RMSNorm, rotary position
+embeddings (RoPE), causal multi-head self-attention without biases, a SwiGLU
+MLP, a final RMSNorm and an lm_head that is *not* tied to the token embedding.
+
+Parameter layout. Every kernel is stored ``(in, out)`` as in Flax, and every
+weight carries logical axis names in its ``out_sharding`` metadata (read them
+with ``nnx.get_partition_spec`` or :func:`param_logical_axes`):
+
+========================  ====================  =========================
+weight                    shape                 logical axes
+========================  ====================  =========================
+embed.embedding           (vocab, embed)        ('vocab', 'embed')
+attn.{q,k,v}_proj.kernel  (embed, heads*kv)     ('embed', 'heads')
+attn.o_proj.kernel        (heads*kv, embed)     ('heads', 'embed')
+mlp.{gate,up}_proj.kernel (embed, mlp)          ('embed', 'mlp')
+mlp.down_proj.kernel      (mlp, embed)          ('mlp', 'embed')
+*_norm.scale              (embed,)              ('norm',)
+lm_head.kernel            (embed, vocab)        ('embed', 'vocab')
+========================  ====================  =========================
+
+The attention projections are deliberately plain 2-D matrices (the head axis
+is folded into the 'heads' dimension), so that a low-rank optimizer can treat
+every weight of a block as an ordinary matrix. The 'kv' name (the per-head
+dimension) is reserved for activations and is not used by any weight.
+
+With ``scan_layers=True`` the blocks are created with ``nnx.vmap`` and run with
+``nnx.scan``: every block weight gains a leading axis of size ``num_layers``
+named 'layers' (e.g. an MLP kernel is ``(layers, embed, mlp)``). With
+``remat=True`` each block is wrapped in ``nnx.remat`` (``jax.checkpoint``) so
+its activations are recomputed in the backward pass.
+
+Sharding metadata is attached lazily (``eager_sharding=False``): the logical
+names are only annotations, to be mapped onto a device mesh by the caller.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+Array = jax.Array
+Dtype = Any
+
+LOGICAL_AXIS_NAMES: tuple[str, ...] = (
+    "vocab", "embed", "mlp", "heads", "kv", "layers", "norm")
+"""Every logical axis name used by this module."""
+
+
+# --------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Hyper-parameters of a LLaMA model.
+
+  Attributes:
+    vocab_size: Number of token ids.
+    hidden_size: Model width (the 'embed' axis).
+    intermediate_size: Width of the SwiGLU MLP (the 'mlp' axis).
+    num_heads: Number of attention heads; must divide ``hidden_size``.
+    num_layers: Number of decoder blocks.
+    max_seq_len: Longest sequence the model accepts.
+    rope_theta: Base of the RoPE frequencies.
+    norm_eps: Epsilon of every RMSNorm.
+    dtype: Compute dtype of activations and matmuls (e.g. ``jnp.bfloat16``).
+    param_dtype: Storage dtype of the weights (``float32`` master weights or
+      ``bfloat16``).
+    scan_layers: Stack the blocks' weights on a leading 'layers' axis and run
+      them with ``nnx.scan``.
+    remat: Rematerialize each block in the backward pass.
+    init_std: Standard deviation of the normal initializer of every matrix
+      (norm scales start at one).
+  """
+
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_heads: int
+  num_layers: int
+  max_seq_len: int
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-6
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  scan_layers: bool = False
+  remat: bool = False
+  init_std: float = 0.02
+
+  def __post_init__(self):
+    for name in ("vocab_size", "hidden_size", "intermediate_size",
+                 "num_heads", "num_layers", "max_seq_len"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"LlamaConfig.{name} must be a positive int, "
+                         f"got {value!r}")
+    if self.hidden_size % self.num_heads:
+      raise ValueError(
+          f"LlamaConfig.hidden_size={self.hidden_size} is not divisible by "
+          f"num_heads={self.num_heads}")
+    if (self.hidden_size // self.num_heads) % 2:
+      raise ValueError(
+          f"head dim {self.hidden_size // self.num_heads} must be even for "
+          "rotary embeddings")
+    for name in ("dtype", "param_dtype"):
+      dt = jnp.dtype(getattr(self, name))
+      if not jnp.issubdtype(dt, jnp.floating):
+        raise ValueError(f"LlamaConfig.{name} must be a float dtype, got {dt}")
+      object.__setattr__(self, name, dt)
+
+  @property
+  def head_dim(self) -> int:
+    """Size of one attention head (the 'kv' axis)."""
+    return self.hidden_size // self.num_heads
+
+
+def _named(hidden: int, mlp: int, heads: int, layers: int) -> LlamaConfig:
+  return LlamaConfig(vocab_size=32000, hidden_size=hidden,
+                     intermediate_size=mlp, num_heads=heads,
+                     num_layers=layers, max_seq_len=1024)
+
+
+CONFIGS: dict[str, LlamaConfig] = {
+    "tiny": LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=176,
+                        num_heads=4, num_layers=2, max_seq_len=64),
+    "llama_60m": _named(512, 1376, 8, 8),
+    "llama_130m": _named(768, 2048, 12, 12),
+    "llama_350m": _named(1024, 2736, 16, 24),
+    "llama_1b": _named(2048, 5461, 32, 24),
+    "llama_7b": _named(4096, 11008, 32, 32),
+}
+"""Named configurations: the GaLore paper's model sizes plus ``tiny``."""
+
+
+def get_config(name: str, **overrides: Any) -> LlamaConfig:
+  """Returns the named config, with any fields replaced by ``overrides``.
+
+  Args:
+    name: A key of :data:`CONFIGS`.
+    **overrides: ``LlamaConfig`` fields to change (e.g. ``scan_layers=True``).
+
+  Raises:
+    ValueError: If ``name`` is unknown.
+  """
+  if name not in CONFIGS:
+    raise ValueError(f"unknown LLaMA config {name!r}; known configs: "
+                     f"{', '.join(CONFIGS)}")
+  return dataclasses.replace(CONFIGS[name], **overrides)
+
+
+def param_count(config: LlamaConfig) -> int:
+  """Number of parameters of a model built from ``config``, from the config.
+
+  Args:
+    config: Model configuration.
+
+  Returns:
+    Embedding + lm_head + blocks + final norm parameter count.
+  """
+  d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
+  attention = 4 * d * d
+  mlp = 3 * d * f
+  norms = 2 * d
+  return 2 * v * d + config.num_layers * (attention + mlp + norms) + d
+
+
+# --------------------------------------------------------------------------
+# Layers
+# --------------------------------------------------------------------------
+
+
+def _matrix_init(config: LlamaConfig, names: tuple[str, ...]):
+  return nnx.with_partitioning(nnx.initializers.normal(config.init_std),
+                               names, eager_sharding=False)
+
+
+def _linear(config: LlamaConfig, d_in: int, d_out: int,
+            names: tuple[str, str], rngs: nnx.Rngs, **kwargs) -> nnx.Linear:
+  return nnx.Linear(d_in, d_out, use_bias=False, dtype=config.dtype,
+                    param_dtype=config.param_dtype,
+                    kernel_init=_matrix_init(config, names), rngs=rngs,
+                    **kwargs)
+
+
+class RMSNorm(nnx.Module):
+  """Root-mean-square layer norm with a learned scale, computed in float32."""
+
+  def __init__(self, dim: int, *, eps: float, dtype: Dtype,
+               param_dtype: Dtype):
+    self.eps = eps
+    self.dtype = dtype
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype),
+                           out_sharding=("norm",), eager_sharding=False)
+
+  def __call__(self, x: Array) -> Array:
+    x32 = x.astype(jnp.float32)
+    inv_rms = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True)
+                            + self.eps)
+    return (x32 * inv_rms * self.scale[...].astype(jnp.float32)).astype(
+        self.dtype)
+
+
+class Embedding(nnx.Module):
+  """Token embedding table; looks rows up, then casts them to ``dtype``."""
+
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    self.dtype = config.dtype
+    init = _matrix_init(config, ("vocab", "embed"))
+    self.embedding = nnx.Param(init(
+        rngs.params(), (config.vocab_size, config.hidden_size),
+        config.param_dtype))
+
+  def __call__(self, tokens: Array) -> Array:
+    return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+
+
+def rope_cos_sin(positions: Array, head_dim: int,
+                 theta: float) -> tuple[Array, Array]:
+  """Rotary-embedding angles for ``positions``.
+
+  Args:
+    positions: Integer positions, shape ``[seq]``.
+    head_dim: Per-head size (even).
+    theta: Frequency base.
+
+  Returns:
+    ``(cos, sin)``, each float32 of shape ``[seq, head_dim // 2]``.
+  """
+  exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
+  inv_freq = 1.0 / (theta ** exponents)
+  angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+  """Rotates ``x`` by the RoPE angles (half-split, "rotate_half" layout).
+
+  Feature ``i`` is paired with feature ``i + head_dim // 2`` and the pair is
+  rotated by the ``i``-th angle, as in the Hugging Face / GaLore LLaMA.
+
+  Args:
+    x: Queries or keys, shape ``[batch, seq, heads, head_dim]``.
+    cos: From :func:`rope_cos_sin`, shape ``[seq, head_dim // 2]``.
+    sin: Same shape as ``cos``.
+
+  Returns:
+    The rotated array, same shape and dtype as ``x``.
+  """
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  cos = cos[None, :, None, :]
+  sin = sin[None, :, None, :]
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin],
+                            axis=-1)
+  return rotated.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  """Causal multi-head self-attention with RoPE and 2-D projection kernels."""
+
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    d = config.hidden_size
+    self.num_heads = config.num_heads
+    self.head_dim = config.head_dim
+    self.q_proj = _linear(config, d, d, ("embed", "heads"), rngs)
+    self.k_proj = _linear(config, d, d, ("embed", "heads"), rngs)
+    self.v_proj = _linear(config, d, d, ("embed", "heads"), rngs)
+    self.o_proj = _linear(config, d, d, ("heads", "embed"), rngs)
+
+  def __call__(self, x: Array, cos: Array, sin: Array) -> Array:
+    batch, seq, _ = x.shape
+    split = lambda y: y.reshape(batch, seq, self.num_heads, self.head_dim)
+    q = apply_rope(split(self.q_proj(x)), cos, sin)
+    k = apply_rope(split(self.k_proj(x)), cos, sin)
+    v = split(self.v_proj(x))
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    return self.o_proj(out.reshape(batch, seq, -1))
+
+
+class MLP(nnx.Module):
+  """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``."""
+
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    d, f = config.hidden_size, config.intermediate_size
+    self.gate_proj = _linear(config, d, f, ("embed", "mlp"), rngs)
+    self.up_proj = _linear(config, d, f, ("embed", "mlp"), rngs)
+    self.down_proj = _linear(config, f, d, ("mlp", "embed"), rngs)
+
+  def __call__(self, x: Array) -> Array:
+    return self.down_proj(nnx.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nnx.Module):
+  """Pre-norm decoder block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
+
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    norm = lambda: RMSNorm(config.hidden_size, eps=config.norm_eps,
+                           dtype=config.dtype, param_dtype=config.param_dtype)
+    self.attn_norm = norm()
+    self.attn = Attention(config, rngs=rngs)
+    self.mlp_norm = norm()
+    self.mlp = MLP(config, rngs=rngs)
+
+  def __call__(self, x: Array, cos: Array, sin: Array) -> Array:
+    x = x + self.attn(self.attn_norm(x), cos, sin)
+    return x + self.mlp(self.mlp_norm(x))
+
+
+def _run_block(block: Block, x: Array, cos: Array, sin: Array) -> Array:
+  return block(x, cos, sin)
+
+
+_SCAN_METADATA = {nnx.PARTITION_NAME: "layers"}
+
+
+class Llama(nnx.Module):
+  """LLaMA causal language model.
+
+  Example:
+    >>> model = Llama(get_config("tiny"), rngs=nnx.Rngs(0))
+    >>> logits = model(jnp.zeros((2, 16), jnp.int32))  # [2, 16, 256] float32
+  """
+
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    self.embed = Embedding(config, rngs=rngs)
+    if config.scan_layers:
+      @nnx.split_rngs(splits=config.num_layers)
+      @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=_SCAN_METADATA)
+      def make_blocks(layer_rngs: nnx.Rngs) -> Block:
+        return Block(config, rngs=layer_rngs)
+
+      self.layers = make_blocks(rngs)
+    else:
+      self.layers = nnx.List(
+          [Block(config, rngs=rngs) for _ in range(config.num_layers)])
+    self.final_norm = RMSNorm(config.hidden_size, eps=config.norm_eps,
+                              dtype=config.dtype,
+                              param_dtype=config.param_dtype)
+    self.lm_head = _linear(config, config.hidden_size, config.vocab_size,
+                           ("embed", "vocab"), rngs,
+                           preferred_element_type=jnp.float32)
+
+  def _check_tokens(self, tokens: Any) -> Array:
+    dtype = getattr(tokens, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
+      got = f"dtype {dtype}" if dtype is not None else type(tokens).__name__
+      raise TypeError(f"tokens must be an integer array, got {got}")
+    if tokens.ndim != 2:
+      raise ValueError(f"tokens must have shape [batch, seq], got "
+                       f"{tuple(tokens.shape)}")
+    if tokens.shape[1] > self.config.max_seq_len:
+      raise ValueError(f"sequence length {tokens.shape[1]} exceeds "
+                       f"max_seq_len={self.config.max_seq_len}")
+    return jnp.asarray(tokens)
+
+  def __call__(self, tokens: Array) -> Array:
+    """Computes next-token logits.
+
+    Args:
+      tokens: int32 token ids, shape ``[batch, seq]``.
+
+    Returns:
+      float32 logits, shape ``[batch, seq, vocab]``.
+
+    Raises:
+      TypeError: If ``tokens`` is not an integer array.
+      ValueError: If ``tokens`` is not 2-D or longer than ``max_seq_len``.
+    """
+    cfg = self.config
+    tokens = self._check_tokens(tokens)
+    x = self.embed(tokens)
+    cos, sin = rope_cos_sin(jnp.arange(tokens.shape[1]), cfg.head_dim,
+                            cfg.rope_theta)
+    block_fn = _run_block
+    if cfg.remat:
+      # Inside a scan the loop already blocks CSE, so it need not be prevented.
+      block_fn = nnx.remat(_run_block, prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      def body(block: Block, h: Array, c: Array, s: Array) -> Array:
+        return block_fn(block, h, c, s)
+
+      scan = nnx.scan(body, in_axes=(0, nnx.Carry, None, None),
+                      out_axes=nnx.Carry, transform_metadata=_SCAN_METADATA)
+      x = scan(self.layers, x, cos, sin)
+    else:
+      for block in self.layers:
+        x = block_fn(block, x, cos, sin)
+    x = self.final_norm(x)
+    return self.lm_head(x).astype(jnp.float32)
+
+
+# --------------------------------------------------------------------------
+# Functional helpers
+# --------------------------------------------------------------------------
+
+
+def init(config: LlamaConfig, seed: int = 0) -> tuple[nnx.GraphDef, nnx.State]:
+  """Builds a model and splits it into ``(graphdef, params)``.
+
+  The model holds only ``nnx.Param`` state, so ``params`` is all of it.
+  """
+  return nnx.split(Llama(config, rngs=nnx.Rngs(seed)), nnx.Param)
+
+
+def apply(graphdef: nnx.GraphDef, params: nnx.State, tokens: Array) -> Array:
+  """Pure forward pass: logits of ``nnx.merge(graphdef, params)(tokens)``.
+
+  Args:
+    graphdef: From ``nnx.split(model, nnx.Param)``.
+    params: The matching ``nnx.Param`` state (may be a traced pytree).
+    tokens: int32 token ids, shape ``[batch, seq]``.
+
+  Returns:
+    float32 logits, shape ``[batch, seq, vocab]``.
+  """
+  return nnx.merge(graphdef, params)(tokens)
+
+
+def cross_entropy_loss(logits: Array, targets: Array,
+                       mask: Array | None = None) -> Array:
+  """Mean token cross-entropy, in float32.
+
+  Args:
+    logits: ``[..., vocab]`` unnormalized scores.
+    targets: Integer ids with shape ``logits.shape[:-1]``.
+    mask: Optional weights (1 = count the token) with the shape of
+      ``targets``; the mean is over the masked tokens.
+
+  Returns:
+    Scalar float32 loss.
+  """
+  if logits.shape[:-1] != targets.shape:
+    raise ValueError(f"targets shape {targets.shape} does not match logits "
+                     f"shape {logits.shape}[:-1]")
+  losses = optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), targets)
+  if mask is None:
+    return jnp.mean(losses)
+  if mask.shape != targets.shape:
+    raise ValueError(f"mask shape {mask.shape} does not match targets shape "
+                     f"{targets.shape}")
+  mask = mask.astype(jnp.float32)
+  return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def param_logical_axes(params: nnx.State) -> dict[str, tuple[str, ...]]:
+  """Maps each parameter's '/'-joined path to its logical axis names.
+
+  Args:
+    params: State from ``nnx.split(model, nnx.Param)`` or ``nnx.state``.
+
+  Returns:
+    E.g. ``{'layers/0/mlp/up_proj/kernel': ('embed', 'mlp'), ...}``.
+  """
+  return {
+      "/".join(str(k) for k in path): tuple(var.get_metadata("out_sharding"))
+      for path, var in nnx.to_flat_state(params)
+  }

@@ -1,0 +1,1 @@
+"""Training utilities: data pipeline, tokenizers and (later) the training loop."""

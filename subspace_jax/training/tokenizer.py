@@ -1,0 +1,257 @@
+"""Tokenizers for the training data pipeline.
+
+Two implementations share one small interface (:class:`Tokenizer`):
+
+* :class:`ByteTokenizer`: UTF-8 bytes plus three special ids; no dependency.
+* :class:`SentencePieceTokenizer`: a SentencePiece model, either loaded from a
+  path or trained locally on a corpus and cached on disk, keyed by a hash of
+  the corpus and the training settings. ``sentencepiece`` is optional and is
+  imported only when this tokenizer is used.
+
+Typical use::
+
+    tok = get_tokenizer("byte")
+    tok = get_tokenizer("sentencepiece", vocab_size=8000)  # trains on the
+                                                           # embedded corpus
+    ids = tok.encode("Hello") + [tok.eos_id]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pathlib
+import tempfile
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+_CACHE_ENV = "SUBSPACE_JAX_CACHE_DIR"
+
+
+def default_cache_dir() -> pathlib.Path:
+    """Returns the cache directory for tokenizer models and packed tokens.
+
+    ``$SUBSPACE_JAX_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/subspace_jax``,
+    else ``~/.cache/subspace_jax``.
+    """
+    if os.environ.get(_CACHE_ENV):
+        return pathlib.Path(os.environ[_CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
+    return pathlib.Path(base).expanduser() / "subspace_jax"
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """What the data pipeline needs from a tokenizer."""
+
+    vocab_size: int
+    eos_id: int
+    bos_id: int
+
+    def encode(self, text: str) -> list[int]:
+        """Maps text to token ids (no BOS/EOS added)."""
+        ...
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Maps token ids back to text, dropping special ids."""
+        ...
+
+
+class ByteTokenizer:
+    """UTF-8 byte tokenizer: ids 0-255 are bytes, then PAD, BOS and EOS.
+
+    Deterministic and dependency free; ``decode(encode(s)) == s`` for any
+    string ``s``.
+    """
+
+    pad_id = 256
+    bos_id = 257
+    eos_id = 258
+    vocab_size = 259
+    fingerprint = "byte-v1"
+
+    def encode(self, text: str) -> list[int]:
+        """Returns the UTF-8 bytes of ``text`` as ids."""
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Decodes byte ids, skipping special ids; bad UTF-8 becomes U+FFFD."""
+        return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode(
+            "utf-8", errors="replace")
+
+    def __repr__(self) -> str:
+        return "ByteTokenizer()"
+
+
+def _import_sentencepiece() -> Any:
+    try:
+        import sentencepiece  # pylint: disable=import-outside-toplevel
+    except ImportError:
+        raise ImportError("SentencePiece tokenizers need the sentencepiece "
+                          "package: pip install sentencepiece") from None
+    return sentencepiece
+
+
+class SentencePieceTokenizer:
+    """A SentencePiece model behind the :class:`Tokenizer` interface.
+
+    Args:
+        model_path: Path to a ``.model`` file.
+
+    Raises:
+        FileNotFoundError: If ``model_path`` does not exist.
+        ValueError: If the model has no EOS piece.
+    """
+
+    def __init__(self, model_path: str | os.PathLike[str]):
+        spm = _import_sentencepiece()
+        path = pathlib.Path(model_path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"SentencePiece model {str(path)!r} not found; pass the path "
+                "of an existing .model file or train one with "
+                "SentencePieceTokenizer.train")
+        data = path.read_bytes()
+        self.model_path = path
+        self._sp = spm.SentencePieceProcessor(model_proto=data)
+        self.vocab_size = int(self._sp.vocab_size())
+        self.eos_id = int(self._sp.eos_id())
+        self.bos_id = int(self._sp.bos_id())
+        self.pad_id = int(self._sp.pad_id())
+        if self.eos_id < 0:
+            raise ValueError(f"SentencePiece model {str(path)!r} has no EOS "
+                             "piece; retrain it with eos_id >= 0")
+        self.fingerprint = "sp-" + hashlib.sha256(data).hexdigest()[:16]
+
+    def encode(self, text: str) -> list[int]:
+        """Returns the piece ids of ``text``."""
+        return self._sp.encode(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Returns the text of piece ids; control ids (BOS, EOS, PAD) vanish."""
+        return self._sp.decode([int(i) for i in ids])
+
+    def __repr__(self) -> str:
+        return (f"SentencePieceTokenizer({str(self.model_path)!r}, "
+                f"vocab_size={self.vocab_size})")
+
+    @classmethod
+    def train(
+        cls,
+        texts: Iterable[str],
+        vocab_size: int,
+        *,
+        model_type: str = "unigram",
+        cache_dir: str | os.PathLike[str] | None = None,
+    ) -> SentencePieceTokenizer:
+        """Trains a model on ``texts``, or reuses the cached one.
+
+        Training is single-threaded with a fixed seed, so the same corpus and
+        settings give the same model. Text is kept as is (no normalization,
+        spaces preserved) and unknown characters fall back to byte pieces, so
+        ``decode(encode(s)) == s``. Ids: UNK 0, BOS 1, EOS 2, PAD 3.
+
+        Args:
+            texts: Training documents; each line of each document is one
+                SentencePiece sentence (blank lines are skipped).
+            vocab_size: Size of the vocabulary, including the 256 byte pieces
+                and the 4 special pieces (so at least 300 or so).
+            model_type: ``"unigram"`` or ``"bpe"``.
+            cache_dir: Where models are cached (a ``tokenizers/`` folder is
+                made in it); defaults to :func:`default_cache_dir`.
+
+        Returns:
+            The tokenizer, whose ``model_path`` is the cached model file.
+
+        Raises:
+            ValueError: On bad settings, an empty corpus, or a training failure.
+        """
+        if model_type not in ("unigram", "bpe"):
+            raise ValueError(f"model_type must be 'unigram' or 'bpe', got "
+                             f"{model_type!r}")
+        if vocab_size < 300:
+            raise ValueError(f"vocab_size must be >= 300 for a SentencePiece "
+                             f"model with byte fallback, got {vocab_size}")
+        lines = [line for text in texts for line in text.split("\n")
+                 if line.strip()]
+        if not lines:
+            raise ValueError("cannot train a SentencePiece model on an empty "
+                             "corpus; pass some non-empty texts")
+        key = hashlib.sha256(f"sp-v1|{model_type}|{vocab_size}".encode())
+        for line in lines:
+            data = line.encode("utf-8")
+            key.update(len(data).to_bytes(8, "little") + data)
+        folder = pathlib.Path(cache_dir or default_cache_dir()) / "tokenizers"
+        path = folder / f"sp_{model_type}_{vocab_size}_{key.hexdigest()[:16]}.model"
+        if not path.is_file():
+            _train_to(path, lines, vocab_size, model_type)
+        return cls(path)
+
+
+def _train_to(path: pathlib.Path, lines: list[str], vocab_size: int,
+              model_type: str) -> None:
+    """Trains a SentencePiece model and writes it atomically to ``path``."""
+    spm = _import_sentencepiece()
+    spm.set_random_generator_seed(0)
+    model = io.BytesIO()
+    print(f"Training a SentencePiece {model_type} model (vocab {vocab_size}) "
+          f"on {len(lines)} lines...", flush=True)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines), model_writer=model,
+            vocab_size=vocab_size, model_type=model_type,
+            normalization_rule_name="identity", remove_extra_whitespaces=False,
+            byte_fallback=True, split_digits=True, character_coverage=1.0,
+            unk_id=0, bos_id=1, eos_id=2, pad_id=3, num_threads=1,
+            max_sentence_length=1 << 16, minloglevel=2)
+    except RuntimeError as e:
+        msg = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
+        raise ValueError(f"SentencePiece training failed ({msg}); try a "
+                         "smaller vocab_size or a larger corpus") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        f.write(model.getvalue())
+    os.replace(tmp, path)
+
+
+def get_tokenizer(
+    name: str = "byte",
+    *,
+    vocab_size: int = 8000,
+    model_path: str | os.PathLike[str] | None = None,
+    corpus: Iterable[str] | None = None,
+    model_type: str = "unigram",
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> ByteTokenizer | SentencePieceTokenizer:
+    """Builds a tokenizer by name.
+
+    Args:
+        name: ``"byte"`` or ``"sentencepiece"``.
+        vocab_size: SentencePiece vocabulary size when training.
+        model_path: Load this SentencePiece model instead of training one.
+        corpus: Texts to train SentencePiece on; defaults to the training
+            split of the embedded corpus.
+        model_type: SentencePiece model type when training.
+        cache_dir: Cache directory for trained models.
+
+    Returns:
+        The tokenizer.
+
+    Raises:
+        ValueError: If ``name`` is unknown.
+    """
+    if name == "byte":
+        return ByteTokenizer()
+    if name in ("sentencepiece", "spm", "sp"):
+        if model_path is not None:
+            return SentencePieceTokenizer(model_path)
+        if corpus is None:
+            from subspace_jax.training import data  # pylint: disable=import-outside-toplevel
+            corpus = data.EmbeddedCorpus(split="train").documents()
+        return SentencePieceTokenizer.train(corpus, vocab_size,
+                                            model_type=model_type,
+                                            cache_dir=cache_dir)
+    raise ValueError(f"unknown tokenizer {name!r}; use 'byte' or "
+                     "'sentencepiece'")

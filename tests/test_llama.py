@@ -1,0 +1,420 @@
+"""Tests for the Flax NNX LLaMA model in ``subspace_jax.models.llama``."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from subspace_jax.models import llama
+
+
+def _tiny(**overrides) -> llama.LlamaConfig:
+  return llama.get_config("tiny", **overrides)
+
+
+def _n_params(tree) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def _random_tokens(seed: int, shape, vocab: int) -> jax.Array:
+  return jax.random.randint(jax.random.key(seed), shape, 0, vocab, jnp.int32)
+
+
+@pytest.fixture(scope="module")
+def tiny_split():
+  """(graphdef, params, jitted forward) of the unscanned tiny model."""
+  graphdef, params = llama.init(_tiny(), seed=0)
+  forward = jax.jit(lambda p, t: llama.apply(graphdef, p, t))
+  return graphdef, params, forward
+
+
+# --------------------------------------------------------------------------
+# Configs
+# --------------------------------------------------------------------------
+
+
+def test_get_config_unknown_name_lists_known_names():
+  with pytest.raises(ValueError) as info:
+    llama.get_config("llama_3b")
+  message = str(info.value)
+  assert "\n" not in message
+  assert "llama_3b" in message
+  for name in llama.CONFIGS:
+    assert name in message
+
+
+def test_get_config_applies_overrides():
+  cfg = llama.get_config("llama_60m", scan_layers=True, dtype=jnp.bfloat16)
+  assert cfg.scan_layers and cfg.dtype == jnp.bfloat16
+  assert cfg.hidden_size == 512 and cfg.num_layers == 8
+  assert not llama.CONFIGS["llama_60m"].scan_layers  # original untouched
+
+
+def test_config_rejects_hidden_not_divisible_by_heads():
+  with pytest.raises(ValueError, match="not divisible") as info:
+    _tiny(num_heads=5)
+  assert "\n" not in str(info.value)
+
+
+# --------------------------------------------------------------------------
+# Parameter counts and logical axes
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_param_count_matches_built_tiny_model(scan_layers):
+  cfg = _tiny(scan_layers=scan_layers)
+  _, params = llama.init(cfg)
+  assert _n_params(params) == llama.param_count(cfg)
+
+
+def _nominal_size(name: str) -> float:
+  number, unit = re.fullmatch(r"llama_(\d+)([mb])", name).groups()
+  return float(number) * (1e6 if unit == "m" else 1e9)
+
+
+# The brief's accepted ranges for the two largest models; others: name +-15%.
+_EXPLICIT_RANGES = {"llama_1b": (1.0e9, 1.4e9), "llama_7b": (6.5e9, 7.0e9)}
+
+
+@pytest.mark.parametrize("name", [n for n in llama.CONFIGS if n != "tiny"])
+def test_named_config_sizes_match_their_names(name):
+  cfg = llama.get_config(name)
+  abstract = nnx.eval_shape(lambda: llama.Llama(cfg, rngs=nnx.Rngs(0)))
+  counted = _n_params(nnx.state(abstract, nnx.Param))
+  analytic = llama.param_count(cfg)
+  print(f"{name}: {counted:,} parameters ({counted / 1e6:.1f}M)")
+  assert counted == analytic
+  nominal = _nominal_size(name)
+  low, high = _EXPLICIT_RANGES.get(name, (0.85 * nominal, 1.15 * nominal))
+  assert low <= counted <= high, (name, counted)
+
+
+def test_scanned_abstract_model_has_same_count():
+  cfg = llama.get_config("llama_60m", scan_layers=True)
+  abstract = nnx.eval_shape(lambda: llama.Llama(cfg, rngs=nnx.Rngs(0)))
+  kernel = abstract.layers.mlp.up_proj.kernel
+  assert kernel.shape == (8, 512, 1376)
+  assert _n_params(nnx.state(abstract, nnx.Param)) == llama.param_count(cfg)
+
+
+_BLOCK_AXES = {
+    "attn/q_proj/kernel": ("embed", "heads"),
+    "attn/k_proj/kernel": ("embed", "heads"),
+    "attn/v_proj/kernel": ("embed", "heads"),
+    "attn/o_proj/kernel": ("heads", "embed"),
+    "mlp/gate_proj/kernel": ("embed", "mlp"),
+    "mlp/up_proj/kernel": ("embed", "mlp"),
+    "mlp/down_proj/kernel": ("mlp", "embed"),
+    "attn_norm/scale": ("norm",),
+    "mlp_norm/scale": ("norm",),
+}
+_TOP_AXES = {
+    "embed/embedding": ("vocab", "embed"),
+    "final_norm/scale": ("norm",),
+    "lm_head/kernel": ("embed", "vocab"),
+}
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_every_weight_has_expected_logical_axes(scan_layers):
+  cfg = _tiny(scan_layers=scan_layers)
+  _, params = llama.init(cfg)
+  expected = dict(_TOP_AXES)
+  if scan_layers:
+    expected.update({f"layers/{k}": ("layers",) + v
+                     for k, v in _BLOCK_AXES.items()})
+  else:
+    for i in range(cfg.num_layers):
+      expected.update({f"layers/{i}/{k}": v for k, v in _BLOCK_AXES.items()})
+  axes = llama.param_logical_axes(params)
+  assert axes == expected
+  sizes = {"vocab": cfg.vocab_size, "embed": cfg.hidden_size,
+           "mlp": cfg.intermediate_size, "heads": cfg.hidden_size,
+           "norm": cfg.hidden_size, "layers": cfg.num_layers}
+  for path, var in nnx.to_flat_state(params):
+    names = axes["/".join(map(str, path))]
+    assert var[...].shape == tuple(sizes[n] for n in names), path
+  # The annotations are what nnx's own sharding helpers read.
+  spec = nnx.get_partition_spec(params)
+  assert tuple(spec["lm_head"]["kernel"].get_value()) == ("embed", "vocab")
+  up = spec["layers"]["mlp"]["up_proj"] if scan_layers else (
+      spec["layers"][0]["mlp"]["up_proj"])
+  assert tuple(up["kernel"].get_value()) == expected[
+      "layers/mlp/up_proj/kernel" if scan_layers
+      else "layers/0/mlp/up_proj/kernel"]
+
+
+# --------------------------------------------------------------------------
+# Scan / remat equivalence
+# --------------------------------------------------------------------------
+
+
+def _unstack_into(unscanned: llama.Llama, scanned: llama.Llama) -> None:
+  """Copies the stacked weights of ``scanned`` into the per-layer model."""
+  stacked = dict(nnx.to_flat_state(nnx.state(scanned, nnx.Param)))
+  copied = []
+  for path, _ in nnx.to_flat_state(nnx.state(unscanned, nnx.Param)):
+    if path[0] == "layers":
+      value = stacked[("layers",) + path[2:]][...][path[1]]
+    else:
+      value = stacked[path][...]
+    copied.append((path, value))
+  nnx.update(unscanned, nnx.from_flat_state(copied))
+
+
+def test_scanned_model_matches_unscanned_with_same_weights():
+  scanned = llama.Llama(_tiny(scan_layers=True), rngs=nnx.Rngs(1))
+  unscanned = llama.Llama(_tiny(scan_layers=False), rngs=nnx.Rngs(2))
+  tokens = _random_tokens(0, (2, 24), 256)
+  logits = lambda m: nnx.jit(lambda mod, t: mod(t))(m, tokens)
+  reference = logits(scanned)
+  assert not np.allclose(reference, logits(unscanned), atol=1e-4)
+  _unstack_into(unscanned, scanned)
+  np.testing.assert_allclose(logits(unscanned), reference, rtol=1e-5,
+                             atol=1e-5)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_remat_gives_same_loss_and_gradients(scan_layers):
+  tokens = _random_tokens(1, (2, 16), 256)
+  results = []
+  for remat in (False, True):
+    graphdef, params = llama.init(_tiny(scan_layers=scan_layers,
+                                        remat=remat), seed=3)
+    loss = lambda p: llama.cross_entropy_loss(
+        llama.apply(graphdef, p, tokens[:, :-1]), tokens[:, 1:])
+    results.append(jax.jit(jax.value_and_grad(loss))(params))
+  (loss0, grads0), (loss1, grads1) = results
+  np.testing.assert_allclose(loss0, loss1, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+                                                       atol=1e-6),
+               grads0, grads1)
+
+
+# --------------------------------------------------------------------------
+# RoPE, causality, input checks
+# --------------------------------------------------------------------------
+
+
+def _numpy_rope(x: np.ndarray, positions: np.ndarray,
+                theta: float) -> np.ndarray:
+  """Reference RoPE: the pair (i, i + d/2) as a complex number, rotated."""
+  half = x.shape[-1] // 2
+  freqs = theta ** (-2.0 * np.arange(half) / x.shape[-1])
+  phase = np.exp(1j * np.outer(positions, freqs))  # [seq, half]
+  z = (x[..., :half] + 1j * x[..., half:]) * phase[None, :, None, :]
+  return np.concatenate([z.real, z.imag], axis=-1)
+
+
+def test_rope_matches_numpy_reference():
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, 7, 3, 16)).astype(np.float32)
+  positions = np.array([0, 1, 2, 5, 9, 30, 63])
+  cos, sin = llama.rope_cos_sin(jnp.asarray(positions), 16, 10000.0)
+  got = llama.apply_rope(jnp.asarray(x), cos, sin)
+  np.testing.assert_allclose(got, _numpy_rope(x, positions, 10000.0),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+  rng = np.random.default_rng(1)
+  q = jnp.asarray(rng.standard_normal((1, 1, 1, 32)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((1, 1, 1, 32)), jnp.float32)
+
+  def score(m: int, n: int) -> float:
+    rot = lambda x, p: llama.apply_rope(
+        x, *llama.rope_cos_sin(jnp.array([p]), 32, 10000.0))
+    return float(jnp.sum(rot(q, m) * rot(k, n)))
+
+  assert score(7, 3) == pytest.approx(score(24, 20), rel=1e-4)
+  assert score(7, 3) != pytest.approx(score(7, 5), rel=1e-2)
+
+
+def _numpy_forward(params, tokens: np.ndarray, cfg) -> np.ndarray:
+  """Independent float64 NumPy LLaMA forward pass for an unscanned model."""
+  w = jax.tree.map(lambda v: np.asarray(v, np.float64),
+                   nnx.to_pure_dict(params))
+
+  def rms_norm(x, scale):
+    return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + cfg.norm_eps) * scale
+
+  seq = tokens.shape[1]
+  heads, hd = cfg.num_heads, cfg.head_dim
+  positions = np.arange(seq)
+  causal = np.tril(np.ones((seq, seq), bool))
+  x = w["embed"]["embedding"][tokens]
+  for i in range(cfg.num_layers):
+    b = w["layers"][i]
+    h = rms_norm(x, b["attn_norm"]["scale"])
+    split = lambda y: y.reshape(*y.shape[:2], heads, hd)
+    q = _numpy_rope(split(h @ b["attn"]["q_proj"]["kernel"]), positions,
+                    cfg.rope_theta)
+    k = _numpy_rope(split(h @ b["attn"]["k_proj"]["kernel"]), positions,
+                    cfg.rope_theta)
+    v = split(h @ b["attn"]["v_proj"]["kernel"])
+    scores = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(hd)
+    scores = np.where(causal, scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    attn = np.einsum("bhqk,bkhd->bqhd", probs, v).reshape(x.shape)
+    x = x + attn @ b["attn"]["o_proj"]["kernel"]
+    h = rms_norm(x, b["mlp_norm"]["scale"])
+    gate = h @ b["mlp"]["gate_proj"]["kernel"]
+    x = x + ((gate / (1 + np.exp(-gate))) * (h @ b["mlp"]["up_proj"]["kernel"])
+             ) @ b["mlp"]["down_proj"]["kernel"]
+  x = rms_norm(x, w["final_norm"]["scale"])
+  return x @ w["lm_head"]["kernel"]
+
+
+def test_forward_matches_numpy_reference(tiny_split):
+  _, params, forward = tiny_split
+  # Random norm scales and larger weights so every part matters.
+  keys = iter(jax.random.split(jax.random.key(9), 64))
+  params = jax.tree.map(
+      lambda x: x * 5.0 + 0.3 * jax.random.normal(next(keys), x.shape), params)
+  tokens = np.asarray(_random_tokens(8, (2, 12), 256))
+  expected = _numpy_forward(params, tokens, _tiny())
+  got = forward(params, jnp.asarray(tokens))
+  assert float(np.std(expected)) > 0.1
+  np.testing.assert_allclose(got, expected, rtol=2e-4, atol=2e-4)
+
+
+def test_changing_a_token_does_not_change_earlier_logits(tiny_split):
+  _, params, forward = tiny_split
+  tokens = _random_tokens(2, (2, 32), 256)
+  t = 13
+  edited = tokens.at[:, t].set((tokens[:, t] + 1) % 256)
+  before, after = forward(params, tokens), forward(params, edited)
+  np.testing.assert_array_equal(before[:, :t], after[:, :t])
+  assert not np.allclose(before[:, t:], after[:, t:], atol=1e-6)
+
+
+def test_rejects_non_integer_tokens(tiny_split):
+  graphdef, params, _ = tiny_split
+  with pytest.raises(TypeError, match="integer") as info:
+    llama.apply(graphdef, params, jnp.zeros((1, 8), jnp.float32))
+  assert "\n" not in str(info.value)
+
+
+def test_rejects_sequence_longer_than_max_seq_len(tiny_split):
+  graphdef, params, _ = tiny_split
+  with pytest.raises(ValueError, match="max_seq_len") as info:
+    llama.apply(graphdef, params, jnp.zeros((1, 65), jnp.int32))
+  assert "\n" not in str(info.value)
+
+
+def test_rejects_tokens_that_are_not_2d(tiny_split):
+  graphdef, params, _ = tiny_split
+  with pytest.raises(ValueError, match="batch, seq"):
+    llama.apply(graphdef, params, jnp.zeros((8,), jnp.int32))
+
+
+def test_forward_shape_and_dtype(tiny_split):
+  _, params, forward = tiny_split
+  logits = forward(params, _random_tokens(3, (3, 20), 256))
+  assert logits.shape == (3, 20, 256) and logits.dtype == jnp.float32
+  assert np.all(np.isfinite(logits))
+
+
+# --------------------------------------------------------------------------
+# bfloat16
+# --------------------------------------------------------------------------
+
+
+def test_bf16_compute_runs_and_stays_close_to_fp32(tiny_split):
+  graphdef32, params, forward32 = tiny_split
+  graphdef16, _ = llama.init(_tiny(dtype=jnp.bfloat16))
+  tokens = _random_tokens(4, (2, 32), 256)
+  forward16 = lambda p, t: llama.apply(graphdef16, p, t)
+  assert "bf16" in str(jax.make_jaxpr(forward16)(params, tokens))
+  logits16 = jax.jit(forward16)(params, tokens)
+  logits32 = forward32(params, tokens)
+  assert logits16.dtype == jnp.float32
+  assert np.all(np.isfinite(logits16))
+  scale = float(jnp.std(logits32))
+  assert float(jnp.max(jnp.abs(logits16 - logits32))) < 0.1 * scale
+  assert not np.array_equal(logits16, logits32)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_bf16_params(scan_layers):
+  cfg = _tiny(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+              scan_layers=scan_layers)
+  graphdef, params = llama.init(cfg)
+  dtypes = {x.dtype for x in jax.tree.leaves(params)}
+  assert dtypes == {jnp.dtype(jnp.bfloat16)}
+  logits = jax.jit(lambda p, t: llama.apply(graphdef, p, t))(
+      params, _random_tokens(5, (2, 16), 256))
+  assert logits.dtype == jnp.float32 and np.all(np.isfinite(logits))
+
+
+# --------------------------------------------------------------------------
+# Loss and training
+# --------------------------------------------------------------------------
+
+
+def test_cross_entropy_loss_matches_numpy():
+  rng = np.random.default_rng(2)
+  logits = rng.standard_normal((2, 5, 11)).astype(np.float32)
+  targets = rng.integers(0, 11, (2, 5))
+  mask = (rng.random((2, 5)) > 0.4).astype(np.float32)
+  shifted = logits - logits.max(-1, keepdims=True)
+  log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+  nll = -np.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
+  got = llama.cross_entropy_loss(jnp.asarray(logits), jnp.asarray(targets))
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(got, nll.mean(), rtol=1e-5)
+  got_masked = llama.cross_entropy_loss(
+      jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask))
+  np.testing.assert_allclose(got_masked, (nll * mask).sum() / mask.sum(),
+                             rtol=1e-5)
+  with pytest.raises(ValueError, match="does not match"):
+    llama.cross_entropy_loss(jnp.asarray(logits), jnp.asarray(targets[:, :4]))
+
+
+def test_functional_adamw_lowers_loss():
+  graphdef, params = llama.init(_tiny(), seed=0)
+  tokens = _random_tokens(6, (4, 33), 256)
+  inputs, targets = tokens[:, :-1], tokens[:, 1:]
+  tx = optax.adamw(3e-3)
+  opt_state = tx.init(params)
+
+  def loss_fn(p):
+    return llama.cross_entropy_loss(llama.apply(graphdef, p, inputs), targets)
+
+  @jax.jit
+  def step(p, s):
+    loss, grads = jax.value_and_grad(loss_fn)(p)
+    updates, s = tx.update(grads, s, p)
+    return optax.apply_updates(p, updates), s, loss
+
+  first = float(loss_fn(params))
+  for _ in range(20):
+    params, opt_state, _ = step(params, opt_state)
+  last = float(jax.jit(loss_fn)(params))
+  assert last < first - 1.0, (first, last)
+
+
+def test_nnx_optimizer_lowers_loss_scanned_remat():
+  model = llama.Llama(_tiny(scan_layers=True, remat=True), rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, optax.adamw(3e-3), wrt=nnx.Param)
+  tokens = _random_tokens(7, (4, 33), 256)
+  inputs, targets = tokens[:, :-1], tokens[:, 1:]
+
+  def loss_fn(m):
+    return llama.cross_entropy_loss(m(inputs), targets)
+
+  @nnx.jit
+  def step(m, opt):
+    loss, grads = nnx.value_and_grad(loss_fn)(m)
+    opt.update(m, grads)
+    return loss
+
+  losses = [float(step(model, optimizer)) for _ in range(20)]
+  final = float(nnx.jit(loss_fn)(model))
+  assert final < losses[0] - 1.0, (losses[0], final)
