@@ -141,6 +141,7 @@ class LeafPlan:
     cols: Columns of the matrix view.
     transpose: True when the columns are the projected dimension.
     rank: Effective rank, ``min(rank, rows, cols)``.
+    view: The leaf's :class:`MatrixView`.
   """
 
   shape: tuple[int, ...]
@@ -149,6 +150,7 @@ class LeafPlan:
   cols: int
   transpose: bool
   rank: int
+  view: MatrixView = MatrixView()
 
   @property
   def dim(self) -> int:
@@ -172,6 +174,27 @@ class LeafPlan:
   @property
   def num_matrices(self) -> int:
     return math.prod(self.batch_shape)
+
+  def state_axes(
+      self, names: Sequence[Any]
+  ) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """Per-axis names of the projected gradient and of the projection.
+
+    Given the names of the leaf's axes (e.g. logical axis names for
+    sharding), returns ``(low_names, projection_names)`` for arrays of shape
+    :attr:`low_shape` and :attr:`projection_shape`: batch axes keep their
+    names, the rank axis gets None, and the kept (projected) dimension gets
+    the name of its axis when it is a single axis (None when several axes
+    were merged).
+    """
+    b, r = self.view.batch_dims, self.view.row_dims
+    if len(names) != len(self.shape):
+      raise ValueError(f"{len(names)} axis names for shape {self.shape}")
+    rows, cols = tuple(names[b : b + r]), tuple(names[b + r :])
+    one = lambda group: group[0] if len(group) == 1 else None
+    kept, proj = (rows, cols) if self.transpose else (cols, rows)
+    batch = tuple(names[:b])
+    return batch + (None, one(kept)), batch + (one(proj), None)
 
   def to_matrix(self, x: jax.Array) -> jax.Array:
     """``shape`` → ``batch + (dim, kept)``: the projected dimension first."""
@@ -224,4 +247,5 @@ def plan_leaf(
       cols=cols,
       transpose=not _projects_rows(rows, cols, side),
       rank=min(rank, rows, cols),
+      view=view,
   )

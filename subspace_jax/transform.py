@@ -116,12 +116,18 @@ def projection_key(key: jax.Array, leaf_index, subspace_index) -> jax.Array:
 
 
 def _over_batch(fn, plan: mv.LeafPlan, g, old, key):
-  """``fn(g, old, key)`` on each matrix of a stacked leaf, one key each."""
+  """``fn(g, old, key)`` on each matrix of a stacked leaf, one key each.
+
+  The matrices are done one after another (``lax.map``), not batched: an SVD
+  already uses the whole machine, one at a time needs one workspace, and a
+  batched LAPACK SVD inside the refresh ``cond`` was seen to hang a
+  multi-device CPU train step (jax 0.10).
+  """
   if not plan.batch_shape:
     return fn(g, old, key)
   nb = plan.num_matrices
   flat = lambda a: a.reshape((nb,) + a.shape[len(plan.batch_shape):])
-  out = jax.vmap(fn)(flat(g), flat(old), jax.random.split(key, nb))
+  out = jax.lax.map(lambda a: fn(*a), (flat(g), flat(old), jax.random.split(key, nb)))
   return out.reshape(plan.batch_shape + out.shape[1:])
 
 
