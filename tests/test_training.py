@@ -1,0 +1,115 @@
+"""subspace_jax.training.sharding and .train on the tiny LLaMA (8 CPU devices)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from subspace_jax.models import llama
+from subspace_jax.training import sharding as shd
+from subspace_jax.training import train
+
+
+def _need8():
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 devices (tests/conftest.py sets XLA_FLAGS)")
+
+
+def test_make_mesh_sizes_and_errors():
+  _need8()
+  mesh = shd.make_mesh(data=-1, fsdp=2, tensor=2)
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+  assert dict(shd.make_mesh(data=1, fsdp=-1).shape) == {"data": 1, "fsdp": 8, "tensor": 1}
+  with pytest.raises(ValueError, match="needs 16 devices"):
+    shd.make_mesh(data=4, fsdp=4, tensor=1)
+  with pytest.raises(ValueError, match="cannot be split"):
+    shd.make_mesh(data=-1, fsdp=3)
+  with pytest.raises(ValueError, match="positive"):
+    shd.make_mesh(data=0)
+
+
+def test_logical_spec_replicates_what_does_not_divide():
+  _need8()
+  mesh = shd.make_mesh(data=2, fsdp=2, tensor=2)
+  assert shd.logical_spec(("embed", "mlp"), (64, 176), mesh) == P("fsdp", "tensor")
+  assert shd.logical_spec(("embed", "mlp"), (63, 176), mesh) == P(None, "tensor")
+  assert shd.logical_spec(("layers", "norm"), (2, 64), mesh) == P(None, None)
+  # A mesh axis is used once: the second 'mlp' dimension is replicated.
+  assert shd.logical_spec(("mlp", "mlp"), (8, 8), mesh) == P("tensor", None)
+  # Axes of size 1 are dropped rather than named.
+  mesh1 = shd.make_mesh(data=8)
+  assert shd.logical_spec(("embed", "mlp"), (64, 176), mesh1) == P(None, None)
+
+
+def test_low_rank_state_sharded_along_the_kept_dimension():
+  _need8()
+  mesh = shd.make_mesh(data=2, fsdp=2, tensor=2)
+  s = train.setup(llama.get_config("tiny", scan_layers=True),
+                  train.OptimizerConfig(name="galore", rank=8, update_gap=3), mesh)
+  core = s.state_shardings.opt_state[1]  # chain: clip, galore, decay, lr
+  up = "layers", "mlp", "up_proj", "kernel"
+  pick = lambda tree: tree[up[0]][up[1]][up[2]][up[3]]
+  # up_proj kernel (L, embed=64, mlp=176): lean projects mlp (176), keeps embed.
+  assert s.abstract_state.opt_state[1].inner_low.mu[up[0]][up[1]][up[2]][up[3]].shape == (2, 8, 64)
+  assert pick(core.inner_low.mu).spec == P(None, None, "fsdp")
+  assert pick(core.projections).spec == P(None, "tensor", None)   # (L, 176, 8)
+  # Full-rank leaves mirror their parameter's sharding.
+  assert core.inner_full.mu["embed"]["embedding"].spec == P("tensor", "fsdp")
+  assert core.count.spec == P()
+
+
+@pytest.mark.parametrize("name", ["adamw", "galore", "golore", "rso"])
+def test_train_step_learns_and_keeps_shardings(name):
+  _need8()
+  mesh = shd.make_mesh(data=2, fsdp=2, tensor=2)
+  opt = train.OptimizerConfig(name=name, rank=8, update_gap=4, learning_rate=1e-2,
+                              warmup_steps=1, total_steps=30)
+  s = train.setup(llama.get_config("tiny"), opt, mesh)
+  state = s.init(0)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, 256, (8, 33)).astype(np.int32)
+  batch = jax.device_put({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}, s.batch_sharding)
+  first = float(s.eval_step(state.params, batch))
+  old = state
+  losses = []
+  for _ in range(12):
+    state, metrics = s.train_step(state, batch)
+    losses.append(float(metrics["loss"]))
+  assert jax.tree.leaves(old.params)[0].is_deleted()  # donated
+  assert losses[0] == pytest.approx(first, rel=1e-5)
+  assert losses[-1] < 0.8 * losses[0], losses
+  assert int(state.step) == 12
+  for leaf, sh in zip(jax.tree.leaves(state), jax.tree.leaves(s.state_shardings)):
+    assert leaf.sharding.is_equivalent_to(sh, leaf.ndim)
+
+
+def test_weight_decay_skips_norm_scales():
+  opt = train.OptimizerConfig(name="golore", rank=4, weight_decay=0.5, learning_rate=0.1,
+                              warmup_steps=0, total_steps=10, clip_norm=None)
+  tx, _ = train.make_optimizer(opt)
+  params = {"attn_norm": {"scale": jnp.ones((2, 8))}, "w": {"kernel": jnp.ones((8, 8))}}
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zeros, tx.init(params), params)
+  # Zero gradients: the only update is decay, -lr * wd * param, on matrices.
+  np.testing.assert_allclose(updates["attn_norm"]["scale"], 0.0)
+  np.testing.assert_allclose(updates["w"]["kernel"], -0.1 * 0.5, rtol=1e-6)
+
+
+def test_optimizer_config_errors():
+  with pytest.raises(ValueError, match="unknown optimizer 'sgd'.*adamw, galore, golore, rso"):
+    train.OptimizerConfig(name="sgd")
+
+
+def test_model_def_matches_nnx_model():
+  cfg = llama.get_config("tiny")
+  model = train.ModelDef(cfg)
+  graphdef, state = llama.init(cfg, 3)
+  params = model.init(3)
+  tokens = jnp.asarray(np.random.default_rng(1).integers(0, 256, (2, 16)), jnp.int32)
+  np.testing.assert_allclose(model.apply(params, tokens), llama.apply(graphdef, state, tokens), atol=1e-5)
+  assert set(model.logical_axes) == {
+      "/".join(str(getattr(k, "key", k)) for k in path)
+      for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+  }
