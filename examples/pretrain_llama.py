@@ -1,0 +1,249 @@
+"""Pretrain a LLaMA with AdamW, GaLore, GoLore or RSO.
+
+With no arguments this trains the tiny model on the corpus shipped with the
+package (byte tokenizer, no download) and finishes in well under a minute
+on a laptop CPU:
+
+  python examples/pretrain_llama.py
+
+Outputs go to runs/NAME/ (NAME defaults to MODEL_OPTIMIZER): checkpoints in
+ckpt/, metrics in metrics.jsonl. Running the same command again resumes from
+the newest checkpoint. The same script runs on GPUs and TPUs, on one or many
+processes (--coordinator, --num-processes, --process-id, or the environment
+that jax.distributed.initialize reads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from subspace_jax.models import llama
+from subspace_jax.training import loop, train
+from subspace_jax.training.checkpoint import UnreadableCheckpointError
+
+
+class _Parser(argparse.ArgumentParser):
+  """Reports a bad argument in one line, without the usage text."""
+
+  def error(self, message):
+    _fail(message)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+  """Shows each default once, and none for on/off flags."""
+
+  def _get_help_string(self, action):
+    if "default" in (action.help or "") or action.nargs == 0:
+      return action.help
+    return super()._get_help_string(action)
+
+
+def _fail(message: str):
+  lines = [line for line in str(message).strip().splitlines() if line.strip()]
+  prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "pretrain_llama.py"
+  print(f"{prog}: error: {lines[0] if lines else message}", file=sys.stderr)
+  raise SystemExit(2)
+
+
+def _mesh(text: str) -> tuple[int, int, int]:
+  try:
+    sizes = tuple(int(s) for s in text.split(","))
+  except ValueError:
+    sizes = ()
+  if len(sizes) != 3:
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is not DATA,FSDP,TENSOR (three integers, e.g. -1,1,1)")
+  return sizes
+
+
+def _optional(text: str) -> str | None:
+  return None if text.lower() in ("", "none") else text
+
+
+def _attach_negative_values(argv: list[str]) -> list[str]:
+  """``--mesh -1,1,1`` as ``--mesh=-1,1,1``: argparse would take a value
+  that starts with '-' for an option."""
+  out, args = [], iter(argv)
+  for arg in args:
+    value = next(args, None) if arg == "--mesh" else None
+    out.append(arg if value is None else f"{arg}={value}")
+  return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+  """The command line; every option has a help line."""
+  p = _Parser(description=__doc__.splitlines()[0],
+              formatter_class=_HelpFormatter)
+  add = p.add_argument
+
+  g = p.add_argument_group("model")
+  add = g.add_argument
+  add("--model", default="tiny", help="model size: " + ", ".join(llama.CONFIGS))
+  add("--scan-layers", action="store_true",
+      help="stack the layers and run them with a scan (faster compiles)")
+  add("--remat", action="store_true",
+      help="recompute activations in the backward pass (less memory)")
+  add("--dtype", default="float32", help="compute dtype: bfloat16 or float32")
+  add("--param-dtype", default="float32",
+      help="dtype of the stored (master) weights: float32 or bfloat16")
+
+  g = p.add_argument_group("optimizer")
+  add = g.add_argument
+  add("--optimizer", default="golore",
+      help="optimizer: " + ", ".join(train.OPTIMIZERS))
+  add("--lr", type=float, default=0.01, help="peak learning rate")
+  add("--warmup", type=int, default=50, help="linear warm-up steps")
+  add("--schedule-steps", type=int, default=None,
+      help="length of the warm-up + cosine schedule (default: --steps); keep "
+           "it fixed to extend a run in several parts")
+  add("--min-lr-ratio", type=float, default=0.1,
+      help="final learning rate as a fraction of the peak")
+  add("--weight-decay", type=float, default=0.0,
+      help="decoupled weight decay of the matrices")
+  add("--clip", type=float, default=1.0,
+      help="clip the global gradient norm to this (0: no clipping)")
+  add("--rank", type=int, default=None,
+      help="rank of the projected gradients (default: hidden size / 4, as in "
+           "the GaLore paper)")
+  add("--update-gap", type=int, default=200,
+      help="steps between projection changes")
+  add("--scale", type=float, default=0.25,
+      help="factor on the low-rank updates (GaLore's alpha)")
+  add("--proj-seed", type=int, default=0, help="seed of the random projections")
+  add("--svd-steps", type=int, default=0,
+      help="GoLore: use SVD projections for the first this many steps")
+  add("--eta", type=float, default=None,
+      help="RSO: proximal coefficient of each subproblem (default: none)")
+  add("--side", default="lean",
+      help="projected side of each matrix: lean, std, left or right")
+  add("--svd", default="exact",
+      help="GaLore's SVD: exact or randomized")
+  add("--moment-dtype", default=None,
+      help="dtype of the low-rank moments (default: the gradients')")
+
+  g = p.add_argument_group("data")
+  add = g.add_argument
+  add("--data", default="embedded",
+      help="embedded (the shipped corpus), files:GLOB or tfds:NAME")
+  add("--data-dir", default=None, help="TFDS data directory")
+  add("--text-key", default="text", help="TFDS text feature")
+  add("--split", default="train", help="training split")
+  add("--eval-split", type=_optional, default="validation",
+      help="held-out split to evaluate on ('none': no evaluation)")
+  add("--tokenizer", default="byte",
+      help="byte, or sentencepiece (trained on the training data and cached)")
+  add("--vocab-size", type=int, default=8000,
+      help="SentencePiece vocabulary size (the model's vocabulary is the "
+           "tokenizer's)")
+  add("--batch-size", type=int, default=16,
+      help="global batch size, in sequences, over all devices and processes")
+  add("--seq-len", type=int, default=64, help="tokens per sequence")
+
+  g = p.add_argument_group("run")
+  add = g.add_argument
+  add("--name", default=None,
+      help="run name: outputs go to runs/NAME (default: MODEL_OPTIMIZER)")
+  add("--steps", type=int, default=600,
+      help="train until this many steps are done (resumed steps included)")
+  add("--eval-every", type=int, default=100,
+      help="evaluate every this many steps and at the end (0: never)")
+  add("--eval-batches", type=int, default=8, help="batches per evaluation")
+  add("--log-every", type=int, default=10,
+      help="fetch and log the metrics every this many steps")
+  add("--mesh", type=_mesh, default="-1,1,1",
+      help="device mesh DATA,FSDP,TENSOR; one size may be -1 (the rest)")
+  add("--seed", type=int, default=0, help="seed of the weights and data order")
+  add("--checkpoint-dir", default=None,
+      help="checkpoint directory (default: runs/NAME/ckpt; 'none': no "
+           "checkpoints)")
+  add("--checkpoint-every", type=int, default=200,
+      help="save a checkpoint every this many steps (and at the end)")
+  add("--keep", type=int, default=3, help="number of checkpoints kept")
+  add("--no-resume", action="store_true",
+      help="do not resume; refuse to start if the checkpoint directory "
+           "already holds checkpoints")
+  add("--metrics", default=None,
+      help="JSONL file the metrics are appended to (default: "
+           "runs/NAME/metrics.jsonl; 'none': no file); '{process}' in it "
+           "gives every process its own file")
+  add("--tensorboard", default=None,
+      help="TensorBoard directory (default: runs/NAME/tb), written only if "
+           "tensorboardX or torch is installed")
+  add("--no-progress", action="store_true", help="no progress bar")
+
+  g = p.add_argument_group("multi-process (default: from the environment)")
+  add = g.add_argument
+  add("--coordinator", default=None,
+      help="HOST:PORT of process 0 (else $JAX_COORDINATOR_ADDRESS)")
+  add("--num-processes", type=int, default=None, help="number of processes")
+  add("--process-id", type=int, default=None, help="index of this process")
+  return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  """Parses ``argv`` (default: the command line)."""
+  argv = sys.argv[1:] if argv is None else argv
+  return build_parser().parse_args(_attach_negative_values(argv))
+
+
+def run_config(args: argparse.Namespace) -> loop.RunConfig:
+  """The :class:`RunConfig` of parsed arguments.
+
+  Raises:
+    ValueError: On an unknown model or optimizer, or another bad value.
+  """
+  base = llama.get_config(args.model)
+  for flag in ("steps", "schedule_steps", "warmup"):
+    value, least = getattr(args, flag), 0 if flag == "warmup" else 1
+    if value is not None and value < least:
+      raise ValueError(f"--{flag.replace('_', '-')} must be >= {least}, got {value}")
+  name = args.name or f"{args.model}_{args.optimizer}"
+  run_dir = os.path.join("runs", name)
+
+  def output(value: str | None, leaf: str) -> str | None:
+    return os.path.join(run_dir, leaf) if value is None else _optional(value)
+
+  optimizer = train.OptimizerConfig(
+      name=args.optimizer, learning_rate=args.lr, warmup_steps=args.warmup,
+      total_steps=args.schedule_steps or args.steps,
+      min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay,
+      clip_norm=args.clip or None,
+      rank=args.rank if args.rank is not None else max(1, base.hidden_size // 4),
+      update_gap=args.update_gap, scale=args.scale, seed=args.proj_seed,
+      svd_steps=args.svd_steps, eta=args.eta, side=args.side, svd=args.svd,
+      moment_dtype=args.moment_dtype)
+  return loop.RunConfig(
+      model=args.model, scan_layers=args.scan_layers, remat=args.remat,
+      dtype=args.dtype, param_dtype=args.param_dtype, optimizer=optimizer,
+      data=args.data, split=args.split, eval_split=args.eval_split,
+      data_dir=args.data_dir, text_key=args.text_key, tokenizer=args.tokenizer,
+      vocab_size=args.vocab_size, batch_size=args.batch_size,
+      seq_len=args.seq_len, steps=args.steps, eval_every=args.eval_every,
+      eval_batches=args.eval_batches, log_every=args.log_every,
+      mesh=args.mesh, seed=args.seed,
+      checkpoint_dir=output(args.checkpoint_dir, "ckpt"),
+      checkpoint_every=args.checkpoint_every, keep=args.keep,
+      resume=not args.no_resume,
+      metrics_path=output(args.metrics, "metrics.jsonl"),
+      tensorboard_dir=output(args.tensorboard, "tb"),
+      progress=not args.no_progress, coordinator=args.coordinator,
+      num_processes=args.num_processes, process_id=args.process_id)
+
+
+def main(argv: list[str] | None = None) -> dict:
+  """Parses ``argv``, trains, and returns the run's summary.
+
+  Raises:
+    SystemExit: 2 after a one-line error message on bad input.
+  """
+  args = parse_args(argv)
+  try:
+    return loop.train(run_config(args))
+  except (ValueError, ImportError, OSError, UnreadableCheckpointError) as e:
+    _fail(str(e) or type(e).__name__)
+
+
+if __name__ == "__main__":
+  main()
