@@ -302,10 +302,9 @@ def check_rank(params: Any, opt: train_lib.OptimizerConfig) -> None:
   Raises:
     ValueError: Naming the smallest projected matrix and its size.
   """
-  if opt.name == "adamw":
+  plans = opt.leaf_plans(params)
+  if plans is None:
     return
-  plans, _ = sj.transform.leaf_plans(params, rank=opt.rank, side=opt.side,
-                                     views=train_lib.llama_views())
   paths = [sj.matrix_view.path_str(p)
            for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
   projected = [(min(p.rows, p.cols), path, p)

@@ -112,6 +112,15 @@ class OptimizerConfig:
     if self.total_steps <= 0 or self.warmup_steps < 0:
       raise ValueError("total_steps must be > 0 and warmup_steps >= 0")
 
+  def leaf_plans(self, params) -> list | None:
+    """The subspace transform's plan of every leaf of ``params`` (flatten
+    order; None for a full leaf), or None for adamw."""
+    if self.name == "adamw":
+      return None
+    return sj.transform.leaf_plans(
+        params, rank=self.rank, side=self.side, views=llama_views()
+    )[0]
+
   def schedule(self) -> optax.Schedule:
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
@@ -143,9 +152,7 @@ def make_optimizer(
       core = sj.golore(inner, seed=cfg.seed, svd_steps=cfg.svd_steps, **common)
     else:
       core = sj.rso(inner, seed=cfg.seed, eta=cfg.eta, **common)
-    plans = lambda p: sj.transform.leaf_plans(
-        p, rank=cfg.rank, side=cfg.side, views=views
-    )[0]
+    plans = cfg.leaf_plans
   parts = []
   if cfg.clip_norm:
     parts.append(optax.clip_by_global_norm(cfg.clip_norm))
