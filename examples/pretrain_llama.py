@@ -116,8 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
       help="GoLore: use SVD projections for the first this many steps")
   add("--eta", type=float, default=None,
       help="RSO: proximal coefficient of each subproblem (default: none)")
-  add("--side", default="lean",
-      help="projected side of each matrix: lean, std, left or right")
+  add("--side", default=None,
+      help="projected side of each matrix: lean, std, left or right "
+           "(default: lean; model mode always projects the input side)")
+  add("--subspace-mode", default="transform",
+      help="transform: an optax transform of full gradients (any optimizer); "
+           "model: golore/rso layers compute x·W + (x·P)·B and only B is "
+           "differentiated (no full weight gradients, smaller activations)")
   add("--svd", default="exact",
       help="GaLore's SVD: exact or randomized")
   add("--moment-dtype", default=None,
@@ -213,7 +218,7 @@ def run_config(args: argparse.Namespace) -> loop.RunConfig:
       rank=args.rank if args.rank is not None else max(1, base.hidden_size // 4),
       update_gap=args.update_gap, scale=args.scale, seed=args.proj_seed,
       svd_steps=args.svd_steps, eta=args.eta, side=args.side, svd=args.svd,
-      moment_dtype=args.moment_dtype)
+      moment_dtype=args.moment_dtype, subspace_mode=args.subspace_mode)
   return loop.RunConfig(
       model=args.model, scan_layers=args.scan_layers, remat=args.remat,
       dtype=args.dtype, param_dtype=args.param_dtype, optimizer=optimizer,

@@ -60,12 +60,15 @@ def test_low_rank_state_sharded_along_the_kept_dimension():
   assert core.count.spec == P()
 
 
-@pytest.mark.parametrize("name", ["adamw", "galore", "golore", "rso"])
+@pytest.mark.parametrize(
+    "name", ["adamw", "galore", "golore", "rso", "golore:model", "rso:model"])
 def test_train_step_learns_and_keeps_shardings(name):
   _need8()
   mesh = shd.make_mesh(data=2, fsdp=2, tensor=2)
+  name, _, mode = name.partition(":")
   opt = train.OptimizerConfig(name=name, rank=8, update_gap=4, learning_rate=1e-2,
-                              warmup_steps=1, total_steps=30)
+                              warmup_steps=1, total_steps=30,
+                              subspace_mode=mode or "transform")
   s = train.setup(llama.get_config("tiny"), opt, mesh)
   state = s.init(0)
   rng = np.random.default_rng(0)

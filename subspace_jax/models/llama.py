@@ -46,6 +46,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from subspace_jax import factored
+
 Array = jax.Array
 Dtype = Any
 
@@ -183,12 +185,31 @@ def _matrix_init(config: LlamaConfig, names: tuple[str, ...]):
                                names, eager_sharding=False)
 
 
+class Linear(nnx.Module):
+  """Bias-free dense layer ``y = x @ kernel``, kernel stored ``(in, out)``.
+
+  In model-level subspace mode (:mod:`subspace_jax.factored`) the kernel's
+  value is a :class:`~subspace_jax.factored.Factored` ``(W, P, B)`` and the
+  layer computes ``x·W + (x·P)·B``.
+  """
+
+  def __init__(self, config: LlamaConfig, d_in: int, d_out: int,
+               names: tuple[str, str], rngs: nnx.Rngs,
+               preferred_element_type: Dtype | None = None):
+    self.dtype = config.dtype
+    self.preferred_element_type = preferred_element_type
+    init = _matrix_init(config, names)
+    self.kernel = nnx.Param(init(rngs.params(), (d_in, d_out),
+                                 config.param_dtype))
+
+  def __call__(self, x: Array) -> Array:
+    return factored.dense(x, self.kernel.get_value(), dtype=self.dtype,
+                          preferred_element_type=self.preferred_element_type)
+
+
 def _linear(config: LlamaConfig, d_in: int, d_out: int,
-            names: tuple[str, str], rngs: nnx.Rngs, **kwargs) -> nnx.Linear:
-  return nnx.Linear(d_in, d_out, use_bias=False, dtype=config.dtype,
-                    param_dtype=config.param_dtype,
-                    kernel_init=_matrix_init(config, names), rngs=rngs,
-                    **kwargs)
+            names: tuple[str, str], rngs: nnx.Rngs, **kwargs) -> Linear:
+  return Linear(config, d_in, d_out, names, rngs, **kwargs)
 
 
 class RMSNorm(nnx.Module):

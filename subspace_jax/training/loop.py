@@ -223,7 +223,8 @@ class RunConfig:
     its resumption."""
     cfg = self.model_config()
     key = {"name": self.model, "tokenizer": self.tokenizer,
-           "optimizer": self.optimizer.name}
+           "optimizer": self.optimizer.name,
+           "subspace_mode": self.optimizer.subspace_mode}
     for field in dataclasses.fields(cfg):
       if field.name not in ("dtype", "remat", "max_seq_len"):
         value = getattr(cfg, field.name)
@@ -302,6 +303,8 @@ def check_rank(params: Any, opt: train_lib.OptimizerConfig) -> None:
   Raises:
     ValueError: Naming the smallest projected matrix and its size.
   """
+  if isinstance(params, sj.factored.FactoredParams):
+    params = params.weights
   plans = opt.leaf_plans(params)
   if plans is None:
     return
@@ -629,7 +632,9 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     state, start = _restore_or_init(cfg, setup, ckpt, train_iter)
     if start == 0:
       _info(f"{cfg.model}: {llama.param_count(model_config) / 1e6:.2f}M parameters, "
-          f"{cfg.optimizer.name}, mesh {dict(mesh.shape)} on "
+          f"{cfg.optimizer.name}"
+          f"{' (model mode)' if cfg.optimizer.model_mode else ''}, "
+          f"mesh {dict(mesh.shape)} on "
           f"{jax.device_count()} {jax.devices()[0].platform} device(s), "
           f"{jax.process_count()} process(es)")
     sink = _MetricsSink(cfg)

@@ -37,6 +37,10 @@ __all__ = [
 ]
 
 OPTIMIZERS = ("adamw", "galore", "golore", "rso")
+SUBSPACE_MODES = ("transform", "model")
+# Optimizers that can run in model mode: random projections only (GaLore's
+# SVD needs the full gradient that model mode never builds).
+_MODEL_MODE = ("golore", "rso")
 
 # Which LLaMA weights are projected: attention and MLP kernels; embeddings,
 # lm_head and norm scales go to the inner optimizer in full (as the GaLore and
@@ -79,9 +83,14 @@ class OptimizerConfig:
     seed: Projection seed.
     svd_steps: GoLore's SVD phase (GoLore@x%).
     eta: RSO's proximal coefficient (None: off).
-    side: Side rule of the projection.
+    side: Side rule of the projection (None: "lean" in transform mode;
+      model mode always projects the input side, "left").
     svd: GaLore's SVD: "exact" or "randomized".
-    moment_dtype: dtype name of the low-rank moments (None: the grads').
+    moment_dtype: dtype name of the low-rank moments (None: the grads'); in
+      model mode also of ``B`` (None: the weights').
+    subspace_mode: "transform" (an optax transform on full gradients) or
+      "model" (the model differentiates ``B`` of ``W + P·B`` directly, see
+      :mod:`subspace_jax.factored`; golore and rso only).
   """
 
   name: str = "adamw"
@@ -100,9 +109,10 @@ class OptimizerConfig:
   seed: int = 0
   svd_steps: int = 0
   eta: float | None = None
-  side: str = "lean"
+  side: str | None = None
   svd: str = "exact"
   moment_dtype: str | None = None
+  subspace_mode: str = "transform"
 
   def __post_init__(self):
     if self.name not in OPTIMIZERS:
@@ -111,6 +121,37 @@ class OptimizerConfig:
       )
     if self.total_steps <= 0 or self.warmup_steps < 0:
       raise ValueError("total_steps must be > 0 and warmup_steps >= 0")
+    if self.subspace_mode not in SUBSPACE_MODES:
+      raise ValueError(f"unknown subspace mode {self.subspace_mode!r}; "
+                       f"choose one of {', '.join(SUBSPACE_MODES)}")
+    if self.model_mode:
+      if self.name not in _MODEL_MODE:
+        raise ValueError(
+            f"subspace mode 'model' supports {' and '.join(_MODEL_MODE)}, not "
+            f"{self.name}: GaLore's SVD needs the full gradient, which model "
+            "mode never builds; use subspace_mode='transform'")
+      if self.svd_steps:
+        raise ValueError("svd_steps (GoLore@x%) needs the full gradient for "
+                         "its SVD phase; it is not available in model mode")
+      if self.side not in (None, "left"):
+        raise ValueError(f"model mode always projects the input side "
+                         f"(side='left'); got side={self.side!r}")
+
+  @property
+  def model_mode(self) -> bool:
+    """Whether the model differentiates the subspace variables directly."""
+    return self.subspace_mode == "model"
+
+  @property
+  def effective_side(self) -> str:
+    return self.side or ("left" if self.model_mode else "lean")
+
+  def subspace(self, params) -> sj.factored.Subspace:
+    """Model mode's factoring of ``params`` (arrays or abstract)."""
+    return sj.factored.Subspace.for_params(
+        params, rank=self.rank, update_gap=self.update_gap,
+        projection="scaled_stiefel" if self.name == "rso" else "stiefel",
+        seed=self.seed, views=llama_views())
 
   def leaf_plans(self, params) -> list | None:
     """The subspace transform's plan of every leaf of ``params`` (flatten
@@ -118,7 +159,7 @@ class OptimizerConfig:
     if self.name == "adamw":
       return None
     return sj.transform.leaf_plans(
-        params, rank=self.rank, side=self.side, views=llama_views()
+        params, rank=self.rank, side=self.effective_side, views=llama_views()
     )[0]
 
   def schedule(self) -> optax.Schedule:
@@ -132,19 +173,31 @@ class OptimizerConfig:
 
 
 def make_optimizer(
-    cfg: OptimizerConfig,
+    cfg: OptimizerConfig, params=None,
 ) -> tuple[optax.GradientTransformation, Callable[[Any], list] | None]:
   """The optax chain for ``cfg`` and the leaf-plan function of its subspace
-  transform (None for adamw), used to shard the low-rank state."""
+  transform (None for adamw), used to shard the low-rank state.
+
+  In model mode the chain runs on the trainable tree
+  (:meth:`subspace_jax.factored.Subspace.trainable`) and needs the
+  (abstract) weights ``params`` to know which leaves are factored.
+  """
   inner = optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
   views = llama_views()
   common = dict(
       rank=cfg.rank, update_gap=cfg.update_gap, scale=cfg.scale,
-      side=cfg.side, views=views,
+      side=cfg.effective_side, views=views,
       moment_dtype=jnp.dtype(cfg.moment_dtype) if cfg.moment_dtype else None,
   )
   if cfg.name == "adamw":
     core, plans = inner, None
+  elif cfg.model_mode:
+    if params is None:
+      raise ValueError("model mode needs the weights to build its optimizer")
+    core = sj.factored.scale_by_factored(
+        inner, subspace=cfg.subspace(params), scale=cfg.scale,
+        reset_inner=cfg.name == "rso", eta=cfg.eta)
+    plans = cfg.leaf_plans
   else:
     if cfg.name == "galore":
       core = sj.galore(inner, svd=cfg.svd, seed=cfg.seed, **common)
@@ -181,7 +234,11 @@ class ModelDef:
     return nnx.to_pure_dict(llama.init(self.config, seed)[1])
 
   def apply(self, params: dict, tokens: jax.Array) -> jax.Array:
-    state = jax.tree.unflatten(self._treedef, jax.tree.leaves(params))
+    """Logits; a leaf of ``params`` may be a
+    :class:`~subspace_jax.factored.Factored` kernel (model mode)."""
+    leaves = jax.tree.leaves(
+        params, is_leaf=lambda x: isinstance(x, sj.factored.Factored))
+    state = jax.tree.unflatten(self._treedef, leaves)
     return llama.apply(self.graphdef, state, tokens)
 
   def loss(self, params: dict, batch: dict) -> jax.Array:
@@ -227,29 +284,74 @@ class Setup:
 def setup(
     model_config: llama.LlamaConfig, opt: OptimizerConfig, mesh
 ) -> Setup:
-  """Builds the sharded, jitted init/train/eval functions for one run."""
+  """Builds the sharded, jitted init/train/eval functions for one run.
+
+  In model mode (``opt.subspace_mode == "model"``) the state's ``params``
+  are :class:`~subspace_jax.factored.FactoredParams`: the step
+  differentiates only ``B`` and the full leaves, and merges ``W ← W + P·B``
+  at the end of every subproblem, inside the jitted step.
+  """
   model = ModelDef(model_config)
-  tx, plans = make_optimizer(opt)
-
-  def init(seed):
-    params = model.init(seed)
-    return TrainState(jnp.zeros([], jnp.int32), params, tx.init(params))
-
-  abstract = jax.eval_shape(lambda: init(0))
-  state_sh = TrainState(
-      step=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
-      params=shd.tree_shardings(abstract.params, model.logical_axes, mesh),
-      opt_state=shd.state_shardings(
-          abstract.opt_state, abstract.params, model.logical_axes, mesh, plans
-      ),
-  )
-  batch_sh = shd.batch_sharding(mesh)
+  weights = jax.eval_shape(lambda: model.init(0))
+  tx, plans = make_optimizer(opt, weights)
   schedule = opt.schedule()
+  axes = model.logical_axes
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  if opt.model_mode:
+    subspace = opt.subspace(weights)
+    low_dtype = jnp.dtype(opt.moment_dtype) if opt.moment_dtype else None
+
+    def init(seed):
+      params = subspace.init(model.init(seed), low_dtype)
+      return TrainState(jnp.zeros([], jnp.int32), params,
+                        tx.init(subspace.trainable(params)))
+
+    def loss_and_grads(params, batch):
+      projections = subspace.projections(params)
+      trainable = subspace.trainable(params)
+      loss_of = lambda t: model.loss(
+          subspace.factored(params, t, projections), batch)
+      loss, grads = jax.value_and_grad(loss_of)(trainable)
+      return loss, grads, trainable, projections
+
+    def apply_updates(state, trainable, updates, projections):
+      trainable = optax.apply_updates(trainable, updates)
+      decay = schedule(state.step) * opt.weight_decay if opt.weight_decay else 0.0
+      return subspace.update(state.params, trainable, projections, decay)
+
+    def eval_loss(params, batch):
+      return model.loss(subspace.factored(
+          params, subspace.trainable(params), subspace.projections(params)),
+          batch)
+
+    def params_shardings(abstract):
+      return sj.factored.FactoredParams(
+          weights=shd.tree_shardings(abstract.weights, axes, mesh),
+          low=shd.state_shardings(abstract.low, weights, axes, mesh, plans),
+          key=replicated, count=replicated)
+  else:
+    def init(seed):
+      params = model.init(seed)
+      return TrainState(jnp.zeros([], jnp.int32), params, tx.init(params))
+
+    def loss_and_grads(params, batch):
+      loss, grads = jax.value_and_grad(model.loss)(params, batch)
+      return loss, grads, params, None
+
+    def apply_updates(state, params, updates, projections):
+      del state, projections
+      return optax.apply_updates(params, updates)
+
+    eval_loss = model.loss
+
+    def params_shardings(abstract):
+      return shd.tree_shardings(abstract, axes, mesh)
 
   def train_step(state: TrainState, batch):
-    loss, grads = jax.value_and_grad(model.loss)(state.params, batch)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    loss, grads, trainable, projections = loss_and_grads(state.params, batch)
+    updates, opt_state = tx.update(grads, state.opt_state, trainable)
+    params = apply_updates(state, trainable, updates, projections)
     metrics = {
         "loss": loss,
         "grad_norm": optax.tree.norm(grads),
@@ -257,6 +359,15 @@ def setup(
     }
     return TrainState(state.step + 1, params, opt_state), metrics
 
+  abstract = jax.eval_shape(lambda: init(0))
+  state_sh = TrainState(
+      step=replicated,
+      params=params_shardings(abstract.params),
+      opt_state=shd.state_shardings(
+          abstract.opt_state, weights, axes, mesh, plans
+      ),
+  )
+  batch_sh = shd.batch_sharding(mesh)
   abstract_state = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
       abstract, state_sh,
@@ -275,7 +386,5 @@ def setup(
           out_shardings=(state_sh, None),
           donate_argnums=0,
       ),
-      eval_step=jax.jit(
-          model.loss, in_shardings=(state_sh.params, batch_sh)
-      ),
+      eval_step=jax.jit(eval_loss, in_shardings=(state_sh.params, batch_sh)),
   )
