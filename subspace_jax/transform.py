@@ -369,9 +369,9 @@ def scale_by_subspace(
         )
         new_projections.append(_MASKED())
       projections.append(p)
-      low = jnp.einsum(
-          "...dr,...dk->...rk", p, gm, preferred_element_type=jnp.float32
-      )
+      # Accumulate in float32 at least (float64 stays float64).
+      acc = jnp.promote_types(g.dtype, jnp.float32)
+      low = jnp.einsum("...dr,...dk->...rk", p, gm, preferred_element_type=acc)
       if eta is not None:
         xm = plan.to_matrix(param_leaves[i])
         ptx = jnp.einsum(
@@ -404,9 +404,8 @@ def scale_by_subspace(
       if plan is None:
         out.append(f)
         continue
-      back = jnp.einsum(
-          "...dr,...rk->...dk", p, u, preferred_element_type=jnp.float32
-      )
+      acc = jnp.promote_types(g.dtype, jnp.float32)
+      back = jnp.einsum("...dr,...rk->...dk", p, u, preferred_element_type=acc)
       out.append((scale * plan.from_matrix(back)).astype(g.dtype))
 
     new_state = SubspaceState(

@@ -409,3 +409,14 @@ def test_nonfinite_gradient_at_refresh_keeps_previous_projection():
   st = sj.galore(rank=2, update_gap=3).init(params)
   _, st2 = sj.galore(rank=2, update_gap=3).update({"w": jnp.full((12, 6), jnp.nan)}, st)
   np.testing.assert_array_equal(st2.projections["w"], st.projections["w"])
+
+
+def test_float64_gradients_are_projected_in_float64():
+  with jax.enable_x64(True):
+    g = {"w": jax.random.normal(jax.random.key(0), (8, 16), jnp.float64)}
+    tx = sj.galore(optax.identity(), rank=4, side="std")
+    u, state = tx.update(g, tx.init(g))
+    p = state.projections["w"]
+    assert u["w"].dtype == jnp.float64
+    # In float32 this error is ~1e-7.
+    np.testing.assert_allclose(u["w"], p @ (p.T @ g["w"]), rtol=0, atol=1e-13)
