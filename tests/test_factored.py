@@ -59,7 +59,9 @@ def test_model_mode_takes_the_transform_steps(name, extra, scan):
     np.testing.assert_allclose(m_mod["loss"], m_ref["loss"], rtol=2e-6)
     merged = subspace.merged_weights(s_mod.params)
     for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(s_ref.params)):
-      np.testing.assert_allclose(a, b, rtol=0, atol=2e-6, err_msg=f"step {i}")
+      # fp32 rounding, amplified where Adam divides by a tiny second
+      # moment; one step moves a weight by up to lr = 1e-2.
+      np.testing.assert_allclose(a, b, rtol=0, atol=2e-5, err_msg=f"step {i}")
     # Right after a merge B is zero and the weights are the merged ones.
     if (i + 1) % 3 == 0:
       assert all(not jnp.any(b) for b in jax.tree.leaves(s_mod.params.low))
