@@ -30,6 +30,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse  # pylint: disable=wrong-import-position
 import pathlib  # pylint: disable=wrong-import-position
+import shlex  # pylint: disable=wrong-import-position
 import sys  # pylint: disable=wrong-import-position
 import time  # pylint: disable=wrong-import-position
 
@@ -218,6 +219,13 @@ def target_line(rows: list[dict], shape="4096x11008", rank=512) -> str:
   return f"Target row ({shape}, rank {rank}) not measured."
 
 
+def _command_line() -> str:
+  env = f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')} "
+  if __package__:
+    return env + "python -m benchmarks.projection_refresh " + shlex.join(sys.argv[1:])
+  return env + "python benchmarks/projection_refresh.py " + shlex.join(sys.argv[1:])
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--shapes", default=DEFAULT_SHAPES,
@@ -232,6 +240,8 @@ def main(argv=None):
                       help="extra sketch columns of the fast method")
   parser.add_argument("--power-iters", type=int, default=2,
                       help="subspace iterations of the fast method")
+  parser.add_argument("--note", default="",
+                      help="free text for the results file (e.g. the load)")
   parser.add_argument("--out", default=str(common.RESULTS / "projection_refresh.md"),
                       help="markdown table to write")
   args = parser.parse_args(argv)
@@ -243,6 +253,8 @@ def main(argv=None):
   text = (
       "# Projection refresh: full SVD vs fast randomized subspace\n\n"
       f"{common.machine_line()}\n\n"
+      f"Command: `{_command_line()}`\n\n"
+      + (f"{args.note}\n\n" if args.note else "")
       + describe(args.repeats, args.alpha, args.oversample, args.power_iters)
       + "\n\n" + table(rows) + "\n" + target_line(rows) + "\n"
   )

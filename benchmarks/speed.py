@@ -70,6 +70,7 @@ PEAK_FLOPS = {
     "A100": (312e12, 156e12),
 }
 STEADY_TARGET = 1.10   # transform-mode steady step / AdamW
+_LOADS: list[float] = []  # 1-minute load average after every timed round
 MODEL_RSO_TARGET = 0.8  # model-mode RSO step / AdamW
 
 
@@ -167,6 +168,7 @@ def alternate(variants: list[Variant], reps: int, log) -> dict[str, np.ndarray]:
       v.run()
       times[v.name].append(time.perf_counter() - t)
     loads.append(os.getloadavg()[0])
+    _LOADS.append(loads[-1])
     log(f"  round {i + 1}/{reps}: " + ", ".join(
         f"{n} {t[-1]:.3f}s" for n, t in times.items()))
   times = {n: np.asarray(t) for n, t in times.items()}
@@ -321,18 +323,7 @@ def main(argv=None):
   refresh_names = (names if args.refresh_optimizers is None else
                    [n for n in args.refresh_optimizers.split(",") if n and n != "adamw"])
   on_gpu = jax.devices()[0].platform == "gpu"
-  out = [
-      "# Speed: train steps and projection refresh", "",
-      common.machine_line(), "",
-      f"Command: `{command_line()}`", "",
-      f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')}. Load "
-      f"average before the run (1/5/15 min): "
-      f"{load0[0]:.1f}/{load0[1]:.1f}/{load0[2]:.1f} on {os.cpu_count()} cores; "
-      + ("the machine was otherwise busy (other jobs running), so single "
-         "times are noisy: the ratios are medians of per-round ratios."
-         if load0[0] > 0.5 else "the machine was otherwise idle.")
-      + (f" {args.note}" if args.note else ""), "",
-  ]
+  out = []
   if "step" in parts or "refresh" in parts:
     out += [
         f"Model {args.model} ({llama.param_count(cfg) / 1e6:.1f}M parameters, "
@@ -366,8 +357,12 @@ def main(argv=None):
     ]
   if "projection" in parts:
     log("projection refresh:")
+    def log_load(msg):
+      _LOADS.append(os.getloadavg()[0])
+      log("  " + msg)
+
     rows = pr.run(pr.parse_shapes(args.shapes), pr.parse_ranks(args.ranks),
-                  args.proj_repeats, 1.0, 8, 2, log=lambda m: log("  " + m))
+                  args.proj_repeats, 1.0, 8, 2, log=log_load)
     for row in rows:
       log("  " + pr.format_row(row))
     out += [
@@ -375,7 +370,31 @@ def main(argv=None):
         pr.describe(args.proj_repeats, 1.0, 8, 2), "",
         pr.table(rows), pr.target_line(rows), "",
     ]
-  common.write(args.out, "\n".join(out))
+  common.write(args.out, "\n".join(header(args, load0) + out))
+
+
+def header(args, load0) -> list[str]:
+  """Title, machine, command and how busy the machine was."""
+  cores = os.cpu_count()
+  during = (f"{min(_LOADS):.1f}–{max(_LOADS):.1f}" if _LOADS else "n/a")
+  if _LOADS and max(_LOADS) > cores + 1:
+    verdict = ("other jobs were running during the timed rounds (single "
+               "times are noisy; the ratios are medians of per-round ratios)")
+  elif load0[0] > 0.5:
+    verdict = ("other jobs had been running just before (the load during the "
+               "timed rounds is about this run's own)")
+  else:
+    verdict = "the machine was otherwise idle"
+  return [
+      "# Speed: train steps and projection refresh", "",
+      common.machine_line(), "",
+      f"Command: `{command_line()}`", "",
+      f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')}. Load "
+      f"average (1 min) before the run: {load0[0]:.1f}, during the timed "
+      f"rounds: {during}, on {cores} cores; this run alone keeps about "
+      f"{min(cores, 2)} busy, so {verdict}."
+      + (f" {args.note}" if args.note else ""), "",
+  ]
 
 
 if __name__ == "__main__":
