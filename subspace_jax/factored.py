@@ -250,9 +250,7 @@ class Subspace:
         w = (w * (1 - weight_decay)).astype(w.dtype)
 
       def merged(w=w, t=t, p=p, plan=plan):
-        delta = jnp.einsum("...dr,...rk->...dk", p, t,
-                           preferred_element_type=jnp.float32)
-        return (w + plan.from_matrix(delta)).astype(w.dtype), jnp.zeros_like(t)
+        return _plus_pb(w, p, t, plan), jnp.zeros_like(t)
 
       w, t = jax.lax.cond(merge, merged, lambda w=w, t=t: (w, t))
       weights.append(w)
@@ -274,10 +272,15 @@ class Subspace:
       if plan is None:
         out.append(w)
       else:
-        delta = jnp.einsum("...dr,...rk->...dk", p, b,
-                           preferred_element_type=jnp.float32)
-        out.append((w + plan.from_matrix(delta)).astype(w.dtype))
+        out.append(_plus_pb(w, p, b, plan))
     return self.treedef.unflatten(out)
+
+
+def _plus_pb(w, p, b, plan: mv.LeafPlan) -> jax.Array:
+  """``W + P·B`` in float32, in ``W``'s shape and dtype."""
+  delta = jnp.einsum("...dr,...rk->...dk", p, b,
+                     preferred_element_type=jnp.float32)
+  return (w + plan.from_matrix(delta)).astype(w.dtype)
 
 
 def _is_zero(x) -> bool:
