@@ -188,14 +188,18 @@ class Subspace:
         count=jnp.zeros([], jnp.int32),
     )
 
-  def projections(self, params: FactoredParams, dtype=jnp.float32) -> list:
-    """This step's projection of every leaf (None for full leaves)."""
+  def projections(self, params: FactoredParams) -> list:
+    """This step's projection of every leaf (None for full leaves).
+
+    Each is drawn in its ``B``'s dtype, as the transform draws it in the
+    dtype of the projected gradient: the same call, so the same bits.
+    """
     key = jax.random.wrap_key_data(params.key)
     subproblem = params.count // self.update_gap
     return [
         None if p is None else tf.random_projection(
-            tf.projection_key(key, i, subproblem), p, self.projection, dtype)
-        for i, p in enumerate(self.plans)
+            tf.projection_key(key, i, subproblem), p, self.projection, b.dtype)
+        for i, (p, b) in enumerate(zip(self.plans, self._leaves(params.low)))
     ]
 
   def trainable(self, params: FactoredParams):
@@ -229,7 +233,7 @@ class Subspace:
       trainable: The updated trainable tree.
       projections: The step's projections (from :meth:`projections`).
       weight_decay: Factor ``c`` of a decoupled weight decay
-        ``W ← (1 − c) W`` on the frozen weights (``learning_rate ×
+        ``W ← W − c·W`` on the frozen weights (``learning_rate ×
         weight_decay``; ``B``'s share is decayed by the optimizer), so that
         ``W + P·B`` decays as a whole.
 
@@ -247,7 +251,10 @@ class Subspace:
         low.append(_MASKED())
         continue
       if not _is_zero(weight_decay):
-        w = (w * (1 - weight_decay)).astype(w.dtype)
+        # W − c·W, not W·(1 − c): 1 − c would be rounded to weight_decay's
+        # float32 (3e-8 relative on every W, every step), while the
+        # transform's decay rounds only the small c·X.
+        w = (w - weight_decay * w).astype(w.dtype)
 
       def merged(w=w, t=t, p=p, plan=plan):
         return _plus_pb(w, p, t, plan), jnp.zeros_like(t)
@@ -277,9 +284,10 @@ class Subspace:
 
 
 def _plus_pb(w, p, b, plan: mv.LeafPlan) -> jax.Array:
-  """``W + P·B`` in float32, in ``W``'s shape and dtype."""
+  """``W + P·B`` in float32 (at least), in ``W``'s shape and dtype."""
   delta = jnp.einsum("...dr,...rk->...dk", p, b,
-                     preferred_element_type=jnp.float32)
+                     preferred_element_type=jnp.promote_types(w.dtype,
+                                                              jnp.float32))
   return (w + plan.from_matrix(delta)).astype(w.dtype)
 
 

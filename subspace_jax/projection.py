@@ -13,8 +13,9 @@ subspace; a gradient ``G`` of shape ``(m, n)`` is projected as ``Pᵀ G``
 * :func:`scaled_stiefel` – ``sqrt(m / r) · stiefel``, so that
   ``PᵀP = (m / r) I`` and ``E[P Pᵀ] = I`` (RSO).
 
-All computation happens in float32 whatever the input dtype; the result is
-cast to ``dtype`` (float32 by default).
+All computation happens in float32 (float64 when a float64 result is asked
+for, so that a float64 ``P`` is orthonormal to float64 accuracy); the result
+is cast to ``dtype`` (float32 by default).
 """
 
 from __future__ import annotations
@@ -274,7 +275,7 @@ def stiefel(key: jax.Array, m: int, rank: int, *, dtype=jnp.float32) -> jax.Arra
   if not 0 < rank <= m:
     raise ValueError(f"rank must be in [1, {m}], got {rank}")
   with jax.named_scope("stiefel"):  # groups its ops in profiles
-    z = _gaussian(key, m, rank)
+    z = _gaussian(key, m, rank).astype(jnp.promote_types(dtype, jnp.float32))
     passes = _cholesky_qr_passes(m, rank)
     q = _cholesky_qr(z, passes) if passes else _householder_q(z)
   return q.astype(dtype)
@@ -297,8 +298,8 @@ def scaled_stiefel(
   Returns:
     An ``(m, rank)`` matrix.
   """
-  p = stiefel(key, m, rank, dtype=jnp.float32)
-  return (p * jnp.sqrt(m / rank)).astype(dtype)
+  p = stiefel(key, m, rank, dtype=jnp.promote_types(dtype, jnp.float32))
+  return (p * float(np.sqrt(m / rank))).astype(dtype)  # a weak scalar
 
 
 def captured_energy(p: jax.Array, g: jax.Array) -> jax.Array:

@@ -79,8 +79,8 @@ class SubspaceState(NamedTuple):
     key: Raw ``uint32`` data of the projection key (from ``seed``).
     projections: Stored projections ``batch + (d, r)`` of the projected
       leaves, only for SVD-based projections (GaLore, GoLore's SVD phase).
-    anchors: ``Pᵀ X`` at the start of the current subproblem (float32,
-      ``batch + (r, k)``), only for RSO's proximal term; with it the
+    anchors: ``Pᵀ X`` at the start of the current subproblem (float32 at
+      least, ``batch + (r, k)``), only for RSO's proximal term; with it the
       subproblem variable is ``B = (PᵀP)⁻¹ (PᵀX − anchor)`` and no full-size
       copy of the weights is kept.
     inner_low: Inner state over the projected gradients (``batch + (r, k)``).
@@ -285,10 +285,10 @@ def scale_by_subspace(
         k = projection_key(key, i, _INIT_SUBSPACE)
         projections.append(random_projection(k, p, "stiefel", low_dtype(x)))
     anchors = [
-        jnp.zeros(p.low_shape, jnp.float32)
+        jnp.zeros(p.low_shape, jnp.promote_types(x.dtype, jnp.float32))
         if (p is not None and eta is not None)
         else _MASKED()
-        for p in plans
+        for x, p in zip(leaves, plans)
     ]
     return SubspaceState(
         count=jnp.zeros([], jnp.int32),
@@ -375,7 +375,8 @@ def scale_by_subspace(
       if eta is not None:
         xm = plan.to_matrix(param_leaves[i])
         ptx = jnp.einsum(
-            "...dr,...dk->...rk", p, xm, preferred_element_type=jnp.float32
+            "...dr,...dk->...rk", p, xm,
+            preferred_element_type=old_anchors[i].dtype,
         )
         anchor = jnp.where(refresh, ptx, old_anchors[i])
         # B = (PᵀP)⁻¹ Pᵀ(X − X₀); PᵀP = (d/r)·I for scaled projections.

@@ -212,8 +212,16 @@ def _linear(config: LlamaConfig, d_in: int, d_out: int,
   return Linear(config, d_in, d_out, names, rngs, **kwargs)
 
 
+def _at_least_f32(dtype: Dtype) -> jnp.dtype:
+  """The dtype norms, RoPE, logits and the loss are computed in: float32,
+  or float64 for a float64 model (so that a float64 run has no float32
+  rounding anywhere)."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 class RMSNorm(nnx.Module):
-  """Root-mean-square layer norm with a learned scale, computed in float32."""
+  """Root-mean-square layer norm with a learned scale, computed in float32
+  (at least)."""
 
   def __init__(self, dim: int, *, eps: float, dtype: Dtype,
                param_dtype: Dtype):
@@ -223,11 +231,11 @@ class RMSNorm(nnx.Module):
                            out_sharding=("norm",), eager_sharding=False)
 
   def __call__(self, x: Array) -> Array:
-    x32 = x.astype(jnp.float32)
+    acc = _at_least_f32(x.dtype)
+    x32 = x.astype(acc)
     inv_rms = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True)
                             + self.eps)
-    return (x32 * inv_rms * self.scale[...].astype(jnp.float32)).astype(
-        self.dtype)
+    return (x32 * inv_rms * self.scale[...].astype(acc)).astype(self.dtype)
 
 
 class Embedding(nnx.Module):
@@ -244,21 +252,23 @@ class Embedding(nnx.Module):
     return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
 
 
-def rope_cos_sin(positions: Array, head_dim: int,
-                 theta: float) -> tuple[Array, Array]:
+def rope_cos_sin(positions: Array, head_dim: int, theta: float,
+                 dtype: Dtype = jnp.float32) -> tuple[Array, Array]:
   """Rotary-embedding angles for ``positions``.
 
   Args:
     positions: Integer positions, shape ``[seq]``.
     head_dim: Per-head size (even).
     theta: Frequency base.
+    dtype: Float dtype of the angles (float32, or float64 for a float64
+      model).
 
   Returns:
-    ``(cos, sin)``, each float32 of shape ``[seq, head_dim // 2]``.
+    ``(cos, sin)``, each of shape ``[seq, head_dim // 2]``.
   """
-  exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
+  exponents = jnp.arange(0, head_dim, 2, dtype=dtype) / head_dim
   inv_freq = 1.0 / (theta ** exponents)
-  angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
+  angles = positions.astype(dtype)[:, None] * inv_freq[None, :]
   return jnp.cos(angles), jnp.sin(angles)
 
 
@@ -276,7 +286,7 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
   Returns:
     The rotated array, same shape and dtype as ``x``.
   """
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  x1, x2 = jnp.split(x.astype(_at_least_f32(x.dtype)), 2, axis=-1)
   cos = cos[None, :, None, :]
   sin = sin[None, :, None, :]
   rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin],
@@ -302,8 +312,25 @@ class Attention(nnx.Module):
     q = apply_rope(split(self.q_proj(x)), cos, sin)
     k = apply_rope(split(self.k_proj(x)), cos, sin)
     v = split(self.v_proj(x))
-    out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    if q.dtype == jnp.float64:
+      out = _attention_f64(q, k, v)
+    else:
+      out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
     return self.o_proj(out.reshape(batch, seq, -1))
+
+
+def _attention_f64(q: Array, k: Array, v: Array) -> Array:
+  """Causal attention entirely in float64.
+
+  ``jax.nn.dot_product_attention`` always takes its softmax in float32; a
+  float64 model (used to compare computations without float32 rounding)
+  needs every step in float64.
+  """
+  logits = jnp.einsum("btnh,bsnh->bnts", q, k) / jnp.sqrt(q.shape[-1])
+  seq = q.shape[1]
+  causal = jnp.tril(jnp.ones((seq, seq), bool))
+  logits = jnp.where(causal, logits, -jnp.inf)
+  return jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(logits, axis=-1), v)
 
 
 class MLP(nnx.Module):
@@ -368,7 +395,7 @@ class Llama(nnx.Module):
                               param_dtype=config.param_dtype)
     self.lm_head = _linear(config, config.hidden_size, config.vocab_size,
                            ("embed", "vocab"), rngs,
-                           preferred_element_type=jnp.float32)
+                           preferred_element_type=_at_least_f32(config.dtype))
 
   def _check_tokens(self, tokens: Any) -> Array:
     dtype = getattr(tokens, "dtype", None)
@@ -390,7 +417,7 @@ class Llama(nnx.Module):
       tokens: int32 token ids, shape ``[batch, seq]``.
 
     Returns:
-      float32 logits, shape ``[batch, seq, vocab]``.
+      float32 logits (float64 for a float64 model), shape ``[batch, seq, vocab]``.
 
     Raises:
       TypeError: If ``tokens`` is not an integer array.
@@ -400,7 +427,7 @@ class Llama(nnx.Module):
     tokens = self._check_tokens(tokens)
     x = self.embed(tokens)
     cos, sin = rope_cos_sin(jnp.arange(tokens.shape[1]), cfg.head_dim,
-                            cfg.rope_theta)
+                            cfg.rope_theta, _at_least_f32(cfg.dtype))
     block_fn = _run_block
     if cfg.remat:
       # Inside a scan the loop already blocks CSE, so it need not be prevented.
@@ -416,7 +443,7 @@ class Llama(nnx.Module):
       for block in self.layers:
         x = block_fn(block, x, cos, sin)
     x = self.final_norm(x)
-    return self.lm_head(x).astype(jnp.float32)
+    return self.lm_head(x).astype(_at_least_f32(cfg.dtype))
 
 
 # --------------------------------------------------------------------------
@@ -441,14 +468,14 @@ def apply(graphdef: nnx.GraphDef, params: nnx.State, tokens: Array) -> Array:
     tokens: int32 token ids, shape ``[batch, seq]``.
 
   Returns:
-    float32 logits, shape ``[batch, seq, vocab]``.
+    float32 logits (float64 for a float64 model), shape ``[batch, seq, vocab]``.
   """
   return nnx.merge(graphdef, params)(tokens)
 
 
 def cross_entropy_loss(logits: Array, targets: Array,
                        mask: Array | None = None) -> Array:
-  """Mean token cross-entropy, in float32.
+  """Mean token cross-entropy, in float32 (float64 for float64 logits).
 
   Args:
     logits: ``[..., vocab]`` unnormalized scores.
@@ -457,19 +484,20 @@ def cross_entropy_loss(logits: Array, targets: Array,
       ``targets``; the mean is over the masked tokens.
 
   Returns:
-    Scalar float32 loss.
+    Scalar loss (float32, or float64 for float64 logits).
   """
   if logits.shape[:-1] != targets.shape:
     raise ValueError(f"targets shape {targets.shape} does not match logits "
                      f"shape {logits.shape}[:-1]")
+  acc = _at_least_f32(logits.dtype)
   losses = optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), targets)
+      logits.astype(acc), targets)
   if mask is None:
     return jnp.mean(losses)
   if mask.shape != targets.shape:
     raise ValueError(f"mask shape {mask.shape} does not match targets shape "
                      f"{targets.shape}")
-  mask = mask.astype(jnp.float32)
+  mask = mask.astype(acc)
   return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 

@@ -317,7 +317,11 @@ def setup(
 
     def apply_updates(state, trainable, updates, projections):
       trainable = optax.apply_updates(trainable, updates)
-      decay = schedule(state.step) * opt.weight_decay if opt.weight_decay else 0.0
+      decay = 0.0
+      if opt.weight_decay:
+        # lr × wd in the weights' precision, as optax's chain forms it.
+        acc = jnp.promote_types(model_config.param_dtype, jnp.float32)
+        decay = schedule(state.step).astype(acc) * opt.weight_decay
       return subspace.update(state.params, trainable, projections, decay)
 
     def eval_loss(params, batch):
