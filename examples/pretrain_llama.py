@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from subspace_jax.models import llama
@@ -40,11 +41,11 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     return super()._get_help_string(action)
 
 
-def _fail(message: str):
+def _fail(message: str, code: int = 2):
   lines = [line for line in str(message).strip().splitlines() if line.strip()]
   prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "pretrain_llama.py"
   print(f"{prog}: error: {lines[0] if lines else message}", file=sys.stderr)
-  raise SystemExit(2)
+  raise SystemExit(code)
 
 
 def _mesh(text: str) -> tuple[int, int, int]:
@@ -176,7 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
   add("--tensorboard", default=None,
       help="TensorBoard directory (default: runs/NAME/tb), written only if "
            "tensorboardX or torch is installed")
-  add("--no-progress", action="store_true", help="no progress bar")
+  add("--no-progress", action="store_true",
+      help="no progress bar (evaluation and stop lines are still printed)")
+  add("--max-bad-steps", type=int, default=10,
+      help="stop (exit 1) after this many consecutive steps with a "
+           "non-finite loss or gradient; each is skipped, leaving the state "
+           "unchanged")
 
   g = p.add_argument_group("multi-process (default: from the environment)")
   add = g.add_argument
@@ -233,22 +239,51 @@ def run_config(args: argparse.Namespace) -> loop.RunConfig:
       resume=not args.no_resume,
       metrics_path=output(args.metrics, "metrics.jsonl"),
       tensorboard_dir=output(args.tensorboard, "tb"),
-      progress=not args.no_progress, coordinator=args.coordinator,
+      progress=not args.no_progress, max_bad_steps=args.max_bad_steps,
+      coordinator=args.coordinator,
       num_processes=args.num_processes, process_id=args.process_id)
+
+
+def _exit_code(interrupted: str | None) -> int:
+  """128 + the signal's number, as a shell reports a signalled program
+  (a stop asked by another process counts as SIGTERM)."""
+  try:
+    return 128 + signal.Signals[interrupted]
+  except KeyError:
+    return 128 + signal.SIGTERM
 
 
 def main(argv: list[str] | None = None) -> dict:
   """Parses ``argv``, trains, and returns the run's summary.
 
   Raises:
-    SystemExit: 2 after a one-line error message on bad input.
+    SystemExit: 2 after a one-line error message on bad input; 1 after one
+      when training stopped on non-finite steps; 130 (SIGINT) or 143
+      (SIGTERM) after a signal stopped the run, once its checkpoint is
+      saved, so that ``train && next`` does not go on.
   """
   args = parse_args(argv)
   try:
-    return loop.train(run_config(args))
+    summary = loop.train(run_config(args))
   except (ValueError, ImportError, OSError, UnreadableCheckpointError) as e:
     _fail(str(e) or type(e).__name__)
+  except loop.NonFiniteError as e:
+    _fail(str(e), code=1)
+  if summary["interrupted"]:
+    raise SystemExit(_exit_code(summary["interrupted"]))
+  return summary
+
+
+def _stdout_for_the_summary_only() -> None:
+  """Sends what native libraries print on file descriptor 1 (Gloo's
+  connection lines in multi-process runs) to stderr, and keeps Python's
+  ``sys.stdout`` on the real standard output."""
+  sys.stdout.flush()
+  real = os.dup(1)
+  os.dup2(2, 1)
+  sys.stdout = os.fdopen(real, "w", buffering=1)
 
 
 if __name__ == "__main__":
+  _stdout_for_the_summary_only()
   main()

@@ -51,7 +51,8 @@ from subspace_jax.training import sharding as shd
 from subspace_jax.training import tokenizer as tok_lib
 from subspace_jax.training import train as train_lib
 
-__all__ = ["RunConfig", "initialize_distributed", "check_rank", "train"]
+__all__ = ["RunConfig", "NonFiniteError", "initialize_distributed",
+           "check_rank", "train"]
 
 # Model settings kept outside RunConfig.model_overrides because they have
 # their own fields; vocab_size always comes from the tokenizer.
@@ -119,6 +120,9 @@ class RunConfig:
     tensorboard_dir: TensorBoard log directory, used when ``tensorboardX`` or
       ``torch.utils.tensorboard`` can be imported (None: none).
     progress: Show a progress bar on stderr (process 0).
+    max_bad_steps: Stop with :class:`NonFiniteError` after this many
+      consecutive steps whose loss or gradient is not finite (each one is
+      skipped: it leaves the state unchanged).
     coordinator: ``host:port`` of process 0 for multi-process runs.
     num_processes: Number of processes.
     process_id: This process's index.
@@ -154,6 +158,7 @@ class RunConfig:
   metrics_path: str | None = None
   tensorboard_dir: str | None = None
   progress: bool = True
+  max_bad_steps: int = 10
   coordinator: str | None = None
   num_processes: int | None = None
   process_id: int | None = None
@@ -166,7 +171,8 @@ class RunConfig:
     positive = {"batch-size": self.batch_size, "seq-len": self.seq_len,
                 "steps": self.steps, "eval-batches": self.eval_batches,
                 "log-every": self.log_every, "keep": self.keep,
-                "checkpoint-every": self.checkpoint_every}
+                "checkpoint-every": self.checkpoint_every,
+                "max-bad-steps": self.max_bad_steps}
     for flag, value in positive.items():
       if value < 1:
         raise ValueError(f"--{flag} must be >= 1, got {value}")
@@ -410,25 +416,37 @@ def _format_eta(seconds: float) -> str:
 
 
 class _Progress:
-  """A one-line progress bar on stderr: tqdm if installed, else ``\\r``."""
+  """A one-line progress bar on stderr: tqdm if installed, else ``\\r``.
 
-  def __init__(self, start: int, total: int, enabled: bool):
-    self._enabled, self._total, self._step = enabled, total, start
-    self._t0, self._start, self._postfix = time.perf_counter(), start, ""
+  The bar (and its ETA) starts with :meth:`start`, once the first step has
+  compiled and run, so the compile time does not count in the rate. Lines
+  written with :meth:`write` (evaluations, the stop) are shown whether or
+  not the bar is.
+  """
+
+  def __init__(self, total: int, enabled: bool):
+    self._enabled, self._total = enabled, total
+    self._step = self._start = 0
+    self._t0: float | None = None
+    self._postfix = ""
     self._width = 0  # Of the last line written, to blank it out.
     self._bar = None
-    if enabled:
-      try:
-        from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-      except ImportError:
-        pass
-      else:
-        self._bar = tqdm(total=total, initial=start, file=sys.stderr,
-                         unit="step", dynamic_ncols=True, smoothing=0.1)
+
+  def start(self, step: int) -> None:
+    """Starts the clock at ``step`` (steps before it are not timed)."""
+    self._t0, self._start, self._step = time.perf_counter(), step, step
+    if not self._enabled:
+      return
+    try:
+      from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+    except ImportError:
+      return
+    self._bar = tqdm(total=self._total, initial=step, file=sys.stderr,
+                     unit="step", dynamic_ncols=True, smoothing=0.1)
 
   def update(self, step: int, loss: float | None = None,
              tokens_per_s: float | None = None) -> None:
-    if not self._enabled:
+    if not self._enabled or self._t0 is None:
       return
     if loss is not None:
       self._postfix = f"loss {loss:.4f}" + (
@@ -448,20 +466,24 @@ class _Progress:
     self._step = step
 
   def write(self, line: str) -> None:
-    if not self._enabled:
+    """Prints ``line`` on stderr above the bar (process 0 only)."""
+    if jax.process_index() != 0:
       return
     if self._bar is not None:
       self._bar.write(line, file=sys.stderr)
-    else:
+    elif self._width:
       sys.stderr.write(f"\r{line.ljust(self._width)}\n")
-      sys.stderr.flush()
+    else:
+      sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
   def close(self) -> None:
     if self._bar is not None:
       self._bar.close()
-    elif self._enabled:
+    elif self._width:
       sys.stderr.write("\n")
       sys.stderr.flush()
+    self._bar, self._width = None, 0
 
 
 def _tensorboard_writer(logdir: str):
@@ -513,8 +535,8 @@ class _MetricsSink:
 class _StopRequest:
   """Turns SIGINT/SIGTERM into a flag that the loop polls.
 
-  A second signal raises KeyboardInterrupt (stop now, no checkpoint). The
-  previous handlers come back on exit. Handlers can only be set from the main
+  A second signal ends the process at once (exit code 128 + its number),
+  without a checkpoint. The previous handlers come back on exit. Handlers can only be set from the main
   thread; elsewhere signals keep their usual effect.
   """
 
@@ -530,9 +552,17 @@ class _StopRequest:
 
   def _handle(self, signum, frame) -> None:
     del frame
+    name = signal.Signals(signum).name
     if self.signal_name is not None:
-      raise KeyboardInterrupt
-    self.signal_name = signal.Signals(signum).name
+      # A second signal: exit at once. Raising KeyboardInterrupt here could
+      # land inside a compile or a background thread (seen to end in a
+      # segfault); exiting loses nothing that was committed: Orbax renames
+      # a checkpoint into place only when it is complete, and the metrics
+      # file is flushed line by line.
+      sys.stderr.write(f"\nsecond {name}: stopped at once, without saving\n")
+      sys.stderr.flush()
+      os._exit(128 + signum)  # pylint: disable=protected-access
+    self.signal_name = name
 
   def __exit__(self, *exc_info) -> None:
     for sig, handler in self._previous.items():
@@ -595,10 +625,13 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     over the last logging window), ``eval_loss``, ``eval_ppl``,
     ``tokens_per_s`` (after the first, compiling, step; evaluation and
     checkpointing excluded), ``wall_time_s``, ``interrupted`` (the signal's
-    name or None) and ``checkpoint_step`` (the newest saved, or None).
+    name or None), ``checkpoint_step`` (the newest saved, or None),
+    ``eval_step`` (the step ``eval_loss`` is from) and ``nonfinite_steps``
+    (steps skipped because their loss or gradient was not finite).
 
   Raises:
     ValueError: On settings or data that cannot work (one-line message).
+    NonFiniteError: After ``max_bad_steps`` consecutive non-finite steps.
   """
   t_begin = time.perf_counter()
   initialize_distributed(cfg.coordinator, cfg.num_processes, cfg.process_id)
@@ -628,7 +661,9 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     ckpt = Checkpointer(cfg.checkpoint_dir, save_interval_steps=cfg.checkpoint_every,
                         max_to_keep=cfg.keep)
   sink = progress = None
+  stop = _StopRequest()  # From here on a signal stops the run cleanly.
   try:
+    stop.__enter__()
     state, start = _restore_or_init(cfg, setup, ckpt, train_iter)
     if start == 0:
       _info(f"{cfg.model}: {llama.param_count(model_config) / 1e6:.2f}M parameters, "
@@ -638,10 +673,12 @@ def train(cfg: RunConfig) -> dict[str, Any]:
           f"{jax.device_count()} {jax.devices()[0].platform} device(s), "
           f"{jax.process_count()} process(es)")
     sink = _MetricsSink(cfg)
-    progress = _Progress(start, cfg.steps, cfg.progress and jax.process_index() == 0)
+    progress = _Progress(cfg.steps, cfg.progress and jax.process_index() == 0)
+    _info(f"compiling the train step (step {start + 1}) ...")
     summary = _run(cfg, setup, state, start, train_iter, eval_iter, eval_start,
-                   ckpt, sink, progress)
+                   ckpt, sink, progress, stop)
   finally:
+    stop.__exit__()
     if progress is not None:
       progress.close()
     if sink is not None:
@@ -654,76 +691,132 @@ def train(cfg: RunConfig) -> dict[str, Any]:
   return summary
 
 
+class NonFiniteError(RuntimeError):
+  """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+class _Health:
+  """Counts the steps that were skipped as non-finite.
+
+  The step's ``finite`` flags stay on the device until the loop syncs (at
+  logging, checkpoint and stop points, or every ``max_bad_steps`` steps),
+  so there is no host round trip per step.
+  """
+
+  def __init__(self, max_bad_steps: int):
+    self.max_bad_steps = max_bad_steps
+    self.pending: list[jax.Array] = []
+    self.run = self.total = 0  # Consecutive and all non-finite steps.
+
+  def due(self) -> bool:
+    """Whether the pending flags could complete a stopping streak."""
+    return self.run + len(self.pending) >= self.max_bad_steps
+
+  def check(self, step: int) -> None:
+    """Books the pending flags; raises once ``max_bad_steps`` in a row
+    were non-finite."""
+    for ok in jax.device_get(self.pending):
+      self.run = 0 if ok else self.run + 1
+      self.total += not ok
+    self.pending.clear()
+    if self.run >= self.max_bad_steps:
+      raise NonFiniteError(
+          f"stopped at step {step}: the last {self.run} steps had a "
+          "non-finite loss or gradient and were skipped (the state is the "
+          f"one before them, and no checkpoint was written after them); "
+          "lower --lr, check the data, or resume from an earlier "
+          "checkpoint")
+
+
 def _run(cfg, setup, state, start, train_iter, eval_iter, eval_start, ckpt,
-         sink, progress) -> dict[str, Any]:
+         sink, progress, stop) -> dict[str, Any]:
   """The step loop proper; returns the summary (without wall time)."""
   config_dict = cfg.to_dict()
   tokens_per_step = cfg.batch_size * cfg.seq_len
   single = jax.process_count() == 1
   summary = {"step": start, "start_step": start, "train_loss": None,
-             "eval_loss": None, "eval_ppl": None, "tokens_per_s": None,
-             "interrupted": None, "checkpoint_step": None}
+             "eval_loss": None, "eval_ppl": None, "eval_step": None,
+             "tokens_per_s": None, "interrupted": None,
+             "checkpoint_step": None, "nonfinite_steps": 0}
   losses: list[jax.Array] = []    # Step losses since the last record.
+  health = _Health(cfg.max_bad_steps)
   timed = _Timer()
 
   def eval_due(step: int) -> bool:
     return eval_iter is not None and (step % cfg.eval_every == 0 or step == cfg.steps)
 
-  with _StopRequest() as stop:
-    step = start
-    for step in range(start + 1, cfg.steps + 1):
-      batch = _global_batch(next(train_iter), setup, cfg)
-      state, metrics = setup.train_step(state, batch)
-      losses.append(metrics["loss"])
-      if step == start + 1:  # The compiling step is not timed.
-        jax.block_until_ready(metrics)
-        timed.restart()
-      else:
-        timed.pending += 1
-      do_eval = eval_due(step)
-      do_save = ckpt is not None and step % cfg.checkpoint_every == 0
-      do_log = step % cfg.log_every == 0 or step == cfg.steps or do_eval
-      # Processes must agree on stopping, so they poll at the same steps.
-      stopping = (do_log or single) and stop.agreed()
-      if not (do_log or do_save or stopping):
-        progress.update(step)
-        continue
+  def evaluate(step: int) -> tuple[float, float]:
+    loss, ppl = _evaluate(setup, state.params, eval_iter, eval_start, cfg)
+    summary.update(eval_loss=loss, eval_ppl=ppl, eval_step=step)
+    progress.write(f"step {step}: eval loss {loss:.4f}, perplexity {ppl:.2f}")
+    return loss, ppl
+
+  step = start
+  for step in range(start + 1, cfg.steps + 1):
+    batch = _global_batch(next(train_iter), setup, cfg)
+    state, metrics = setup.train_step(state, batch)
+    losses.append(metrics["loss"])
+    health.pending.append(metrics["finite"])
+    if step == start + 1:  # The compiling step is not timed.
       jax.block_until_ready(metrics)
-      tps = timed.book(tokens_per_step)
-      if do_log or stopping:
-        fetched, last = jax.device_get((losses, metrics))
-        losses.clear()
-        record = {"step": step, "loss": float(np.mean(fetched)),
-                  "grad_norm": float(last["grad_norm"]), "lr": float(last["lr"]),
-                  "tokens_per_s": tps}
-        summary["train_loss"] = record["loss"]
-        if do_eval and not stopping:
-          loss, ppl = _evaluate(setup, state.params, eval_iter, eval_start, cfg)
-          record.update(eval_loss=loss, eval_ppl=ppl)
-          summary.update(eval_loss=loss, eval_ppl=ppl)
-          progress.write(f"step {step}: eval loss {loss:.4f}, perplexity {ppl:.2f}")
-        sink.write(record)
-        progress.update(step, record["loss"], tps)
-      else:
-        progress.update(step)
-      if ckpt is not None and (do_save or stopping or step == cfg.steps):
-        if ckpt.save(step, state, data_state=_data_state(train_iter),
-                     config=config_dict, force=stopping or step == cfg.steps):
-          summary["checkpoint_step"] = step
-      timed.restart()  # Evaluating, logging and saving are not timed.
-      if stopping:
-        summary["interrupted"] = stop.signal_name or "a signal to another process"
-        progress.write(f"stopped at step {step} by {summary['interrupted']}"
-                       + ("; checkpoint saved" if ckpt is not None else ""))
-        break
-    summary["step"] = step
+      timed.restart()
+      progress.start(step)
+    else:
+      timed.pending += 1
+    do_eval = eval_due(step)
+    do_save = ckpt is not None and step % cfg.checkpoint_every == 0
+    do_log = step % cfg.log_every == 0 or step == cfg.steps or do_eval
+    # Processes must agree on stopping, so they poll at the same steps.
+    stopping = (do_log or single) and stop.agreed()
+    if not (do_log or do_save or stopping or health.due()):
+      progress.update(step)
+      continue
+    jax.block_until_ready(metrics)
+    tps = timed.book(tokens_per_step)
+    health.check(step)  # Raises after too many non-finite steps.
+    summary["nonfinite_steps"] = health.total
+    if do_log or stopping:
+      record = _record(step, losses, metrics, tps, health)
+      losses.clear()
+      summary["train_loss"] = record["loss"]
+      if do_eval and not stopping:
+        record["eval_loss"], record["eval_ppl"] = evaluate(step)
+      sink.write(record)
+      progress.update(step, record["loss"], tps)
+    else:
+      progress.update(step)
+    # A state reached through non-finite steps is the one before them:
+    # saving it again would only push good checkpoints out of --keep.
+    saved = False
+    if (ckpt is not None and (do_save or stopping or step == cfg.steps)
+        and health.run == 0):
+      saved = ckpt.save(step, state, data_state=_data_state(train_iter),
+                        config=config_dict, force=stopping or step == cfg.steps)
+      if saved:
+        summary["checkpoint_step"] = step
+    timed.restart()  # Evaluating, logging and saving are not timed.
+    if stopping:
+      summary["interrupted"] = stop.signal_name or "a signal to another process"
+      progress.write(f"stopped at step {step} by {summary['interrupted']}"
+                     + ("; checkpoint saved" if saved else ""))
+      break
+  summary["step"] = step
   if ckpt is not None and summary["checkpoint_step"] is None:
     summary["checkpoint_step"] = ckpt.latest_step()
   summary["tokens_per_s"] = timed.total_rate(tokens_per_step)
   if eval_iter is not None and summary["eval_loss"] is None and not summary["interrupted"]:
-    summary["eval_loss"], summary["eval_ppl"] = _evaluate(
-        setup, state.params, eval_iter, eval_start, cfg)
+    evaluate(step)
   return summary
+
+
+def _record(step, losses, metrics, tps, health) -> dict[str, Any]:
+  """The metrics record of a logging step: the mean loss of the window's
+  finite steps (None if it had none)."""
+  fetched, last = jax.device_get((losses, metrics))
+  finite = [float(l) for l in fetched if math.isfinite(l)]
+  return {"step": step, "loss": float(np.mean(finite)) if finite else None,
+          "grad_norm": float(last["grad_norm"]), "lr": float(last["lr"]),
+          "tokens_per_s": tps, "nonfinite_steps": health.total}
 
 
 class _Timer:
@@ -768,7 +861,11 @@ def _print_summary(s: Mapping[str, Any]) -> None:
   if s["train_loss"] is not None:
     parts.append(f"train loss {s['train_loss']:.4f}")
   if s["eval_loss"] is not None:
-    parts.append(f"eval loss {s['eval_loss']:.4f} (perplexity {s['eval_ppl']:.2f})")
+    stale = s["eval_step"] is not None and s["eval_step"] != s["step"]
+    parts.append(f"eval loss {s['eval_loss']:.4f} (perplexity {s['eval_ppl']:.2f}"
+                 + (f", at step {s['eval_step']})" if stale else ")"))
+  if s.get("nonfinite_steps"):
+    parts.append(f"{s['nonfinite_steps']} non-finite step(s) skipped")
   if s["tokens_per_s"]:
     parts.append(f"{s['tokens_per_s']:,.0f} tokens/s")
   parts.append(f"{s['wall_time_s']:.1f} s")

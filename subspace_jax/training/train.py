@@ -267,6 +267,8 @@ class Setup:
     abstract_state: ``ShapeDtypeStruct``\\ s (with shardings) of the state.
     init: ``seed -> TrainState``, created directly in its shardings.
     train_step: ``(state, batch) -> (state, metrics)``, the state donated.
+      A step whose loss, gradient norm or update is not finite returns the
+      state unchanged (``step`` included) and ``metrics["finite"] = False``.
     eval_step: ``(params, batch) -> mean loss``.
   """
 
@@ -356,12 +358,16 @@ def setup(
     loss, grads, trainable, projections = loss_and_grads(state.params, batch)
     updates, opt_state = tx.update(grads, state.opt_state, trainable)
     params = apply_updates(state, trainable, updates, projections)
-    metrics = {
-        "loss": loss,
-        "grad_norm": optax.tree.norm(grads),
-        "lr": schedule(state.step),
-    }
-    return TrainState(state.step + 1, params, opt_state), metrics
+    grad_norm = optax.tree.norm(grads)
+    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+              & jnp.isfinite(optax.tree.norm(updates)))
+    new = TrainState(state.step + 1, params, opt_state)
+    # A non-finite step changes nothing, its step counter included; the
+    # loop counts these (metrics["finite"]) and stops after too many.
+    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+    metrics = {"loss": loss, "grad_norm": grad_norm,
+               "lr": schedule(state.step), "finite": finite}
+    return new, metrics
 
   abstract = jax.eval_shape(lambda: init(0))
   state_sh = TrainState(
