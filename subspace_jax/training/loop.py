@@ -33,6 +33,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import signal
 import sys
 import threading
@@ -59,6 +60,10 @@ _OWN_FIELDS = ("vocab_size", "scan_layers", "remat", "dtype", "param_dtype")
 # Documents of the training split used to train a SentencePiece model on a
 # files/TFDS source (the embedded corpus is used whole).
 _SPM_SAMPLE_DOCS = 20_000
+# The smallest vocabulary SentencePieceTokenizer.train accepts.
+_SPM_MIN_VOCAB = 300
+# Splits of the embedded corpus and of local files (TFDS names its own).
+_LOCAL_SPLITS = ("train", "validation", "all")
 
 
 def _dtype_name(value: Any) -> str:
@@ -173,8 +178,6 @@ class RunConfig:
     for flag, name in (("--dtype", self.dtype), ("--param-dtype", self.param_dtype),
                        ("--moment-dtype", self.optimizer.moment_dtype)):
       _check_float_dtype(flag, name)
-    if not self.optimizer.learning_rate > 0:
-      raise ValueError(f"--lr must be > 0, got {self.optimizer.learning_rate}")
     if self.eval_every < 0:
       raise ValueError(f"--eval-every must be >= 0, got {self.eval_every}")
     if len(self.mesh) != 3:
@@ -187,6 +190,8 @@ class RunConfig:
     if own:
       raise ValueError(f"model_overrides may not set {own}: vocab_size comes "
                        "from the tokenizer and the others are RunConfig fields")
+    _check_optimizer(self.optimizer, self.steps)
+    _check_run(self)
     self.model_config()  # Unknown model, bad override or dtype: fail now.
 
   # -- the model ------------------------------------------------------------
@@ -255,6 +260,115 @@ class RunConfig:
     run["optimizer"] = train_lib.OptimizerConfig(**run.get("optimizer", {}))
     run["mesh"] = tuple(run.get("mesh", (-1, 1, 1)))
     return cls(**run)
+
+
+# ----------------------------------------------------------------------------
+# Settings that cannot work
+# ----------------------------------------------------------------------------
+
+
+def _is_number(value: Any) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_positive(flag: str, value: Any) -> None:
+  if not (_is_number(value) and math.isfinite(value) and value > 0):
+    raise ValueError(f"{flag} must be a finite number > 0, got {value}")
+
+
+def _check_int(flag: str, value: Any, least: int) -> None:
+  if not isinstance(value, int) or isinstance(value, bool) or value < least:
+    raise ValueError(f"{flag} must be an integer >= {least}, got {value}")
+
+
+def _check_optimizer(opt: train_lib.OptimizerConfig, steps: int) -> None:
+  """Refuses optimizer settings that cannot work or would be ignored.
+
+  :class:`~subspace_jax.training.train.OptimizerConfig` and the transforms
+  check some of these too, in their own (Python) terms; these messages name
+  the command-line flags.
+  """
+  _check_positive("--lr", opt.learning_rate)
+  schedule = opt.total_steps
+  if opt.warmup_steps > schedule:
+    raise ValueError(
+        f"--warmup {opt.warmup_steps} is longer than the {schedule}-step "
+        f"schedule (--schedule-steps, default --steps); use --warmup "
+        f"{schedule} or less, or a longer schedule")
+  ratio = opt.min_lr_ratio
+  if not (_is_number(ratio) and 0 <= ratio <= 1):
+    raise ValueError(f"--min-lr-ratio must be in [0, 1], got {ratio}")
+  decay = opt.weight_decay
+  if not (_is_number(decay) and math.isfinite(decay) and decay >= 0):
+    raise ValueError(f"--weight-decay must be a finite number >= 0, got {decay}")
+  if opt.clip_norm is not None and opt.clip_norm != 0:
+    if not (_is_number(opt.clip_norm) and math.isfinite(opt.clip_norm)
+            and opt.clip_norm > 0):
+      raise ValueError(f"--clip must be a finite number > 0 (or 0: no "
+                       f"clipping), got {opt.clip_norm}")
+  for name in ("b1", "b2"):
+    value = getattr(opt, name)
+    if not (_is_number(value) and 0 <= value < 1):
+      raise ValueError(f"optimizer.{name} must be in [0, 1), got {value}")
+  if not (_is_number(opt.eps) and math.isfinite(opt.eps) and opt.eps >= 0):
+    raise ValueError(f"optimizer.eps must be a finite number >= 0, got {opt.eps}")
+  _check_int("--rank", opt.rank, 1)
+  _check_int("--update-gap", opt.update_gap, 1)
+  _check_int("--proj-seed", opt.seed, 0)
+  _check_int("--svd-steps", opt.svd_steps, 0)
+  _check_positive("--scale", opt.scale)
+  if opt.eta is not None:
+    _check_positive("--eta", opt.eta)
+    if not (opt.name == "rso" or (opt.name == "golore" and opt.model_mode)):
+      raise ValueError(f"--eta applies to --optimizer rso (and golore with "
+                       f"--subspace-mode model), not {opt.name}; drop it")
+  if opt.svd_steps:
+    if opt.name != "golore":
+      raise ValueError(f"--svd-steps applies to --optimizer golore, not "
+                       f"{opt.name}; drop it")
+    length = max(schedule, steps)
+    if opt.svd_steps > length:
+      raise ValueError(
+          f"--svd-steps {opt.svd_steps} is more than the {length} steps of "
+          f"the run, which would never use a random projection; use at most "
+          f"{length}, or --optimizer galore for SVD projections throughout")
+  sides = sj.matrix_view.SIDES
+  if opt.side is not None and opt.side not in sides:
+    raise ValueError(f"--side must be one of {', '.join(sides)}, got "
+                     f"{opt.side!r}")
+  if opt.svd not in ("exact", "randomized"):
+    raise ValueError(f"--svd must be exact or randomized, got {opt.svd!r}")
+
+
+def _check_run(cfg: RunConfig) -> None:
+  """Refuses run settings (other than the optimizer's) that cannot work."""
+  _check_int("--seed", cfg.seed, 0)
+  sizes = cfg.mesh
+  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"--mesh sizes must be >= 1, or -1 for one of them (the "
+                     f"rest of the devices), got {','.join(map(str, sizes))}")
+  if cfg.tokenizer == "sentencepiece" and cfg.vocab_size < _SPM_MIN_VOCAB:
+    raise ValueError(f"--vocab-size must be >= {_SPM_MIN_VOCAB} for the "
+                     f"SentencePiece tokenizer, got {cfg.vocab_size}")
+  evaluates = bool(cfg.eval_every and cfg.eval_split)
+  if cfg.data.partition(":")[0] != "tfds":
+    splits = [("--split", cfg.split)]
+    if evaluates:
+      splits.append(("--eval-split", cfg.eval_split))
+    for flag, split in splits:
+      if split not in _LOCAL_SPLITS:
+        raise ValueError(f"{flag} must be train, validation or all for "
+                         f"--data {cfg.data}, got {split!r}")
+  if evaluates and cfg.split == "all":
+    raise ValueError(
+        f"--split all trains on every document, so --eval-split "
+        f"{cfg.eval_split} would evaluate on training documents; add "
+        "--eval-split none (no evaluation), or train on --split train")
+  if evaluates and cfg.eval_split == cfg.split:
+    raise ValueError(
+        f"--split and --eval-split are both {cfg.split!r}, so the evaluation "
+        "would measure training documents; use another --eval-split, or "
+        "--eval-split none")
 
 
 # ----------------------------------------------------------------------------
@@ -339,18 +453,52 @@ def _check_batch(cfg: RunConfig, mesh) -> None:
         "feed their own share of the batch; change --mesh")
 
 
+# Python argument names in the data pipeline's messages, and their flags.
+_DATA_WORDS = ((re.compile(r"split='all'"), "--split all with --eval-split none"),
+               (re.compile(r"\bbatch_size\b"), "--batch-size"),
+               (re.compile(r"\bseq_len\b"), "--seq-len"))
+
+
+def _data_error(error: data_lib.DataError) -> data_lib.DataError:
+  """``error`` with the data pipeline's argument names as flags."""
+  text = str(error)
+  for pattern, flag in _DATA_WORDS:
+    text = pattern.sub(flag, text)
+  return data_lib.DataError(text)
+
+
 def _make_tokenizer(cfg: RunConfig):
   if cfg.tokenizer == "byte":
     return tok_lib.ByteTokenizer()
-  source = _source(cfg, cfg.split)
   corpus = None  # The embedded corpus's training split, get_tokenizer's default.
-  if hasattr(source, "open"):
-    docs = source.open()
-    corpus = [docs[i] for i in range(min(len(docs), _SPM_SAMPLE_DOCS))]
-  elif not isinstance(source, data_lib.EmbeddedCorpus):
-    corpus = source.documents()[:_SPM_SAMPLE_DOCS]
+  try:
+    source = _source(cfg, cfg.split)
+    if hasattr(source, "open"):
+      docs = source.open()
+      corpus = [docs[i] for i in range(min(len(docs), _SPM_SAMPLE_DOCS))]
+    elif not isinstance(source, data_lib.EmbeddedCorpus):
+      corpus = source.documents()[:_SPM_SAMPLE_DOCS]
+  except data_lib.DataError as e:
+    raise _data_error(e) from None
   return tok_lib.get_tokenizer("sentencepiece", vocab_size=cfg.vocab_size,
                                corpus=corpus)
+
+
+def _make_iterators(cfg: RunConfig, tokenizer):
+  """The training iterator, and the evaluation iterator with its starting
+  state (None, None without evaluation)."""
+  iter_args = dict(seq_len=cfg.seq_len, batch_size=cfg.batch_size)
+  try:
+    train_iter = data_lib.make_iterator(_source(cfg, cfg.split), tokenizer,
+                                        seed=cfg.seed, **iter_args)
+    eval_iter = eval_start = None
+    if cfg.eval_every and cfg.eval_split:
+      eval_iter = data_lib.make_iterator(_source(cfg, cfg.eval_split),
+                                         tokenizer, shuffle=False, **iter_args)
+      eval_start = eval_iter.get_state()
+  except data_lib.DataError as e:
+    raise _data_error(e) from None
+  return train_iter, eval_iter, eval_start
 
 
 def _source(cfg: RunConfig, split: str):
@@ -614,14 +762,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
   setup = train_lib.setup(model_config, cfg.optimizer, mesh)
   check_rank(setup.abstract_state.params, cfg.optimizer)
 
-  iter_args = dict(seq_len=cfg.seq_len, batch_size=cfg.batch_size)
-  train_iter = data_lib.make_iterator(_source(cfg, cfg.split), tokenizer,
-                                      seed=cfg.seed, **iter_args)
-  eval_iter = eval_start = None
-  if cfg.eval_every and cfg.eval_split:
-    eval_iter = data_lib.make_iterator(_source(cfg, cfg.eval_split), tokenizer,
-                                       shuffle=False, **iter_args)
-    eval_start = eval_iter.get_state()
+  train_iter, eval_iter, eval_start = _make_iterators(cfg, tokenizer)
 
   ckpt = None
   if cfg.checkpoint_dir:
