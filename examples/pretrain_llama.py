@@ -8,7 +8,9 @@ on a laptop CPU:
 
 Outputs go to runs/NAME/ (NAME defaults to MODEL_OPTIMIZER): checkpoints in
 ckpt/, metrics in metrics.jsonl. Running the same command again resumes from
-the newest checkpoint. The same script runs on GPUs and TPUs, on one or many
+the newest checkpoint; a setting that would alter the run (the learning
+rate, the seeds, the data...) must then be the saved one, unless
+--allow-changes is given. The same script runs on GPUs and TPUs, on one or many
 processes (--coordinator, --num-processes, --process-id, or the environment
 that jax.distributed.initialize reads).
 """
@@ -185,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
   g = p.add_argument_group("run")
   add = g.add_argument
   add("--name", default=None,
-      help="run name: outputs go to runs/NAME (default: MODEL_OPTIMIZER)")
+      help="run name: outputs go to runs/NAME (default: MODEL_OPTIMIZER); a "
+           "new name starts a new run")
   add("--steps", type=int, default=600,
       help="train until this many steps are done (resumed steps included)")
   add("--eval-every", type=int, default=100,
@@ -205,6 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
   add("--no-resume", action="store_true",
       help="do not resume; refuse to start if the checkpoint directory "
            "already holds checkpoints")
+  add("--allow-changes", action="store_true",
+      help="resume even if settings that alter the run (learning rate, "
+           "schedule, seeds, data, batch...) differ from the checkpoint's; "
+           "without it they are refused (more --steps, and the logging, "
+           "evaluation, checkpoint, mesh and output settings may always "
+           "change)")
   add("--metrics", default=None,
       help="JSONL file the metrics are appended to (default: "
            "runs/NAME/metrics.jsonl; 'none': no file); '{process}' in it "
@@ -268,8 +277,9 @@ def run_config(args: argparse.Namespace) -> loop.RunConfig:
       resume=not args.no_resume,
       metrics_path=output(args.metrics, "metrics.jsonl"),
       tensorboard_dir=output(args.tensorboard, "tb"),
-      progress=not args.no_progress, coordinator=args.coordinator,
-      num_processes=args.num_processes, process_id=args.process_id)
+      progress=not args.no_progress, allow_changes=args.allow_changes,
+      coordinator=args.coordinator, num_processes=args.num_processes,
+      process_id=args.process_id)
 
 
 def _check_flags(args: argparse.Namespace) -> None:

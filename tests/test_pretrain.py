@@ -4,6 +4,7 @@ The runs use the tiny model on the embedded corpus and the 8 host devices of
 conftest.py (a data-parallel mesh of 8), a few seconds of compiling each.
 """
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -305,6 +306,18 @@ def test_help_documents_every_data_form(capsys):
   out = " ".join(capsys.readouterr().out.split())
   for form in forms:
     assert form in out, form
+
+
+def test_every_setting_is_safe_or_altering_and_has_its_flag():
+  fields = {f.name for f in dataclasses.fields(loop.RunConfig)}
+  safe, altering = set(loop.RESUME_SAFE_FIELDS), set(loop.RESUME_ALTERING_FIELDS)
+  assert not safe & altering and safe | altering == fields
+  flags = {s for a in pretrain.build_parser()._actions for s in a.option_strings}
+  paths = [f for f in fields if f != "optimizer"] + [
+      f"optimizer.{f.name}" for f in dataclasses.fields(train.OptimizerConfig)]
+  for path in paths:
+    flag = loop._flag(path)  # pylint: disable=protected-access
+    assert flag in flags or flag in (path, "optimizer." + path), (path, flag)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])

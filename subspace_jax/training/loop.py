@@ -13,7 +13,8 @@ JSON dict; :func:`train` runs it::
 What a run does, in order: start multi-process JAX if asked (flags or the
 ``JAX_COORDINATOR_ADDRESS`` environment), build the mesh, the tokenizer and
 the model, check the settings against them, resume from the newest
-checkpoint (state and data position) or initialize, then step. Every
+checkpoint (state and data position, once its settings are found to fit
+this run's, see :class:`RunConfig`) or initialize, then step. Every
 ``log_every`` steps the metrics are fetched and appended to the JSONL file;
 every ``eval_every`` steps the held-out loss is measured; every
 ``checkpoint_every`` steps a checkpoint is written in the background. SIGINT
@@ -52,7 +53,8 @@ from subspace_jax.training import sharding as shd
 from subspace_jax.training import tokenizer as tok_lib
 from subspace_jax.training import train as train_lib
 
-__all__ = ["RunConfig", "initialize_distributed", "check_rank", "train"]
+__all__ = ["RunConfig", "RESUME_SAFE_FIELDS", "RESUME_ALTERING_FIELDS",
+           "initialize_distributed", "check_rank", "train"]
 
 # Model settings kept outside RunConfig.model_overrides because they have
 # their own fields; vocab_size always comes from the tokenizer.
@@ -64,6 +66,34 @@ _SPM_SAMPLE_DOCS = 20_000
 _SPM_MIN_VOCAB = 300
 # Splits of the embedded corpus and of local files (TFDS names its own).
 _LOCAL_SPLITS = ("train", "validation", "all")
+
+# What a resumed run may change (see RunConfig). Safe: how the run is
+# computed, logged, evaluated and saved, not what it trains. Altering: the
+# rest; "optimizer" stands for every OptimizerConfig field.
+RESUME_SAFE_FIELDS = (
+    "steps", "eval_every", "eval_batches", "eval_split", "log_every", "mesh",
+    "dtype", "remat", "data_dir", "checkpoint_dir", "checkpoint_every", "keep",
+    "resume", "allow_changes", "metrics_path", "tensorboard_dir", "progress",
+    "coordinator", "num_processes", "process_id")
+RESUME_ALTERING_FIELDS = (
+    "model", "scan_layers", "param_dtype", "model_overrides", "optimizer",
+    "data", "split", "text_key", "tokenizer", "vocab_size", "batch_size",
+    "seq_len", "seed")
+
+# Command-line flags of the fields whose flag is not "--" + the name with
+# dashes; optimizer fields are "optimizer.NAME". Fields without a flag keep
+# their name.
+_FLAGS = {
+    "model_overrides": "model_overrides", "metrics_path": "--metrics",
+    "tensorboard_dir": "--tensorboard", "resume": "--no-resume",
+    "progress": "--no-progress", "optimizer.name": "--optimizer",
+    "optimizer.learning_rate": "--lr", "optimizer.warmup_steps": "--warmup",
+    "optimizer.total_steps": "--schedule-steps", "optimizer.clip_norm": "--clip",
+    "optimizer.seed": "--proj-seed", "optimizer.b1": "optimizer.b1",
+    "optimizer.b2": "optimizer.b2", "optimizer.eps": "optimizer.eps",
+}
+# On/off flags that turn a field off.
+_INVERTED = ("resume", "progress")
 
 
 def _dtype_name(value: Any) -> str:
@@ -118,6 +148,8 @@ class RunConfig:
     resume: Continue from the newest checkpoint in ``checkpoint_dir``. If
       False and the directory already holds checkpoints, the run refuses to
       start rather than mix two runs there.
+    allow_changes: Resume even if settings that alter the run differ from
+      the checkpoint's (see below).
     metrics_path: JSONL file the metrics are appended to (None: none).
       Written by process 0; a ``{process}`` in the path makes every process
       write its own file.
@@ -127,6 +159,35 @@ class RunConfig:
     coordinator: ``host:port`` of process 0 for multi-process runs.
     num_processes: Number of processes.
     process_id: This process's index.
+
+  Resuming with other settings: a resumed run compares its settings with
+  those saved in the checkpoint (the ``"run"`` entry of :meth:`to_dict`).
+
+  * Safe to change (:data:`RESUME_SAFE_FIELDS`): ``steps``, ``eval_every``,
+    ``eval_batches``, ``eval_split``, ``log_every``, ``mesh``, ``dtype``,
+    ``remat``, ``data_dir``, ``checkpoint_dir``, ``checkpoint_every``,
+    ``keep``, ``resume``, ``allow_changes``, ``metrics_path``,
+    ``tensorboard_dir``, ``progress``, ``coordinator``, ``num_processes``,
+    ``process_id``. They decide how far the run goes and how it is computed
+    (``dtype`` and ``mesh`` only round differently), logged, evaluated and
+    saved. A change is reported in one line.
+  * Altering the run (:data:`RESUME_ALTERING_FIELDS`): ``model``,
+    ``scan_layers``, ``param_dtype``, ``model_overrides``, every
+    ``optimizer`` field, ``data``, ``split``, ``text_key``, ``tokenizer``,
+    ``vocab_size`` (with the SentencePiece tokenizer only), ``batch_size``,
+    ``seq_len``, ``seed``. They decide what is trained. A change is refused,
+    naming each setting with its saved and new value, unless
+    ``allow_changes`` is set; then the data starts again from its beginning
+    if its saved position does not fit the new data settings.
+
+  The schedule length is ``optimizer.total_steps``, not ``steps``. The
+  command line's ``--schedule-steps`` defaults to ``--steps``, so raising
+  ``--steps`` alone would stretch the schedule mid-run (the learning rate
+  would jump) and is refused; giving ``--schedule-steps`` of the saved run
+  extends the run on its own schedule. The model and the kind of optimizer
+  (:meth:`model_key`) are checked by the checkpointer, which refuses a
+  change even with ``allow_changes``, as it refuses any change of the
+  state's shapes (``rank``, ``side``).
   """
 
   model: str = "tiny"
@@ -156,6 +217,7 @@ class RunConfig:
   checkpoint_every: int = 1000
   keep: int = 3
   resume: bool = True
+  allow_changes: bool = False
   metrics_path: str | None = None
   tensorboard_dir: str | None = None
   progress: bool = True
@@ -263,7 +325,7 @@ class RunConfig:
 
 
 # ----------------------------------------------------------------------------
-# Settings that cannot work
+# Settings that cannot work, and settings changed since a checkpoint
 # ----------------------------------------------------------------------------
 
 
@@ -369,6 +431,109 @@ def _check_run(cfg: RunConfig) -> None:
         f"--split and --eval-split are both {cfg.split!r}, so the evaluation "
         "would measure training documents; use another --eval-split, or "
         "--eval-split none")
+
+
+def _flag(path: str) -> str:
+  """The command-line flag of a field path ("seq_len", "optimizer.rank")."""
+  if path in _FLAGS:
+    return _FLAGS[path]
+  return "--" + path.rpartition(".")[2].replace("_", "-")
+
+
+def _show(path: str, value: Any) -> str:
+  """A saved or new value as the command line spells it."""
+  if path in _INVERTED and isinstance(value, bool):
+    value = not value
+  if value is None:
+    return "0" if path == "optimizer.clip_norm" else "none"
+  if isinstance(value, bool):
+    return "on" if value else "off"
+  if isinstance(value, (list, tuple)):
+    return ",".join(map(str, value))
+  if isinstance(value, dict):
+    return json.dumps(value, sort_keys=True)
+  return str(value)
+
+
+def _flat_settings(run: Mapping[str, Any]) -> dict[str, Any]:
+  """``run`` with the optimizer's fields as "optimizer.NAME" entries."""
+  flat = {}
+  for key, value in run.items():
+    if key == "optimizer" and isinstance(value, Mapping):
+      flat.update({f"optimizer.{k}": v for k, v in value.items()})
+    else:
+      flat[key] = value
+  if flat.get("tokenizer") == "byte":
+    flat.pop("vocab_size", None)  # The byte tokenizer has its own.
+  return flat
+
+
+def _settings_changes(saved_run: Mapping[str, Any], run: Mapping[str, Any]
+                     ) -> list[tuple[str, Any, Any, bool]]:
+  """How the ``"run"`` entries of two :meth:`RunConfig.to_dict` differ.
+
+  Args:
+    saved_run: The checkpoint's entry.
+    run: This run's entry.
+
+  Returns:
+    ``(field path, saved value, new value, safe)`` of every field that
+    differs, in field order; optimizer fields are ``"optimizer.NAME"``.
+    Fields that one of them lacks (an older version's checkpoint) and
+    ``allow_changes`` are left out.
+  """
+  saved, now = _flat_settings(saved_run), _flat_settings(run)
+  return [(path, saved[path], value, path in RESUME_SAFE_FIELDS)
+          for path, value in now.items()
+          if path in saved and saved[path] != value
+          and path != "allow_changes"]  # Only says how to resume.
+
+
+def _same_model(saved: Mapping[str, Any], expected: Mapping[str, Any]) -> bool:
+  """Whether the checkpointer would accept ``saved``'s model entry."""
+  model = saved.get("model")
+  return model is None or model == json.loads(json.dumps(expected["model"]))
+
+
+def _check_resume(cfg: RunConfig, saved: Mapping[str, Any] | None, step: int,
+                  directory: str) -> str:
+  """Compares the settings saved at ``step`` with ``cfg``'s.
+
+  Returns:
+    The info line listing the accepted changes ("" if none).
+
+  Raises:
+    ValueError: If a setting that alters the run changed and
+      ``cfg.allow_changes`` is off, naming each such flag.
+  """
+  if not isinstance(saved, Mapping) or not isinstance(saved.get("run"), Mapping):
+    return ""
+  changes = _settings_changes(saved["run"], cfg.to_dict()["run"])
+
+  def listed(items):
+    parts = []
+    for path, old, new, _ in items:
+      text = f"{_flag(path)} {_show(path, old)} -> {_show(path, new)}"
+      if path == "optimizer.total_steps":
+        text += (f" (it defaults to --steps; give --schedule-steps "
+                 f"{_show(path, old)} to keep the saved schedule)")
+      parts.append(text)
+    return ", ".join(parts)
+
+  safe = [c for c in changes if c[3]]
+  altering = [c for c in changes if not c[3]]
+  if altering and not cfg.allow_changes:
+    raise ValueError(
+        f"checkpoint step {step} in {directory} was made with other settings "
+        f"(saved -> now: {listed(altering)}); use --name NEW (or another "
+        "--checkpoint-dir) for a new run, or --allow-changes to resume with "
+        "the new settings")
+  parts = []
+  if safe:
+    parts.append(f"changed since step {step} (saved -> now): {listed(safe)}")
+  if altering:
+    parts.append(f"allowed by --allow-changes: {listed(altering)}")
+  return "; ".join(parts)
 
 
 # ----------------------------------------------------------------------------
@@ -724,12 +889,47 @@ def _restore_or_init(cfg, setup, ckpt, train_iter) -> tuple[Any, int]:
         f"{cfg.checkpoint_dir} already holds checkpoints (newest: step "
         f"{latest}) and resuming is off; use another --checkpoint-dir or drop "
         "--no-resume")
-  if latest is not None:
-    restored = ckpt.restore(setup.abstract_state, expected_config=cfg.to_dict())
-    _set_data_state(train_iter, restored.data_state)
-    _info(f"resumed from step {restored.step} ({ckpt.directory})")
-    return restored.state, restored.step
-  return setup.init(cfg.seed), 0
+  if latest is None:
+    return setup.init(cfg.seed), 0
+  # The settings first, from the newest checkpoint's config alone (quick);
+  # another model is left to the checkpointer, which names it as such.
+  expected, changes = cfg.to_dict(), None
+  saved = ckpt.saved_config(latest)
+  if saved is not None and _same_model(saved, expected):
+    changes = _check_resume(cfg, saved, latest, ckpt.directory)
+  restored = ckpt.restore(setup.abstract_state, expected_config=expected)
+  if changes is None or restored.step != latest:  # Fell back to an older one.
+    changes = _check_resume(cfg, restored.config, restored.step, ckpt.directory)
+  data_note = _restore_data_state(cfg, train_iter, restored)
+  _info(f"resumed from step {restored.step} ({ckpt.directory})")
+  for line in (changes, data_note):
+    if line:
+      _info(line)
+  return restored.state, restored.step
+
+
+def _restore_data_state(cfg, iterator, restored) -> str | None:
+  """Moves ``iterator`` to the checkpoint's data position.
+
+  Returns:
+    An info line if, with ``allow_changes``, the position does not fit the
+    data any more and the data starts from its beginning; else None.
+
+  Raises:
+    ValueError: If the position does not fit and changes are not allowed.
+  """
+  try:
+    _set_data_state(iterator, restored.data_state)
+  except data_lib.DataError:
+    if not cfg.allow_changes:
+      raise ValueError(
+          f"the data position saved at step {restored.step} does not fit the "
+          "data of this run (have the files of --data changed?); use "
+          "--allow-changes to start the data from its beginning, or another "
+          "--checkpoint-dir") from None
+    return (f"the data position saved at step {restored.step} does not fit "
+            "this run's data: the data starts from its beginning")
+  return None
 
 
 def train(cfg: RunConfig) -> dict[str, Any]:
