@@ -10,7 +10,8 @@ Outputs go to runs/NAME/ (NAME defaults to MODEL_OPTIMIZER): checkpoints in
 ckpt/, metrics in metrics.jsonl. Running the same command again resumes from
 the newest checkpoint; a setting that would alter the run (the learning
 rate, the seeds, the data...) must then be the saved one, unless
---allow-changes is given. The same script runs on GPUs and TPUs, on one or many
+--allow-changes is given, and a second run in the same directory is refused
+while the first one runs. The same script runs on GPUs and TPUs, on one or many
 processes (--coordinator, --num-processes, --process-id, or the environment
 that jax.distributed.initialize reads).
 """
