@@ -8,7 +8,10 @@ on a laptop CPU:
 
 Outputs go to runs/NAME/ (NAME defaults to MODEL_OPTIMIZER): checkpoints in
 ckpt/, metrics in metrics.jsonl. Running the same command again resumes from
-the newest checkpoint. The same script runs on GPUs and TPUs, on one or many
+the newest checkpoint; a setting that would alter the run (the learning
+rate, the seeds, the data...) must then be the saved one, unless
+--allow-changes is given, and a second run in the same directory is refused
+while the first one runs. The same script runs on GPUs and TPUs, on one or many
 processes (--coordinator, --num-processes, --process-id, or the environment
 that jax.distributed.initialize reads).
 """
@@ -17,12 +20,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 
 from subspace_jax.models import llama
 from subspace_jax.training import loop, train
 from subspace_jax.training.checkpoint import UnreadableCheckpointError
+
+
+# Default warm-up steps (fewer if the schedule is shorter).
+_WARMUP = 50
 
 
 class _Parser(argparse.ArgumentParser):
@@ -63,13 +71,34 @@ def _optional(text: str) -> str | None:
   return None if text.lower() in ("", "none") else text
 
 
+_MESH = re.compile(r"-?\d+(,-?\d+)*")
+
+
+def _is_negative_value(text: str) -> bool:
+  """Whether ``text`` is a negative number or mesh ("-1e-3", "-inf", "-1,1,1")."""
+  if not text.startswith("-") or text.startswith("--"):
+    return False
+  try:
+    float(text)
+  except ValueError:
+    return _MESH.fullmatch(text) is not None
+  return True
+
+
 def _attach_negative_values(argv: list[str]) -> list[str]:
-  """``--mesh -1,1,1`` as ``--mesh=-1,1,1``: argparse would take a value
-  that starts with '-' for an option."""
-  out, args = [], iter(argv)
-  for arg in args:
-    value = next(args, None) if arg == "--mesh" else None
-    out.append(arg if value is None else f"{arg}={value}")
+  """``--mesh -1,1,1`` as ``--mesh=-1,1,1``, ``--lr -1e-3`` as
+  ``--lr=-1e-3``: argparse would take a value that starts with '-' for an
+  option (and then refuse the flag for a missing value)."""
+  out, i = [], 0
+  while i < len(argv):
+    arg = argv[i]
+    if (arg.startswith("--") and "=" not in arg and i + 1 < len(argv)
+        and _is_negative_value(argv[i + 1])):
+      out.append(f"{arg}={argv[i + 1]}")
+      i += 2
+    else:
+      out.append(arg)
+      i += 1
   return out
 
 
@@ -95,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
   add("--optimizer", default="golore",
       help="optimizer: " + ", ".join(train.OPTIMIZERS))
   add("--lr", type=float, default=0.01, help="peak learning rate")
-  add("--warmup", type=int, default=50, help="linear warm-up steps")
+  add("--warmup", type=int, default=None,
+      help="linear warm-up steps; at most the schedule's length (default: "
+           f"{_WARMUP}, or the whole schedule if it is shorter)")
   add("--schedule-steps", type=int, default=None,
       help="length of the warm-up + cosine schedule (default: --steps); keep "
            "it fixed to extend a run in several parts")
@@ -132,12 +163,20 @@ def build_parser() -> argparse.ArgumentParser:
   g = p.add_argument_group("data")
   add = g.add_argument
   add("--data", default="embedded",
-      help="embedded (the shipped corpus), files:GLOB or tfds:NAME")
+      help="embedded (the corpus shipped with the package), files:GLOB (local "
+           "UTF-8 text files, one document per file), paragraphs:GLOB (the "
+           "same files, one document per blank-line separated block) or "
+           "tfds:NAME (a TFDS text dataset prepared as array_record, e.g. "
+           "tfds:c4/en; needs tensorflow-datasets)")
   add("--data-dir", default=None, help="TFDS data directory")
   add("--text-key", default="text", help="TFDS text feature")
-  add("--split", default="train", help="training split")
+  add("--split", default="train",
+      help="training split: train, validation (the last 5%% of the "
+           "documents) or all for embedded and files, any TFDS split "
+           "otherwise; all needs --eval-split none")
   add("--eval-split", type=_optional, default="validation",
-      help="held-out split to evaluate on ('none': no evaluation)")
+      help="held-out split to evaluate on ('none': no evaluation); it may "
+           "not overlap --split")
   add("--tokenizer", default="byte",
       help="byte, or sentencepiece (trained on the training data and cached)")
   add("--vocab-size", type=int, default=8000,
@@ -150,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
   g = p.add_argument_group("run")
   add = g.add_argument
   add("--name", default=None,
-      help="run name: outputs go to runs/NAME (default: MODEL_OPTIMIZER)")
+      help="run name: outputs go to runs/NAME (default: MODEL_OPTIMIZER); a "
+           "new name starts a new run")
   add("--steps", type=int, default=600,
       help="train until this many steps are done (resumed steps included)")
   add("--eval-every", type=int, default=100,
@@ -170,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
   add("--no-resume", action="store_true",
       help="do not resume; refuse to start if the checkpoint directory "
            "already holds checkpoints")
+  add("--allow-changes", action="store_true",
+      help="resume even if settings that alter the run (learning rate, "
+           "schedule, seeds, data, batch...) differ from the checkpoint's; "
+           "without it they are refused (more --steps, and the logging, "
+           "evaluation, checkpoint, mesh and output settings may always "
+           "change)")
   add("--metrics", default=None,
       help="JSONL file the metrics are appended to (default: "
            "runs/NAME/metrics.jsonl; 'none': no file); '{process}' in it "
@@ -205,20 +251,19 @@ def run_config(args: argparse.Namespace) -> loop.RunConfig:
   Raises:
     ValueError: On an unknown model or optimizer, or another bad value.
   """
+  _check_flags(args)
   base = llama.get_config(args.model)
-  for flag in ("steps", "schedule_steps", "warmup"):
-    value, least = getattr(args, flag), 0 if flag == "warmup" else 1
-    if value is not None and value < least:
-      raise ValueError(f"--{flag.replace('_', '-')} must be >= {least}, got {value}")
   name = args.name or f"{args.model}_{args.optimizer}"
   run_dir = os.path.join("runs", name)
 
   def output(value: str | None, leaf: str) -> str | None:
     return os.path.join(run_dir, leaf) if value is None else _optional(value)
 
+  total_steps = args.schedule_steps or args.steps
+  warmup = args.warmup if args.warmup is not None else min(_WARMUP, total_steps)
   optimizer = train.OptimizerConfig(
-      name=args.optimizer, learning_rate=args.lr, warmup_steps=args.warmup,
-      total_steps=args.schedule_steps or args.steps,
+      name=args.optimizer, learning_rate=args.lr, warmup_steps=warmup,
+      total_steps=total_steps,
       min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay,
       clip_norm=args.clip or None,
       rank=args.rank if args.rank is not None else max(1, base.hidden_size // 4),
@@ -240,8 +285,49 @@ def run_config(args: argparse.Namespace) -> loop.RunConfig:
       metrics_path=output(args.metrics, "metrics.jsonl"),
       tensorboard_dir=output(args.tensorboard, "tb"),
       progress=not args.no_progress, max_bad_steps=args.max_bad_steps,
-      coordinator=args.coordinator,
+      allow_changes=args.allow_changes, coordinator=args.coordinator,
       num_processes=args.num_processes, process_id=args.process_id)
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+  """Refuses, naming the flags, what the library's configs would refuse in
+  their own (Python) terms before RunConfig can check it.
+
+  Raises:
+    ValueError: On the first bad value.
+  """
+  if args.model not in llama.CONFIGS:
+    raise ValueError(f"--model: unknown LLaMA config {args.model!r}; known "
+                     f"configs: {', '.join(llama.CONFIGS)}")
+  if args.optimizer not in train.OPTIMIZERS:
+    raise ValueError(f"--optimizer: unknown optimizer {args.optimizer!r}; "
+                     f"choose one of {', '.join(train.OPTIMIZERS)}")
+  for flag in ("steps", "schedule_steps", "warmup", "svd_steps"):
+    value, least = getattr(args, flag), 0 if flag in ("warmup", "svd_steps") else 1
+    if value is not None and value < least:
+      raise ValueError(f"--{flag.replace('_', '-')} must be >= {least}, got {value}")
+  if args.subspace_mode not in train.SUBSPACE_MODES:
+    raise ValueError(f"--subspace-mode must be one of "
+                     f"{', '.join(train.SUBSPACE_MODES)}, got {args.subspace_mode!r}")
+  if args.subspace_mode == "model":
+    if args.optimizer not in _MODEL_MODE_OPTIMIZERS:
+      raise ValueError(
+          f"--subspace-mode model supports --optimizer "
+          f"{' and '.join(_MODEL_MODE_OPTIMIZERS)}, not {args.optimizer}"
+          + (": GaLore's SVD needs the full gradient, which model mode never "
+             "builds" if args.optimizer == "galore" else "")
+          + "; use --subspace-mode transform")
+    if args.svd_steps:
+      raise ValueError("--svd-steps needs the full gradient for its SVD phase, "
+                       "which --subspace-mode model never builds; drop it or "
+                       "use --subspace-mode transform")
+    if args.side not in (None, "left"):
+      raise ValueError(f"--subspace-mode model always projects the input side "
+                       f"(--side left), got --side {args.side}")
+
+
+# The optimizers that --subspace-mode model supports (random projections).
+_MODEL_MODE_OPTIMIZERS = ("golore", "rso")
 
 
 def _exit_code(interrupted: str | None) -> int:

@@ -53,3 +53,13 @@ def start(args: list[str], cwd: pathlib.Path, *,
   return subprocess.Popen(command(args, script), cwd=cwd, env=env(**(extra_env or {})),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           stdin=subprocess.DEVNULL, text=True)
+
+
+def run_config(args: list[str]):
+  """The example's :class:`~subspace_jax.training.loop.RunConfig` for
+  ``args`` (parsed in this process; nothing runs)."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.spec_from_file_location("pretrain_llama", EXAMPLE)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.run_config(module.parse_args(list(map(str, args))))

@@ -4,11 +4,13 @@ The runs use the tiny model on the embedded corpus and the 8 host devices of
 conftest.py (a data-parallel mesh of 8), a few seconds of compiling each.
 """
 
+import dataclasses
 import importlib.util
 import json
 import math
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -19,7 +21,7 @@ import jax
 import numpy as np
 import pytest
 
-from subspace_jax.training import checkpoint, loop, train
+from subspace_jax.training import checkpoint, data, loop, train
 from subspace_jax.training import sharding as shd
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -151,6 +153,7 @@ def _bad_cases(tmp):
   empty = tmp / "empty"
   empty.mkdir()
   (empty / "a.txt").write_text("  \n\n")
+  (tmp / "one.txt").write_text("A single document.\n")
   return {
       "model": (["--model", "llama_9b"], ["unknown LLaMA config", "llama_60m"]),
       "optimizer": (["--optimizer", "sgd"], ["unknown optimizer", "golore"]),
@@ -163,12 +166,59 @@ def _bad_cases(tmp):
       "steps": (["--steps", "0"], ["--steps must be >= 1"]),
       "dtype": (["--dtype", "int8"], ["--dtype 'int8' is not a float dtype"]),
       "moment_dtype": (["--moment-dtype", "foo"], ["--moment-dtype 'foo'"]),
+      # Settings that ran (or failed naming no flag) before they were checked.
+      "clip": (["--clip", "-1"], ["--clip must be", "-1.0", "(or 0: no clipping)"]),
+      "lr_inf": (["--lr", "inf"], ["--lr must be a finite number > 0, got inf"]),
+      "lr_nan": (["--lr", "nan"], ["--lr must be a finite number > 0, got nan"]),
+      "lr_negative": (["--lr", "-1e-3"], ["--lr must be a finite number > 0, got -0.001"]),
+      "min_lr_ratio": (["--min-lr-ratio", "2"], ["--min-lr-ratio must be in [0, 1], got 2.0"]),
+      "warmup": (["--warmup", "6"], ["--warmup 6 is longer than the 5-step schedule",
+                                     "--schedule-steps"]),
+      "weight_decay": (["--weight-decay", "-0.1"], ["--weight-decay must be", "-0.1"]),
+      "scale": (["--scale", "0"], ["--scale must be a finite number > 0, got 0.0"]),
+      "scale_nan": (["--scale", "nan"], ["--scale must be a finite number > 0, got nan"]),
+      "eta": (["--optimizer", "rso", "--eta", "0"], ["--eta must be a finite number > 0"]),
+      "eta_unused": (["--eta", "0.5"], ["--eta applies to --optimizer rso", "not golore"]),
+      "update_gap": (["--update-gap", "0"], ["--update-gap must be an integer >= 1, got 0"]),
+      "rank_zero": (["--rank", "0"], ["--rank must be an integer >= 1, got 0"]),
+      "svd_steps": (["--svd-steps", "6"], ["--svd-steps 6 is more than the 5 steps"]),
+      "svd_steps_unused": (["--optimizer", "rso", "--svd-steps", "2"],
+                           ["--svd-steps applies to --optimizer golore"]),
+      "proj_seed": (["--proj-seed", "-1"], ["--proj-seed must be an integer >= 0"]),
+      "seed": (["--seed", "-1"], ["--seed must be an integer >= 0"]),
+      "side": (["--side", "up"], ["--side must be one of lean, std, left, right"]),
+      "svd": (["--optimizer", "galore", "--svd", "fast"], ["--svd must be exact or randomized"]),
+      "subspace_mode": (["--subspace-mode", "layer"], ["--subspace-mode must be one of"]),
+      "model_mode_galore": (["--subspace-mode", "model", "--optimizer", "galore"],
+                            ["--subspace-mode model supports --optimizer golore and rso",
+                             "--subspace-mode transform"]),
+      "model_mode_svd_steps": (["--subspace-mode", "model", "--svd-steps", "2"],
+                               ["--svd-steps needs the full gradient", "--subspace-mode"]),
+      "model_mode_side": (["--subspace-mode", "model", "--side", "right"],
+                          ["(--side left), got --side right"]),
+      "mesh_zero": (["--mesh", "0,8,1"], ["--mesh sizes must be >= 1", "0,8,1"]),
+      "vocab": (["--tokenizer", "sentencepiece", "--vocab-size", "10"],
+                ["--vocab-size must be >= 300"]),
+      "split": (["--split", "test"], ["--split must be train, validation or all"]),
+      "split_all": (["--split", "all"], ["--split all", "training documents",
+                                         "--eval-split none"]),
+      "eval_split_same": (["--eval-split", "train"], ["--split and --eval-split are both",
+                                                      "--eval-split none"]),
+      "few_docs": (["--data", f"files:{tmp}/one.txt"],
+                   ["too few", "--split all with --eval-split none"]),
+      "too_small": (["--seq-len", "60000"], ["too small", "--seq-len 60000",
+                                              "lower --batch-size or --seq-len"]),
   }
 
 
-@pytest.mark.parametrize("case", ["model", "optimizer", "batch", "mesh", "mesh_format",
-                                  "rank", "empty_data", "missing_data", "steps",
-                                  "dtype", "moment_dtype"])
+@pytest.mark.parametrize("case", [
+    "model", "optimizer", "batch", "mesh", "mesh_format", "rank", "empty_data",
+    "missing_data", "steps", "dtype", "moment_dtype", "clip", "lr_inf", "lr_nan",
+    "lr_negative", "min_lr_ratio", "warmup", "weight_decay", "scale", "scale_nan",
+    "eta", "eta_unused", "update_gap", "rank_zero", "svd_steps", "svd_steps_unused",
+    "proj_seed", "seed", "side", "svd", "subspace_mode", "model_mode_galore",
+    "model_mode_svd_steps", "model_mode_side", "mesh_zero", "vocab", "split",
+    "split_all", "eval_split_same", "few_docs", "too_small"])
 def test_bad_input_is_one_line_exit_2(case, tmp_path, capsys):
   _need8()
   argv, fragments = _bad_cases(tmp_path)[case]
@@ -179,6 +229,9 @@ def test_bad_input_is_one_line_exit_2(case, tmp_path, capsys):
   assert err.count("\n") == 1 and "error: " in err and "Traceback" not in err, err
   for fragment in fragments:
     assert fragment in err, err
+  # Flags, not the library's Python argument names.
+  assert not re.search(r"\b(split=|seq_len|batch_size|update_gap|svd_steps|subspace_mode)",
+                       err), err
   assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
@@ -242,8 +295,33 @@ def test_help_lists_every_option(capsys):
     assert choice in out
 
 
+def test_help_documents_every_data_form(capsys):
+  with pytest.raises(data.DataError) as exc:
+    data.source_from_spec("nonsense")
+  offered = str(exc.value).partition("; use ")[2]  # "'embedded', 'files:GLOB', ..."
+  forms = re.findall(r"'([a-z]+(?::[A-Z]+)?)'", offered)
+  assert {"embedded", "files:GLOB", "paragraphs:GLOB", "tfds:NAME"} <= set(forms), forms
+  with pytest.raises(SystemExit):
+    pretrain.main(["--help"])
+  out = " ".join(capsys.readouterr().out.split())
+  for form in forms:
+    assert form in out, form
+
+
+def test_every_setting_is_safe_or_altering_and_has_its_flag():
+  fields = {f.name for f in dataclasses.fields(loop.RunConfig)}
+  safe, altering = set(loop.RESUME_SAFE_FIELDS), set(loop.RESUME_ALTERING_FIELDS)
+  assert not safe & altering and safe | altering == fields
+  flags = {s for a in pretrain.build_parser()._actions for s in a.option_strings}
+  paths = [f for f in fields if f != "optimizer"] + [
+      f"optimizer.{f.name}" for f in dataclasses.fields(train.OptimizerConfig)]
+  for path in paths:
+    flag = loop._flag(path)  # pylint: disable=protected-access
+    assert flag in flags or flag in (path, "optimizer." + path), (path, flag)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_signal_saves_a_checkpoint_and_exits_cleanly(sig, tmp_path):
+def test_signal_saves_a_checkpoint_then_exits_128_plus_signal(sig, tmp_path):
   metrics, ckpt_dir = tmp_path / "metrics.jsonl", tmp_path / "ckpt"
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=1")
@@ -265,9 +343,11 @@ def test_signal_saves_a_checkpoint_and_exits_cleanly(sig, tmp_path):
     if proc.poll() is None:
       proc.kill()
       proc.communicate()
-  assert proc.returncode == 0, err
+  # Saved, then a non-zero exit (128 + the signal), so `train && next` stops.
+  assert proc.returncode == 128 + sig, err
   assert "Traceback" not in err, err
   assert f"interrupted by {sig.name}" in out, out
+  assert f"by {sig.name}; checkpoint saved" in err, err
   records = _records(metrics)
   last = records[-1]["step"]
   assert 2 <= last < 100000

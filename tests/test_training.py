@@ -116,3 +116,37 @@ def test_model_def_matches_nnx_model():
       "/".join(str(getattr(k, "key", k)) for k in path)
       for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]
   }
+
+
+@pytest.mark.parametrize("name", ["adamw", "galore", "rso", "rso:model"])
+def test_non_finite_step_leaves_the_state_unchanged(name, monkeypatch):
+  """A NaN loss (so NaN gradients) at step 3: the state after it equals the
+  state before it, bit for bit, and the step says it was not finite."""
+  name, _, mode = name.partition(":")
+  loss_of = train.ModelDef.loss
+  monkeypatch.setattr(train.ModelDef, "loss", lambda self, p, b: loss_of(
+      self, p, {"inputs": b["inputs"], "targets": b["targets"]}) * b["factor"][0, 0])
+  opt = train.OptimizerConfig(name=name, rank=8, update_gap=2, learning_rate=1e-2,
+                              warmup_steps=1, total_steps=10,
+                              subspace_mode=mode or "transform")
+  s = train.setup(llama.get_config("tiny"), opt,
+                  shd.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+  state = s.init(0)
+  tokens = np.random.default_rng(0).integers(0, 256, (4, 17)).astype(np.int32)
+
+  def batch(factor):
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+            "factor": np.full((4, 16), factor, np.float32)}
+
+  for _ in range(2):
+    state, metrics = s.train_step(state, batch(1.0))
+    assert bool(metrics["finite"])
+  before = jax.device_get(state)
+  state, metrics = s.train_step(state, batch(np.nan))
+  assert not bool(metrics["finite"]) and np.isnan(float(metrics["loss"]))
+  for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get(state))):
+    np.testing.assert_array_equal(x, y)
+  assert int(state.step) == 2
+  state, metrics = s.train_step(state, batch(1.0))  # and training goes on
+  assert bool(metrics["finite"]) and int(state.step) == 3
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))

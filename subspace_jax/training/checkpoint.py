@@ -200,6 +200,21 @@ class Checkpointer:
     """
     return self._manager.latest_step()
 
+  def saved_config(self, step: int) -> dict | None:
+    """The run configuration saved with ``step``, without the state.
+
+    Returns:
+      The ``config`` item, or None if the step has none or it cannot be
+      read (:meth:`restore` then reports the damage).
+    """
+    try:
+      config = self._manager.restore(
+          int(step),
+          args=ocp.args.Composite(**{_CONFIG: ocp.args.JsonRestore()}))[_CONFIG]
+    except Exception:  # pylint: disable=broad-except
+      return None
+    return config if isinstance(config, dict) else None
+
   def save(
       self,
       step: int,

@@ -11,9 +11,13 @@ JSON dict; :func:`train` runs it::
     summary = loop.train(cfg)   # {"train_loss": ..., "eval_loss": ..., ...}
 
 What a run does, in order: start multi-process JAX if asked (flags or the
-``JAX_COORDINATOR_ADDRESS`` environment), build the mesh, the tokenizer and
-the model, check the settings against them, resume from the newest
-checkpoint (state and data position) or initialize, then step. Every
+``JAX_COORDINATOR_ADDRESS`` environment), build the mesh, take the lock of
+the checkpoint directory (a ``run.lock`` file naming the host and process,
+so that a second run there is refused; a lock left by a process of this host
+that is gone is taken over), build the tokenizer and the model, check the
+settings against them, resume from the newest checkpoint (state and data
+position, once its settings are found to fit this run's, see
+:class:`RunConfig`) or initialize, then step. Every
 ``log_every`` steps the metrics are fetched and appended to the JSONL file;
 every ``eval_every`` steps the held-out loss is measured; every
 ``checkpoint_every`` steps a checkpoint is written in the background. SIGINT
@@ -33,8 +37,11 @@ import json
 import math
 import os
 import pathlib
+import re
 import signal
+import socket
 import sys
+import tempfile
 import threading
 import time
 from typing import Any, Mapping
@@ -51,8 +58,9 @@ from subspace_jax.training import sharding as shd
 from subspace_jax.training import tokenizer as tok_lib
 from subspace_jax.training import train as train_lib
 
-__all__ = ["RunConfig", "NonFiniteError", "initialize_distributed",
-           "check_rank", "train"]
+__all__ = ["RunConfig", "NonFiniteError", "RESUME_SAFE_FIELDS",
+           "RESUME_ALTERING_FIELDS", "initialize_distributed", "check_rank",
+           "train"]
 
 # Model settings kept outside RunConfig.model_overrides because they have
 # their own fields; vocab_size always comes from the tokenizer.
@@ -60,6 +68,41 @@ _OWN_FIELDS = ("vocab_size", "scan_layers", "remat", "dtype", "param_dtype")
 # Documents of the training split used to train a SentencePiece model on a
 # files/TFDS source (the embedded corpus is used whole).
 _SPM_SAMPLE_DOCS = 20_000
+# The smallest vocabulary SentencePieceTokenizer.train accepts.
+_SPM_MIN_VOCAB = 300
+# Splits of the embedded corpus and of local files (TFDS names its own).
+_LOCAL_SPLITS = ("train", "validation", "all")
+
+# What a resumed run may change (see RunConfig). Safe: how the run is
+# computed, logged, evaluated and saved, not what it trains. Altering: the
+# rest; "optimizer" stands for every OptimizerConfig field.
+RESUME_SAFE_FIELDS = (
+    "steps", "eval_every", "eval_batches", "eval_split", "log_every", "mesh",
+    "dtype", "remat", "data_dir", "checkpoint_dir", "checkpoint_every", "keep",
+    "resume", "allow_changes", "metrics_path", "tensorboard_dir", "progress",
+    "max_bad_steps",
+    "coordinator", "num_processes", "process_id")
+RESUME_ALTERING_FIELDS = (
+    "model", "scan_layers", "param_dtype", "model_overrides", "optimizer",
+    "data", "split", "text_key", "tokenizer", "vocab_size", "batch_size",
+    "seq_len", "seed")
+
+# Command-line flags of the fields whose flag is not "--" + the name with
+# dashes; optimizer fields are "optimizer.NAME". Fields without a flag keep
+# their name.
+_FLAGS = {
+    "model_overrides": "model_overrides", "metrics_path": "--metrics",
+    "tensorboard_dir": "--tensorboard", "resume": "--no-resume",
+    "progress": "--no-progress", "optimizer.name": "--optimizer",
+    "optimizer.learning_rate": "--lr", "optimizer.warmup_steps": "--warmup",
+    "optimizer.total_steps": "--schedule-steps", "optimizer.clip_norm": "--clip",
+    "optimizer.seed": "--proj-seed", "optimizer.b1": "optimizer.b1",
+    "optimizer.b2": "optimizer.b2", "optimizer.eps": "optimizer.eps",
+}
+# On/off flags that turn a field off.
+_INVERTED = ("resume", "progress")
+# The file, in the checkpoint directory, that names the run using it.
+_LOCK_FILE = "run.lock"
 
 
 def _dtype_name(value: Any) -> str:
@@ -114,6 +157,8 @@ class RunConfig:
     resume: Continue from the newest checkpoint in ``checkpoint_dir``. If
       False and the directory already holds checkpoints, the run refuses to
       start rather than mix two runs there.
+    allow_changes: Resume even if settings that alter the run differ from
+      the checkpoint's (see below).
     metrics_path: JSONL file the metrics are appended to (None: none).
       Written by process 0; a ``{process}`` in the path makes every process
       write its own file.
@@ -126,6 +171,35 @@ class RunConfig:
     coordinator: ``host:port`` of process 0 for multi-process runs.
     num_processes: Number of processes.
     process_id: This process's index.
+
+  Resuming with other settings: a resumed run compares its settings with
+  those saved in the checkpoint (the ``"run"`` entry of :meth:`to_dict`).
+
+  * Safe to change (:data:`RESUME_SAFE_FIELDS`): ``steps``, ``eval_every``,
+    ``eval_batches``, ``eval_split``, ``log_every``, ``mesh``, ``dtype``,
+    ``remat``, ``data_dir``, ``checkpoint_dir``, ``checkpoint_every``,
+    ``keep``, ``resume``, ``allow_changes``, ``metrics_path``,
+    ``tensorboard_dir``, ``progress``, ``coordinator``, ``num_processes``,
+    ``process_id``. They decide how far the run goes and how it is computed
+    (``dtype`` and ``mesh`` only round differently), logged, evaluated and
+    saved. A change is reported in one line.
+  * Altering the run (:data:`RESUME_ALTERING_FIELDS`): ``model``,
+    ``scan_layers``, ``param_dtype``, ``model_overrides``, every
+    ``optimizer`` field, ``data``, ``split``, ``text_key``, ``tokenizer``,
+    ``vocab_size`` (with the SentencePiece tokenizer only), ``batch_size``,
+    ``seq_len``, ``seed``. They decide what is trained. A change is refused,
+    naming each setting with its saved and new value, unless
+    ``allow_changes`` is set; then the data starts again from its beginning
+    if its saved position does not fit the new data settings.
+
+  The schedule length is ``optimizer.total_steps``, not ``steps``. The
+  command line's ``--schedule-steps`` defaults to ``--steps``, so raising
+  ``--steps`` alone would stretch the schedule mid-run (the learning rate
+  would jump) and is refused; giving ``--schedule-steps`` of the saved run
+  extends the run on its own schedule. The model and the kind of optimizer
+  (:meth:`model_key`) are checked by the checkpointer, which refuses a
+  change even with ``allow_changes``, as it refuses any change of the
+  state's shapes (``rank``, ``side``).
   """
 
   model: str = "tiny"
@@ -155,6 +229,7 @@ class RunConfig:
   checkpoint_every: int = 1000
   keep: int = 3
   resume: bool = True
+  allow_changes: bool = False
   metrics_path: str | None = None
   tensorboard_dir: str | None = None
   progress: bool = True
@@ -179,8 +254,6 @@ class RunConfig:
     for flag, name in (("--dtype", self.dtype), ("--param-dtype", self.param_dtype),
                        ("--moment-dtype", self.optimizer.moment_dtype)):
       _check_float_dtype(flag, name)
-    if not self.optimizer.learning_rate > 0:
-      raise ValueError(f"--lr must be > 0, got {self.optimizer.learning_rate}")
     if self.eval_every < 0:
       raise ValueError(f"--eval-every must be >= 0, got {self.eval_every}")
     if len(self.mesh) != 3:
@@ -193,6 +266,8 @@ class RunConfig:
     if own:
       raise ValueError(f"model_overrides may not set {own}: vocab_size comes "
                        "from the tokenizer and the others are RunConfig fields")
+    _check_optimizer(self.optimizer, self.steps)
+    _check_run(self)
     self.model_config()  # Unknown model, bad override or dtype: fail now.
 
   # -- the model ------------------------------------------------------------
@@ -261,6 +336,218 @@ class RunConfig:
     run["optimizer"] = train_lib.OptimizerConfig(**run.get("optimizer", {}))
     run["mesh"] = tuple(run.get("mesh", (-1, 1, 1)))
     return cls(**run)
+
+
+# ----------------------------------------------------------------------------
+# Settings that cannot work, and settings changed since a checkpoint
+# ----------------------------------------------------------------------------
+
+
+def _is_number(value: Any) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_positive(flag: str, value: Any) -> None:
+  if not (_is_number(value) and math.isfinite(value) and value > 0):
+    raise ValueError(f"{flag} must be a finite number > 0, got {value}")
+
+
+def _check_int(flag: str, value: Any, least: int) -> None:
+  if not isinstance(value, int) or isinstance(value, bool) or value < least:
+    raise ValueError(f"{flag} must be an integer >= {least}, got {value}")
+
+
+def _check_optimizer(opt: train_lib.OptimizerConfig, steps: int) -> None:
+  """Refuses optimizer settings that cannot work or would be ignored.
+
+  :class:`~subspace_jax.training.train.OptimizerConfig` and the transforms
+  check some of these too, in their own (Python) terms; these messages name
+  the command-line flags.
+  """
+  _check_positive("--lr", opt.learning_rate)
+  schedule = opt.total_steps
+  if opt.warmup_steps > schedule:
+    raise ValueError(
+        f"--warmup {opt.warmup_steps} is longer than the {schedule}-step "
+        f"schedule (--schedule-steps, default --steps); use --warmup "
+        f"{schedule} or less, or a longer schedule")
+  ratio = opt.min_lr_ratio
+  if not (_is_number(ratio) and 0 <= ratio <= 1):
+    raise ValueError(f"--min-lr-ratio must be in [0, 1], got {ratio}")
+  decay = opt.weight_decay
+  if not (_is_number(decay) and math.isfinite(decay) and decay >= 0):
+    raise ValueError(f"--weight-decay must be a finite number >= 0, got {decay}")
+  if opt.clip_norm is not None and opt.clip_norm != 0:
+    if not (_is_number(opt.clip_norm) and math.isfinite(opt.clip_norm)
+            and opt.clip_norm > 0):
+      raise ValueError(f"--clip must be a finite number > 0 (or 0: no "
+                       f"clipping), got {opt.clip_norm}")
+  for name in ("b1", "b2"):
+    value = getattr(opt, name)
+    if not (_is_number(value) and 0 <= value < 1):
+      raise ValueError(f"optimizer.{name} must be in [0, 1), got {value}")
+  if not (_is_number(opt.eps) and math.isfinite(opt.eps) and opt.eps >= 0):
+    raise ValueError(f"optimizer.eps must be a finite number >= 0, got {opt.eps}")
+  _check_int("--rank", opt.rank, 1)
+  _check_int("--update-gap", opt.update_gap, 1)
+  _check_int("--proj-seed", opt.seed, 0)
+  _check_int("--svd-steps", opt.svd_steps, 0)
+  _check_positive("--scale", opt.scale)
+  if opt.eta is not None:
+    _check_positive("--eta", opt.eta)
+    if not (opt.name == "rso" or (opt.name == "golore" and opt.model_mode)):
+      raise ValueError(f"--eta applies to --optimizer rso (and golore with "
+                       f"--subspace-mode model), not {opt.name}; drop it")
+  if opt.svd_steps:
+    if opt.name != "golore":
+      raise ValueError(f"--svd-steps applies to --optimizer golore, not "
+                       f"{opt.name}; drop it")
+    length = max(schedule, steps)
+    if opt.svd_steps > length:
+      raise ValueError(
+          f"--svd-steps {opt.svd_steps} is more than the {length} steps of "
+          f"the run, which would never use a random projection; use at most "
+          f"{length}, or --optimizer galore for SVD projections throughout")
+  sides = sj.matrix_view.SIDES
+  if opt.side is not None and opt.side not in sides:
+    raise ValueError(f"--side must be one of {', '.join(sides)}, got "
+                     f"{opt.side!r}")
+  if opt.svd not in ("exact", "randomized"):
+    raise ValueError(f"--svd must be exact or randomized, got {opt.svd!r}")
+
+
+def _check_run(cfg: RunConfig) -> None:
+  """Refuses run settings (other than the optimizer's) that cannot work."""
+  _check_int("--seed", cfg.seed, 0)
+  sizes = cfg.mesh
+  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"--mesh sizes must be >= 1, or -1 for one of them (the "
+                     f"rest of the devices), got {','.join(map(str, sizes))}")
+  if cfg.tokenizer == "sentencepiece" and cfg.vocab_size < _SPM_MIN_VOCAB:
+    raise ValueError(f"--vocab-size must be >= {_SPM_MIN_VOCAB} for the "
+                     f"SentencePiece tokenizer, got {cfg.vocab_size}")
+  evaluates = bool(cfg.eval_every and cfg.eval_split)
+  if cfg.data.partition(":")[0] != "tfds":
+    splits = [("--split", cfg.split)]
+    if evaluates:
+      splits.append(("--eval-split", cfg.eval_split))
+    for flag, split in splits:
+      if split not in _LOCAL_SPLITS:
+        raise ValueError(f"{flag} must be train, validation or all for "
+                         f"--data {cfg.data}, got {split!r}")
+  if evaluates and cfg.split == "all":
+    raise ValueError(
+        f"--split all trains on every document, so --eval-split "
+        f"{cfg.eval_split} would evaluate on training documents; add "
+        "--eval-split none (no evaluation), or train on --split train")
+  if evaluates and cfg.eval_split == cfg.split:
+    raise ValueError(
+        f"--split and --eval-split are both {cfg.split!r}, so the evaluation "
+        "would measure training documents; use another --eval-split, or "
+        "--eval-split none")
+
+
+def _flag(path: str) -> str:
+  """The command-line flag of a field path ("seq_len", "optimizer.rank")."""
+  if path in _FLAGS:
+    return _FLAGS[path]
+  return "--" + path.rpartition(".")[2].replace("_", "-")
+
+
+def _show(path: str, value: Any) -> str:
+  """A saved or new value as the command line spells it."""
+  if path in _INVERTED and isinstance(value, bool):
+    value = not value
+  if value is None:
+    return "0" if path == "optimizer.clip_norm" else "none"
+  if isinstance(value, bool):
+    return "on" if value else "off"
+  if isinstance(value, (list, tuple)):
+    return ",".join(map(str, value))
+  if isinstance(value, dict):
+    return json.dumps(value, sort_keys=True)
+  return str(value)
+
+
+def _flat_settings(run: Mapping[str, Any]) -> dict[str, Any]:
+  """``run`` with the optimizer's fields as "optimizer.NAME" entries."""
+  flat = {}
+  for key, value in run.items():
+    if key == "optimizer" and isinstance(value, Mapping):
+      flat.update({f"optimizer.{k}": v for k, v in value.items()})
+    else:
+      flat[key] = value
+  if flat.get("tokenizer") == "byte":
+    flat.pop("vocab_size", None)  # The byte tokenizer has its own.
+  return flat
+
+
+def _settings_changes(saved_run: Mapping[str, Any], run: Mapping[str, Any]
+                     ) -> list[tuple[str, Any, Any, bool]]:
+  """How the ``"run"`` entries of two :meth:`RunConfig.to_dict` differ.
+
+  Args:
+    saved_run: The checkpoint's entry.
+    run: This run's entry.
+
+  Returns:
+    ``(field path, saved value, new value, safe)`` of every field that
+    differs, in field order; optimizer fields are ``"optimizer.NAME"``.
+    Fields that one of them lacks (an older version's checkpoint) and
+    ``allow_changes`` are left out.
+  """
+  saved, now = _flat_settings(saved_run), _flat_settings(run)
+  return [(path, saved[path], value, path in RESUME_SAFE_FIELDS)
+          for path, value in now.items()
+          if path in saved and saved[path] != value
+          and path != "allow_changes"]  # Only says how to resume.
+
+
+def _same_model(saved: Mapping[str, Any], expected: Mapping[str, Any]) -> bool:
+  """Whether the checkpointer would accept ``saved``'s model entry."""
+  model = saved.get("model")
+  return model is None or model == json.loads(json.dumps(expected["model"]))
+
+
+def _check_resume(cfg: RunConfig, saved: Mapping[str, Any] | None, step: int,
+                  directory: str) -> str:
+  """Compares the settings saved at ``step`` with ``cfg``'s.
+
+  Returns:
+    The info line listing the accepted changes ("" if none).
+
+  Raises:
+    ValueError: If a setting that alters the run changed and
+      ``cfg.allow_changes`` is off, naming each such flag.
+  """
+  if not isinstance(saved, Mapping) or not isinstance(saved.get("run"), Mapping):
+    return ""
+  changes = _settings_changes(saved["run"], cfg.to_dict()["run"])
+
+  def listed(items):
+    parts = []
+    for path, old, new, _ in items:
+      text = f"{_flag(path)} {_show(path, old)} -> {_show(path, new)}"
+      if path == "optimizer.total_steps":
+        text += (f" (it defaults to --steps; give --schedule-steps "
+                 f"{_show(path, old)} to keep the saved schedule)")
+      parts.append(text)
+    return ", ".join(parts)
+
+  safe = [c for c in changes if c[3]]
+  altering = [c for c in changes if not c[3]]
+  if altering and not cfg.allow_changes:
+    raise ValueError(
+        f"checkpoint step {step} in {directory} was made with other settings "
+        f"(saved -> now: {listed(altering)}); use --name NEW (or another "
+        "--checkpoint-dir) for a new run, or --allow-changes to resume with "
+        "the new settings")
+  parts = []
+  if safe:
+    parts.append(f"changed since step {step} (saved -> now): {listed(safe)}")
+  if altering:
+    parts.append(f"allowed by --allow-changes: {listed(altering)}")
+  return "; ".join(parts)
 
 
 # ----------------------------------------------------------------------------
@@ -345,18 +632,52 @@ def _check_batch(cfg: RunConfig, mesh) -> None:
         "feed their own share of the batch; change --mesh")
 
 
+# Python argument names in the data pipeline's messages, and their flags.
+_DATA_WORDS = ((re.compile(r"split='all'"), "--split all with --eval-split none"),
+               (re.compile(r"\bbatch_size\b"), "--batch-size"),
+               (re.compile(r"\bseq_len\b"), "--seq-len"))
+
+
+def _data_error(error: data_lib.DataError) -> data_lib.DataError:
+  """``error`` with the data pipeline's argument names as flags."""
+  text = str(error)
+  for pattern, flag in _DATA_WORDS:
+    text = pattern.sub(flag, text)
+  return data_lib.DataError(text)
+
+
 def _make_tokenizer(cfg: RunConfig):
   if cfg.tokenizer == "byte":
     return tok_lib.ByteTokenizer()
-  source = _source(cfg, cfg.split)
   corpus = None  # The embedded corpus's training split, get_tokenizer's default.
-  if hasattr(source, "open"):
-    docs = source.open()
-    corpus = [docs[i] for i in range(min(len(docs), _SPM_SAMPLE_DOCS))]
-  elif not isinstance(source, data_lib.EmbeddedCorpus):
-    corpus = source.documents()[:_SPM_SAMPLE_DOCS]
+  try:
+    source = _source(cfg, cfg.split)
+    if hasattr(source, "open"):
+      docs = source.open()
+      corpus = [docs[i] for i in range(min(len(docs), _SPM_SAMPLE_DOCS))]
+    elif not isinstance(source, data_lib.EmbeddedCorpus):
+      corpus = source.documents()[:_SPM_SAMPLE_DOCS]
+  except data_lib.DataError as e:
+    raise _data_error(e) from None
   return tok_lib.get_tokenizer("sentencepiece", vocab_size=cfg.vocab_size,
                                corpus=corpus)
+
+
+def _make_iterators(cfg: RunConfig, tokenizer):
+  """The training iterator, and the evaluation iterator with its starting
+  state (None, None without evaluation)."""
+  iter_args = dict(seq_len=cfg.seq_len, batch_size=cfg.batch_size)
+  try:
+    train_iter = data_lib.make_iterator(_source(cfg, cfg.split), tokenizer,
+                                        seed=cfg.seed, **iter_args)
+    eval_iter = eval_start = None
+    if cfg.eval_every and cfg.eval_split:
+      eval_iter = data_lib.make_iterator(_source(cfg, cfg.eval_split),
+                                         tokenizer, shuffle=False, **iter_args)
+      eval_start = eval_iter.get_state()
+  except data_lib.DataError as e:
+    raise _data_error(e) from None
+  return train_iter, eval_iter, eval_start
 
 
 def _source(cfg: RunConfig, split: str):
@@ -403,6 +724,167 @@ def _set_data_state(iterator, saved: Mapping[str, Any] | None) -> None:
     raise ValueError(f"the checkpoint's data position was saved by "
                      f"{len(states)} processes; resume with --num-processes "
                      f"{len(states)}")
+
+
+# ----------------------------------------------------------------------------
+# One run per directory
+# ----------------------------------------------------------------------------
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True  # Another user's process.
+  return True
+
+
+class _RunLock:
+  """A lock file that names the run (host and pid) using a directory.
+
+  Taken by creating the file with its content in one step (a hard link of a
+  finished temporary file), so a reader never sees it half written. A lock
+  of a process that is gone on this host is stale and taken over; a lock
+  from another host cannot be checked and is always respected.
+  """
+
+  def __init__(self, path: str):
+    self.path = path
+    self._me = {"host": socket.gethostname(), "pid": os.getpid(),
+                "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+  def _create(self) -> bool:
+    """Creates the lock file; False if it exists."""
+    folder = os.path.dirname(self.path) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{_LOCK_FILE}.")
+    try:
+      with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(self._me, f)
+      try:
+        os.link(tmp, self.path)
+      except FileExistsError:
+        return False
+      except OSError:  # No hard links here: create it exclusively instead.
+        try:
+          fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+          return False
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+          json.dump(self._me, f)
+      return True
+    finally:
+      os.unlink(tmp)
+
+  def _holder(self) -> dict[str, Any] | None:
+    """The lock file's content; None if there is no lock file, {} if it
+    cannot be read."""
+    try:
+      with open(self.path, encoding="utf-8") as f:
+        holder = json.load(f)
+    except FileNotFoundError:
+      return None
+    except (OSError, ValueError):
+      return {}
+    ok = (isinstance(holder, dict) and isinstance(holder.get("pid"), int)
+          and isinstance(holder.get("host"), str))
+    return holder if ok else {}
+
+  def _is_stale(self, holder: Mapping[str, Any]) -> bool:
+    return (holder.get("host") == self._me["host"]
+            and holder.get("pid") != self._me["pid"]
+            and not _pid_alive(holder["pid"]))
+
+  def acquire(self) -> str | None:
+    """Takes the lock.
+
+    Returns:
+      An info line if a stale lock was taken over, else None.
+
+    Raises:
+      ValueError: If another run holds it, naming that run.
+    """
+    taken_over = None
+    for _ in range(3):
+      if self._create():
+        if taken_over is None:
+          return None
+        return (f"took over the lock of a run that is gone (pid "
+                f"{taken_over['pid']} on {taken_over['host']}, since "
+                f"{taken_over.get('since', '?')}): {self.path}")
+      holder = self._holder()
+      if holder is None:
+        continue  # Released in between: try again.
+      if not holder or not self._is_stale(holder):
+        break
+      if self._holder() == holder:  # Not taken over by another run meanwhile.
+        try:
+          os.unlink(self.path)
+        except FileNotFoundError:
+          pass
+      taken_over = holder
+    else:
+      holder = self._holder() or {}
+    directory = os.path.dirname(self.path) or "."
+    who = (f"pid {holder['pid']} on {holder['host']}, since "
+           f"{holder.get('since', '?')}" if holder else "its lock file cannot "
+           "be read")
+    raise ValueError(
+        f"{directory} is in use by another run ({who}); wait for it to end, "
+        "or use --name NEW (or another --checkpoint-dir) for a new run; if no "
+        f"run is using it, delete {self.path}")
+
+  def release(self) -> None:
+    """Deletes the lock file if it is still this process's."""
+    holder = self._holder()
+    if holder and holder.get("host") == self._me["host"] and (
+        holder.get("pid") == self._me["pid"]):
+      try:
+        os.unlink(self.path)
+      except OSError:
+        pass
+
+
+def _lock_path(cfg: RunConfig) -> str | None:
+  """The run's lock file: in the checkpoint directory, else next to the
+  metrics file; None for neither or for a remote (URL) checkpoint path."""
+  if cfg.checkpoint_dir:
+    if "://" in cfg.checkpoint_dir:
+      return None
+    return os.path.join(cfg.checkpoint_dir, _LOCK_FILE)
+  if cfg.metrics_path:
+    return cfg.metrics_path.replace("{process}", "0") + ".lock"
+  return None
+
+
+def _take_lock(cfg: RunConfig) -> _RunLock | None:
+  """Process 0 takes the run's lock; all processes raise if it is held.
+
+  Raises:
+    ValueError: If another run holds the lock (one line naming it).
+  """
+  path = _lock_path(cfg)
+  if path is None:
+    return None
+  lock = error = note = None
+  if jax.process_index() == 0:
+    lock = _RunLock(path)
+    try:
+      note = lock.acquire()
+    except ValueError as e:
+      lock, error = None, str(e)
+    except OSError as e:
+      lock, error = None, (f"cannot create the lock file {path} "
+                           f"({e.strerror or e}); check the directory's "
+                           "permissions or use another --checkpoint-dir")
+  error = _allgather_json(error)[0]  # Every process stops if process 0 must.
+  if error:
+    raise ValueError(error)
+  if note:
+    _info(note)
+  return lock
 
 
 # ----------------------------------------------------------------------------
@@ -606,12 +1088,47 @@ def _restore_or_init(cfg, setup, ckpt, train_iter) -> tuple[Any, int]:
         f"{cfg.checkpoint_dir} already holds checkpoints (newest: step "
         f"{latest}) and resuming is off; use another --checkpoint-dir or drop "
         "--no-resume")
-  if latest is not None:
-    restored = ckpt.restore(setup.abstract_state, expected_config=cfg.to_dict())
-    _set_data_state(train_iter, restored.data_state)
-    _info(f"resumed from step {restored.step} ({ckpt.directory})")
-    return restored.state, restored.step
-  return setup.init(cfg.seed), 0
+  if latest is None:
+    return setup.init(cfg.seed), 0
+  # The settings first, from the newest checkpoint's config alone (quick);
+  # another model is left to the checkpointer, which names it as such.
+  expected, changes = cfg.to_dict(), None
+  saved = ckpt.saved_config(latest)
+  if saved is not None and _same_model(saved, expected):
+    changes = _check_resume(cfg, saved, latest, ckpt.directory)
+  restored = ckpt.restore(setup.abstract_state, expected_config=expected)
+  if changes is None or restored.step != latest:  # Fell back to an older one.
+    changes = _check_resume(cfg, restored.config, restored.step, ckpt.directory)
+  data_note = _restore_data_state(cfg, train_iter, restored)
+  _info(f"resumed from step {restored.step} ({ckpt.directory})")
+  for line in (changes, data_note):
+    if line:
+      _info(line)
+  return restored.state, restored.step
+
+
+def _restore_data_state(cfg, iterator, restored) -> str | None:
+  """Moves ``iterator`` to the checkpoint's data position.
+
+  Returns:
+    An info line if, with ``allow_changes``, the position does not fit the
+    data any more and the data starts from its beginning; else None.
+
+  Raises:
+    ValueError: If the position does not fit and changes are not allowed.
+  """
+  try:
+    _set_data_state(iterator, restored.data_state)
+  except data_lib.DataError:
+    if not cfg.allow_changes:
+      raise ValueError(
+          f"the data position saved at step {restored.step} does not fit the "
+          "data of this run (have the files of --data changed?); use "
+          "--allow-changes to start the data from its beginning, or another "
+          "--checkpoint-dir") from None
+    return (f"the data position saved at step {restored.step} does not fit "
+            "this run's data: the data starts from its beginning")
+  return None
 
 
 def train(cfg: RunConfig) -> dict[str, Any]:
@@ -638,6 +1155,16 @@ def train(cfg: RunConfig) -> dict[str, Any]:
 
   mesh = shd.make_mesh(*cfg.mesh)
   _check_batch(cfg, mesh)
+  lock = _take_lock(cfg)
+  try:
+    return _train(cfg, mesh, t_begin)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train(cfg: RunConfig, mesh, t_begin: float) -> dict[str, Any]:
+  """:func:`train` once the mesh is made and the run's lock is held."""
   tokenizer = _make_tokenizer(cfg)
   model_config = cfg.model_config()
   if tokenizer.vocab_size != model_config.vocab_size:
@@ -647,14 +1174,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
   setup = train_lib.setup(model_config, cfg.optimizer, mesh)
   check_rank(setup.abstract_state.params, cfg.optimizer)
 
-  iter_args = dict(seq_len=cfg.seq_len, batch_size=cfg.batch_size)
-  train_iter = data_lib.make_iterator(_source(cfg, cfg.split), tokenizer,
-                                      seed=cfg.seed, **iter_args)
-  eval_iter = eval_start = None
-  if cfg.eval_every and cfg.eval_split:
-    eval_iter = data_lib.make_iterator(_source(cfg, cfg.eval_split), tokenizer,
-                                       shuffle=False, **iter_args)
-    eval_start = eval_iter.get_state()
+  train_iter, eval_iter, eval_start = _make_iterators(cfg, tokenizer)
 
   ckpt = None
   if cfg.checkpoint_dir:
