@@ -37,6 +37,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from typing import Any, Mapping
 
 import jax
@@ -46,7 +47,7 @@ import numpy as np
 import subspace_jax as sj
 from subspace_jax.models import llama
 from subspace_jax.training import data as data_lib
-from subspace_jax.training.checkpoint import Checkpointer
+from subspace_jax.training.checkpoint import Checkpointer, CheckpointWarning
 from subspace_jax.training import sharding as shd
 from subspace_jax.training import tokenizer as tok_lib
 from subspace_jax.training import train as train_lib
@@ -577,7 +578,16 @@ def _restore_or_init(cfg, setup, ckpt, train_iter) -> tuple[Any, int]:
         f"{latest}) and resuming is off; use another --checkpoint-dir or drop "
         "--no-resume")
   if latest is not None:
-    restored = ckpt.restore(setup.abstract_state, expected_config=cfg.to_dict())
+    # The checkpointer's warnings (a fallback past a corrupt step, ...) as
+    # one "warning: ..." line each, not in Python's two-line format.
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always", CheckpointWarning)
+      restored = ckpt.restore(setup.abstract_state, expected_config=cfg.to_dict())
+    for w in caught:
+      if issubclass(w.category, CheckpointWarning):
+        _info(f"warning: {w.message}")
+      else:
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     _set_data_state(train_iter, restored.data_state)
     _info(f"resumed from step {restored.step} ({ckpt.directory})")
     return restored.state, restored.step
