@@ -601,8 +601,8 @@ class Checkpointer:
     A checkpoint saved without checksums (by an older version of this
     module) is restored unverified, with a :class:`CheckpointWarning`
     saying so: refusing it would strand runs saved before checksums
-    existed. One whose metadata lists the checksum item but that lacks it
-    is corrupt.
+    existed. One whose step metadata lists the checksum item (or is lost)
+    but that lacks the item is corrupt.
 
     Args:
       abstract_state: ``ShapeDtypeStruct``\\ s with shardings of the train
