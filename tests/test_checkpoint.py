@@ -1,8 +1,8 @@
 """Checkpoints of sharded train states (8 host devices, see conftest.py).
 
 Exact resume, restoring onto another mesh, the JSON items, corrupt and
-unfinished checkpoints, retention and save intervals, and checkpoints of
-another model.
+unfinished checkpoints (checksums of the arrays), retention and save
+intervals, and checkpoints of another model.
 """
 
 import dataclasses
@@ -10,10 +10,12 @@ import json
 import os
 import pathlib
 import shutil
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
@@ -21,8 +23,10 @@ from subspace_jax.models import llama
 from subspace_jax.training import train
 from subspace_jax.training.checkpoint import (
     Checkpointer,
+    CheckpointWarning,
     IncompatibleCheckpointError,
     UnreadableCheckpointError,
+    state_checksums,
 )
 from subspace_jax.training.data import ByteTokenizer, EmbeddedCorpus, make_iterator
 from subspace_jax.training.sharding import make_mesh
@@ -337,6 +341,118 @@ def test_corrupt_latest_falls_back_then_fails_clearly(small, tmp_path, corrupt):
     assert "\n" not in str(err.value) and len(str(err.value)) < 500
     with pytest.raises(UnreadableCheckpointError, match="step\\(s\\) 2 "):
       ckpt.restore(setup.abstract_state, step=2)  # no fallback when asked
+
+
+def _flip_bytes(step_dir, n=64):
+  """Inverts ``n`` bytes in the middle of the largest array data file: the
+  file still decodes (its zstd frames carry no checksum), to other values."""
+  path = max(_array_files(step_dir), key=lambda p: p.stat().st_size)
+  data = bytearray(path.read_bytes())
+  middle = len(data) // 2
+  data[middle:middle + n] = bytes(b ^ 0xFF for b in data[middle:middle + n])
+  path.write_bytes(bytes(data))
+
+
+def test_flipped_bytes_fail_the_checksum_and_fall_back(small, tmp_path):
+  setup, host = small
+  with Checkpointer(tmp_path, save_interval_steps=1, async_save=False) as ckpt:
+    for step in (1, 2):
+      ckpt.save(step, _variant(setup, host, step))
+  _flip_bytes(tmp_path / "2")
+
+  with Checkpointer(tmp_path) as ckpt:
+    with pytest.warns(CheckpointWarning) as caught:
+      restored = ckpt.restore(setup.abstract_state)
+    assert restored.step == 1
+    _assert_trees_equal(
+        jax.device_get(restored.state), jax.device_get(_variant(setup, host, 1))
+    )
+    [warning] = caught
+    message = str(warning.message)
+    assert "\n" not in message and len(message) < 500
+    assert message.startswith(f"checkpoint step(s) 2 in {tmp_path} is corrupt (array ")
+    assert "checksum mismatch" in message and message.endswith("restored step 1 instead")
+
+    with pytest.raises(UnreadableCheckpointError, match="checksum mismatch"):
+      ckpt.restore(setup.abstract_state, step=2)  # no fallback when asked
+    _flip_bytes(tmp_path / "1")
+    with pytest.raises(UnreadableCheckpointError, match=r"step\(s\) 2, 1 are corrupt") as err:
+      ckpt.restore(setup.abstract_state)
+    assert "\n" not in str(err.value) and "checksum mismatch" in str(err.value)
+
+
+def test_checksums_see_every_element_and_no_sharding(small):
+  setup, _ = small
+  rng = np.random.default_rng(0)
+  arrays = {
+      "f32": rng.standard_normal((6, 10)).astype(np.float32),
+      "bf16": rng.standard_normal((6, 10)).astype(jnp.bfloat16),
+      "f16": rng.standard_normal((4,)).astype(np.float16),
+      "i8": rng.integers(-128, 128, (3, 5), dtype=np.int8),
+      "u32": rng.integers(0, 2**32, (2, 2), dtype=np.uint32),
+      "bool": rng.integers(0, 2, (7,)).astype(bool),
+      "scalar": np.int32(7),
+  }
+  base = state_checksums(arrays)
+  assert set(base) == set(arrays) and all(len(h) == 16 for h in base.values())
+  assert len(set(base.values())) == len(base)
+  for name, x in arrays.items():
+    x = np.asarray(x)
+    bits = x.view(np.dtype(f"u{x.dtype.itemsize}")) if x.dtype != bool else x
+    for i in (0, x.size // 2, x.size - 1):
+      for bit in {0, x.dtype.itemsize * 8 - 1} if x.dtype != bool else {0}:
+        changed = bits.copy().reshape(-1)
+        changed[i] ^= np.array(1 << bit, changed.dtype) if x.dtype != bool else True
+        changed = changed.reshape(x.shape).view(x.dtype)
+        assert state_checksums({**arrays, name: changed})[name] != base[name]
+  f32 = arrays["f32"]
+  # Two sign flips (a plain sum of odd multiples mod 2**32 misses these) and
+  # a permutation of the rows.
+  flipped = f32.copy()
+  flipped.reshape(-1)[:2] *= -1
+  assert state_checksums({"f32": flipped})["f32"] != base["f32"]
+  assert state_checksums({"f32": f32[::-1].copy()})["f32"] != base["f32"]
+  # The same on 8 devices as on one.
+  tiled = np.tile(f32, (4, 4))
+  spec = jax.sharding.PartitionSpec(("data", "fsdp"), "tensor")
+  sharded = jax.device_put(tiled, jax.sharding.NamedSharding(setup.mesh, spec))
+  assert len(sharded.sharding.device_set) == 8
+  assert state_checksums({"x": sharded}) == state_checksums({"x": tiled})
+
+
+def test_checkpoint_without_checksums_restores_with_a_warning(small, tmp_path):
+  setup, host = small
+  # A checkpoint as saved before checksums existed: no "checksums" item.
+  with ocp.CheckpointManager(tmp_path, item_handlers={
+      "state": ocp.StandardCheckpointHandler(),
+      "data": ocp.JsonCheckpointHandler(),
+      "config": ocp.JsonCheckpointHandler(),
+  }) as manager:
+    manager.save(3, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(_variant(setup, host, 3)),
+        data=ocp.args.JsonSave({"pos": 3}),
+        config=ocp.args.JsonSave(None),
+    ))
+  with Checkpointer(tmp_path) as ckpt:
+    with pytest.warns(CheckpointWarning, match="step 3 .* has no checksums .*unverified"):
+      restored = ckpt.restore(setup.abstract_state)
+  assert restored.step == 3 and restored.data_state == {"pos": 3}
+  _assert_trees_equal(jax.device_get(restored.state), jax.device_get(_variant(setup, host, 3)))
+
+
+def test_restore_into_another_dtype_is_verified_then_cast(small, tmp_path):
+  setup, host = small
+  with Checkpointer(tmp_path, async_save=False) as ckpt:
+    ckpt.save(1, _variant(setup, host, 1), force=True)
+  to_bf16 = lambda a: jax.ShapeDtypeStruct(a.shape, jnp.bfloat16, sharding=a.sharding)
+  abstract = setup.abstract_state._replace(
+      params=jax.tree.map(to_bf16, setup.abstract_state.params))
+  with Checkpointer(tmp_path) as ckpt, warnings.catch_warnings():
+    warnings.simplefilter("error", CheckpointWarning)  # verified: no warning
+    restored = ckpt.restore(abstract)
+  assert restored.step == 1
+  want = jax.tree.map(lambda p: np.asarray(p).astype(jnp.bfloat16), _variant(setup, host, 1).params)
+  _assert_trees_equal(jax.device_get(restored.state.params), want)
 
 
 def test_unfinished_save_is_ignored(small, tmp_path):

@@ -44,6 +44,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from typing import Any, Mapping
 
 import jax
@@ -53,7 +54,7 @@ import numpy as np
 import subspace_jax as sj
 from subspace_jax.models import llama
 from subspace_jax.training import data as data_lib
-from subspace_jax.training.checkpoint import Checkpointer
+from subspace_jax.training.checkpoint import Checkpointer, CheckpointWarning
 from subspace_jax.training import sharding as shd
 from subspace_jax.training import tokenizer as tok_lib
 from subspace_jax.training import train as train_lib
@@ -1096,7 +1097,7 @@ def _restore_or_init(cfg, setup, ckpt, train_iter) -> tuple[Any, int]:
   saved = ckpt.saved_config(latest)
   if saved is not None and _same_model(saved, expected):
     changes = _check_resume(cfg, saved, latest, ckpt.directory)
-  restored = ckpt.restore(setup.abstract_state, expected_config=expected)
+  restored = _restore_quietly(ckpt, setup.abstract_state, expected)
   if changes is None or restored.step != latest:  # Fell back to an older one.
     changes = _check_resume(cfg, restored.config, restored.step, ckpt.directory)
   data_note = _restore_data_state(cfg, train_iter, restored)
@@ -1129,6 +1130,21 @@ def _restore_data_state(cfg, iterator, restored) -> str | None:
     return (f"the data position saved at step {restored.step} does not fit "
             "this run's data: the data starts from its beginning")
   return None
+
+
+def _restore_quietly(ckpt, abstract_state, expected):
+  """``ckpt.restore``, its warnings (a fallback past a corrupt step, ...)
+  printed as one ``warning: ...`` line each, not in Python's two-line
+  format."""
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always", CheckpointWarning)
+    restored = ckpt.restore(abstract_state, expected_config=expected)
+  for w in caught:
+    if issubclass(w.category, CheckpointWarning):
+      _info(f"warning: {w.message}")
+    else:
+      warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+  return restored
 
 
 def train(cfg: RunConfig) -> dict[str, Any]:
