@@ -7,6 +7,7 @@ intervals, and checkpoints of another model.
 
 import dataclasses
 import json
+import re
 import os
 import pathlib
 import shutil
@@ -344,13 +345,43 @@ def test_corrupt_latest_falls_back_then_fails_clearly(small, tmp_path, corrupt):
 
 
 def _flip_bytes(step_dir, n=64):
-  """Inverts ``n`` bytes in the middle of the largest array data file: the
-  file still decodes (its zstd frames carry no checksum), to other values."""
+  """Inverts ``n`` bytes in the middle of the largest array data file.
+
+  The zstd frames carry no checksum: depending on what the bytes hit, the
+  file decodes to other values (the checksum catches them) or fails to
+  decode (TensorStore catches it). Either way it must not load.
+  """
   path = max(_array_files(step_dir), key=lambda p: p.stat().st_size)
   data = bytearray(path.read_bytes())
   middle = len(data) // 2
   data[middle:middle + n] = bytes(b ^ 0xFF for b in data[middle:middle + n])
   path.write_bytes(bytes(data))
+
+
+# How a damaged array file is reported: a checksum mismatch, or the decoder's
+# own error where the flipped bytes break a zstd frame.
+_DAMAGE = r"checksum mismatch|Data corruption|not valid|[Dd]ecod"
+
+
+def test_a_changed_value_fails_the_checksum(small, tmp_path):
+  """A value changed behind Orbax's back (the saved hash no longer fits):
+  always reported as a checksum mismatch, whatever the file format does."""
+  setup, host = small
+  with Checkpointer(tmp_path, save_interval_steps=1, async_save=False) as ckpt:
+    for step in (1, 2):
+      ckpt.save(step, _variant(setup, host, step))
+  path = tmp_path / "2" / "checksums" / "metadata"  # the JSON item
+  saved = json.loads(path.read_text())
+  name = "params/embed/embedding"
+  dtype, digest = saved["arrays"][name]
+  saved["arrays"][name] = [dtype, digest[:-1] + ("0" if digest[-1] != "0" else "1")]
+  path.write_text(json.dumps(saved))
+  with Checkpointer(tmp_path) as ckpt:
+    with pytest.raises(UnreadableCheckpointError,
+                       match=f"array {re.escape(name)}: checksum mismatch"):
+      ckpt.restore(setup.abstract_state, step=2)
+    with pytest.warns(CheckpointWarning, match="checksum mismatch"):
+      assert ckpt.restore(setup.abstract_state).step == 1
 
 
 def test_flipped_bytes_fail_the_checksum_and_fall_back(small, tmp_path):
@@ -371,14 +402,15 @@ def test_flipped_bytes_fail_the_checksum_and_fall_back(small, tmp_path):
     message = str(warning.message)
     assert "\n" not in message and len(message) < 500
     assert message.startswith(f"checkpoint step(s) 2 in {tmp_path} is corrupt (array ")
-    assert "checksum mismatch" in message and message.endswith("restored step 1 instead")
+    assert message.endswith("restored step 1 instead")
+    assert re.search(_DAMAGE, message), message
 
-    with pytest.raises(UnreadableCheckpointError, match="checksum mismatch"):
+    with pytest.raises(UnreadableCheckpointError, match=_DAMAGE):
       ckpt.restore(setup.abstract_state, step=2)  # no fallback when asked
     _flip_bytes(tmp_path / "1")
     with pytest.raises(UnreadableCheckpointError, match=r"step\(s\) 2, 1 are corrupt") as err:
       ckpt.restore(setup.abstract_state)
-    assert "\n" not in str(err.value) and "checksum mismatch" in str(err.value)
+    assert "\n" not in str(err.value) and re.search(_DAMAGE, str(err.value))
 
 
 def test_checksums_see_every_element_and_no_sharding(small):

@@ -140,10 +140,11 @@ def test_breakdown_of_the_sharded_train_step(name):
   # Arguments: the state (params, optimizer state, int32 step) and this
   # device's part of the batch (one row of 16 tokens, inputs and targets).
   assert b.compiled.arguments == b.weights + b.optimizer_state + 4 + 2 * 16 * 4
-  # Not in donated buffers: batch, step; loss, grad_norm, lr; the output
-  # tuple's index table (8 bytes an output).
-  outputs = len(jax.tree.leaves(s.abstract_state)) + 3
-  assert b.other == 2 * 16 * 4 + 4 + 3 * 4 + 8 * outputs
+  # Not in donated buffers: batch, step; loss, grad_norm, lr (float32) and
+  # the step's finite flag (a bool byte); the output tuple's index table
+  # (8 bytes an output).
+  outputs = len(jax.tree.leaves(s.abstract_state)) + 4
+  assert b.other == 2 * 16 * 4 + 4 + 3 * 4 + 1 + 8 * outputs
   assert b.temporaries >= b.gradients
   assert b.weights + b.optimizer_state + b.temporaries + b.other == b.peak
 
