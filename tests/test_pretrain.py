@@ -328,7 +328,7 @@ def test_signal_saves_a_checkpoint_then_exits_128_plus_signal(sig, tmp_path):
   cmd = [sys.executable, str(EXAMPLE), "--steps", "100000", "--batch-size", "4",
          "--seq-len", "32", "--rank", "8", "--log-every", "2", "--eval-every", "0",
          "--checkpoint-every", "100000", "--checkpoint-dir", str(ckpt_dir),
-         "--metrics", str(metrics), "--tensorboard", "none"]
+         "--metrics", str(metrics), "--tensorboard", "none", "--no-progress"]
   proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
   try:
@@ -353,3 +353,31 @@ def test_signal_saves_a_checkpoint_then_exits_128_plus_signal(sig, tmp_path):
   assert 2 <= last < 100000
   with checkpoint.Checkpointer(ckpt_dir) as ckpt:
     assert ckpt.all_steps() == [last]
+
+
+def test_summary_says_when_the_eval_loss_is_stale(capsys):
+  """An evaluation older than the last step (a stopped run) is dated."""
+  summary = {"step": 13, "start_step": 0, "train_loss": 2.0, "eval_loss": 2.5,
+             "eval_ppl": 12.18, "eval_step": 10, "tokens_per_s": None,
+             "wall_time_s": 1.0, "interrupted": "SIGINT", "nonfinite_steps": 2}
+  loop._print_summary(summary)
+  line = capsys.readouterr().out
+  assert "eval loss 2.5000 (perplexity 12.18, at step 10)" in line, line
+  assert "2 non-finite step(s) skipped" in line and "interrupted by SIGINT" in line
+  loop._print_summary(dict(summary, eval_step=13, nonfinite_steps=0))
+  line = capsys.readouterr().out
+  assert "(perplexity 12.18)," in line and "non-finite" not in line, line
+
+
+def test_eta_counts_from_the_first_step_not_the_compile(capsys, monkeypatch):
+  """A 100 s compile, then 9 steps in 9 s: 90 steps left is 1:30, not 16:30."""
+  monkeypatch.setitem(sys.modules, "tqdm", None)  # the plain '\r' bar
+  clock = iter([100.0, 109.0])  # the run started at t = 0
+  monkeypatch.setattr(loop.time, "perf_counter", lambda: next(clock))
+  bar = loop._Progress(total=100, enabled=True)
+  bar.update(1, loss=5.0)                         # before start: nothing
+  assert capsys.readouterr().err == ""
+  bar.start(1)                                    # t = 100: step 1 done
+  bar.update(10, loss=4.0)                        # t = 109
+  err = capsys.readouterr().err
+  assert "step 10/100 loss 4.0000 ETA 0:01:30" in err, err
