@@ -44,11 +44,9 @@ def make_tokenizer(cfg: RunConfig) -> tok_lib.Tokenizer:
   corpus = None  # The embedded corpus's training split, get_tokenizer's default.
   try:
     source = _source(cfg, cfg.split)
-    if hasattr(source, "open"):
+    if not isinstance(source, data_lib.EmbeddedCorpus):
       docs = source.open()
       corpus = [docs[i] for i in range(min(len(docs), _SPM_SAMPLE_DOCS))]
-    elif not isinstance(source, data_lib.EmbeddedCorpus):
-      corpus = source.documents()[:_SPM_SAMPLE_DOCS]
   except data_lib.DataError as e:
     raise _data_error(e) from None
   return tok_lib.get_tokenizer("sentencepiece", vocab_size=cfg.vocab_size,
