@@ -52,14 +52,15 @@ import os
 import re
 import sys
 import warnings
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from subspace_jax.training.train import TrainState
+if TYPE_CHECKING:
+  from subspace_jax.training.train import TrainState
 
 __all__ = [
     "Restored",

@@ -6,7 +6,8 @@ stride ``seq_len`` (so every token is a target exactly once), and batch the
 windows as ``inputs = window[:-1]`` and ``targets = window[1:]``, both int32 of
 shape ``(batch_size // process_count, seq_len)``.
 
-Sources:
+Sources (defined in :mod:`subspace_jax.training.sources`, importable from
+here too):
 
 * :class:`EmbeddedCorpus`: public-domain English novels shipped with the
   package (no download), with a held-out validation split.
@@ -29,286 +30,26 @@ the data across processes, and have a small JSON-able state::
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import glob
-import gzip
 import hashlib
-import importlib.resources
-import json
 import os
-import pathlib
-import re
-import tempfile
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
-from subspace_jax.training.tokenizer import ByteTokenizer, Tokenizer, default_cache_dir
+from subspace_jax.training import cache
+from subspace_jax.training.sources import (DataError, EmbeddedCorpus, Source,
+                                           TextFiles, TfdsText,
+                                           source_from_spec)
+from subspace_jax.training.tokenizer import ByteTokenizer, Tokenizer
+
+__all__ = ["DataError", "Source", "EmbeddedCorpus", "TextFiles", "TfdsText",
+           "source_from_spec", "tokenize_documents", "PackedIterator",
+           "StreamingIterator", "make_iterator", "ByteTokenizer", "Tokenizer"]
 
 Batch = dict[str, np.ndarray]
 
-_CORPUS_FILE = "gutenberg_en.jsonl.gz"
 _PROGRESS_EVERY = 10_000
-
-
-class DataError(ValueError):
-    """A data-pipeline setting or input that cannot work; says what to change."""
-
-
-# ----------------------------------------------------------------------------
-# Sources
-# ----------------------------------------------------------------------------
-
-
-def _split_documents(docs: list[str], split: str, holdout_fraction: float,
-                     name: str) -> list[str]:
-    """Returns the ``train``/``validation``/``all`` part of ``docs``."""
-    if split == "all":
-        return docs
-    if split not in ("train", "validation"):
-        raise DataError(f"split must be 'train', 'validation' or 'all', got "
-                        f"{split!r}")
-    if not 0.0 <= holdout_fraction < 1.0:
-        raise DataError(f"holdout_fraction must be in [0, 1), got "
-                        f"{holdout_fraction}")
-    n_val = max(1, round(len(docs) * holdout_fraction)) if holdout_fraction else 0
-    if split == "validation" and n_val == 0:
-        raise DataError(f"{name} has no validation split because "
-                        "holdout_fraction is 0; set holdout_fraction > 0")
-    if split == "train" and n_val >= len(docs):
-        raise DataError(f"{name} has only {len(docs)} document(s), too few to "
-                        "hold out a validation split; use split='all' or add "
-                        "documents")
-    return docs[len(docs) - n_val:] if split == "validation" else docs[:len(docs) - n_val]
-
-
-@functools.lru_cache(maxsize=1)
-def _embedded_documents() -> tuple[str, ...]:
-    path = importlib.resources.files("subspace_jax") / "data" / _CORPUS_FILE
-    with path.open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as f:
-        return tuple(json.loads(line)["text"] for line in f if line.strip())
-
-
-@dataclasses.dataclass(frozen=True)
-class EmbeddedCorpus:
-    """Public-domain English prose shipped inside the package.
-
-    About 390 KB of text from two Project Gutenberg novels, in 174 documents
-    of roughly 2,000 characters (whole paragraphs, never crossing a chapter);
-    see ``subspace_jax/data/README.md``. The last ``holdout_fraction`` of the
-    documents is the validation split.
-
-    Attributes:
-        split: ``"train"``, ``"validation"`` or ``"all"``.
-        holdout_fraction: Fraction of documents held out for validation.
-    """
-
-    split: str = "train"
-    holdout_fraction: float = 0.05
-
-    @property
-    def name(self) -> str:
-        return f"embedded:{self.split}"
-
-    def documents(self) -> list[str]:
-        """Returns the documents of the chosen split."""
-        return _split_documents(list(_embedded_documents()), self.split,
-                                self.holdout_fraction, "the embedded corpus")
-
-
-@dataclasses.dataclass(frozen=True)
-class TextFiles:
-    """Local UTF-8 text files matched by a glob.
-
-    Files are read in sorted path order (``**`` matches subdirectories). With
-    ``paragraphs=False`` each file is one document; with ``paragraphs=True``
-    each file is split at blank lines (lines holding only whitespace) and each
-    block is one document. Documents are stripped of surrounding whitespace
-    and empty ones are skipped. The last ``holdout_fraction`` of the
-    documents form the ``"validation"`` split, the rest ``"train"``.
-
-    Attributes:
-        pattern: Glob such as ``"corpus/**/*.txt"``; ``~`` is expanded.
-        paragraphs: Split files into blank-line separated documents.
-        split: ``"all"`` (default), ``"train"`` or ``"validation"``.
-        holdout_fraction: Fraction of documents held out for validation.
-    """
-
-    pattern: str
-    paragraphs: bool = False
-    split: str = "all"
-    holdout_fraction: float = 0.05
-
-    @property
-    def name(self) -> str:
-        return f"files:{self.pattern}"
-
-    def files(self) -> list[pathlib.Path]:
-        """Returns the matching files, sorted.
-
-        Raises:
-            DataError: If no file matches.
-        """
-        matches = sorted(glob.glob(os.path.expanduser(self.pattern),
-                                   recursive=True))
-        files = [pathlib.Path(m) for m in matches if os.path.isfile(m)]
-        if not files:
-            what = "only directories" if matches else "nothing"
-            raise DataError(f"glob {self.pattern!r} matches {what}; give a "
-                            "pattern that matches text files, e.g. "
-                            "'data/**/*.txt'")
-        return files
-
-    def documents(self) -> list[str]:
-        """Reads the files and returns the documents of the chosen split.
-
-        Raises:
-            DataError: If a file cannot be read or is not UTF-8, or if there
-                is no non-empty document.
-        """
-        docs: list[str] = []
-        for path in self.files():
-            try:
-                text = path.read_text(encoding="utf-8")
-            except OSError as e:
-                raise DataError(f"cannot read {str(path)!r} ({e.strerror or e}); "
-                                "fix its permissions or exclude it from the "
-                                "glob") from None
-            except UnicodeDecodeError as e:
-                raise DataError(f"{str(path)!r} is not UTF-8 text (bad byte at "
-                                f"offset {e.start}); convert it or exclude it "
-                                "from the glob") from None
-            text = text.replace("\r\n", "\n")
-            blocks = re.split(r"\n[ \t\r\f\v]*\n", text) if self.paragraphs else [text]
-            docs.extend(b.strip() for b in blocks if b.strip())
-        if not docs:
-            raise DataError(f"files matching {self.pattern!r} contain no "
-                            "non-empty document; point the glob at text files")
-        return _split_documents(docs, self.split, self.holdout_fraction,
-                                f"files matching {self.pattern!r}")
-
-
-def _import_tfds() -> Any:
-    try:
-        import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-    except ImportError:
-        raise ImportError("TFDS sources need tensorflow-datasets: pip install "
-                          "tensorflow-datasets array_record") from None
-    return tfds
-
-
-class _TextColumn(Sequence):
-    """Random access to one text feature of a TFDS data source, as str."""
-
-    def __init__(self, source: Any, key: str):
-        self._source = source
-        self._key = key
-
-    def __len__(self) -> int:
-        return len(self._source)
-
-    def __getitem__(self, index: int) -> str:  # type: ignore[override]
-        value = self._source[int(index)][self._key]
-        if isinstance(value, bytes):
-            return value.decode("utf-8", errors="replace")
-        return str(value)
-
-
-@dataclasses.dataclass(frozen=True)
-class TfdsText:
-    """A text dataset from TensorFlow Datasets, read without TensorFlow.
-
-    The dataset must already be prepared under ``data_dir`` in the
-    ``array_record`` file format (``tfds build NAME --data_dir=DIR
-    --file_format=array_record``); nothing is downloaded.
-
-    Attributes:
-        name: Dataset name, optionally with config and version (``"c4/en"``).
-        data_dir: TFDS data directory; ``None`` uses the TFDS default.
-        split: TFDS split, slicing allowed (``"train"``, ``"validation[:10%]"``).
-        text_key: Name of the text feature.
-    """
-
-    name: str
-    data_dir: str | None = None
-    split: str = "train"
-    text_key: str = "text"
-
-    def open(self) -> Sequence[str]:
-        """Opens the split as a random-access sequence of documents.
-
-        Raises:
-            ImportError: If tensorflow-datasets is not installed.
-            DataError: If the dataset, split or feature is missing, the
-                files are not array_record, or the split is empty.
-        """
-        tfds = _import_tfds()
-        where = f"data_dir={self.data_dir!r}"
-        build = (f"build it first with `tfds build {self.name} --data_dir=DIR "
-                 "--file_format=array_record`")
-        try:
-            builder = tfds.builder(self.name, data_dir=self.data_dir)
-        except tfds.core.DatasetNotFoundError:
-            raise DataError(f"TFDS dataset {self.name!r} not found in {where}; "
-                            f"{build}") from None
-        if not builder.is_prepared():
-            raise DataError(f"TFDS dataset {self.name!r} is not prepared in "
-                            f"{where}; {build}")
-        features = list(builder.info.features.keys())
-        if self.text_key not in features:
-            raise DataError(f"TFDS dataset {self.name!r} has no feature "
-                            f"{self.text_key!r}; set text_key to one of "
-                            f"{features}")
-        try:
-            source = builder.as_data_source(split=self.split)
-        except NotImplementedError:
-            raise DataError(f"TFDS dataset {self.name!r} in {where} is stored as "
-                            f"{builder.info.file_format}, not array_record; "
-                            "rebuild it with --file_format=array_record or "
-                            "convert it with `tfds convert_format`") from None
-        except ValueError as e:
-            raise DataError(f"bad split {self.split!r} for TFDS dataset "
-                            f"{self.name!r} ({str(e).splitlines()[0]}); "
-                            f"available: {list(builder.info.splits.keys())}"
-                            ) from None
-        if len(source) == 0:
-            raise DataError(f"split {self.split!r} of TFDS dataset {self.name!r} "
-                            "is empty; choose another split")
-        return _TextColumn(source, self.text_key)
-
-
-def source_from_spec(spec: str, *, split: str | None = None,
-                     data_dir: str | None = None,
-                     text_key: str = "text") -> EmbeddedCorpus | TextFiles | TfdsText:
-    """Parses a source string, handy for command lines and configs.
-
-    Args:
-        spec: ``"embedded"``, ``"files:GLOB"`` (one document per file),
-            ``"paragraphs:GLOB"`` (one document per blank-line separated
-            block) or ``"tfds:NAME"`` (e.g. ``"tfds:c4/en"``).
-        split: Split; defaults to ``"train"`` for embedded and TFDS sources
-            and ``"all"`` for files.
-        data_dir: TFDS data directory.
-        text_key: TFDS text feature name.
-
-    Returns:
-        The source.
-
-    Raises:
-        DataError: If the spec is not one of the forms above.
-    """
-    kind, _, arg = spec.partition(":")
-    if kind == "embedded" and not arg:
-        return EmbeddedCorpus(split=split or "train")
-    if kind in ("files", "paragraphs") and arg:
-        return TextFiles(arg, paragraphs=kind == "paragraphs", split=split or "all")
-    if kind == "tfds" and arg:
-        return TfdsText(arg, data_dir=data_dir, split=split or "train",
-                        text_key=text_key)
-    raise DataError(f"unknown data source {spec!r}; use 'embedded', "
-                    "'files:GLOB', 'paragraphs:GLOB' or 'tfds:NAME'")
 
 
 # ----------------------------------------------------------------------------
@@ -343,19 +84,12 @@ def _cached_tokens(docs: Sequence[str], tokenizer: Tokenizer,
     fingerprint = getattr(tokenizer, "fingerprint", None)
     if fingerprint is None:  # Unknown tokenizer: we cannot key a cache on it.
         return tokenize_documents(docs, tokenizer)
-    key = hashlib.sha256(f"tokens-v1|{fingerprint}".encode())
-    for doc in docs:
-        data = doc.encode("utf-8")
-        key.update(len(data).to_bytes(8, "little") + data)
-    path = pathlib.Path(cache_dir or default_cache_dir()) / "tokens" / f"{key.hexdigest()[:24]}.npy"
+    key = cache.content_key(f"tokens-v1|{fingerprint}", docs)
+    path = cache.cache_path(cache_dir, "tokens", f"{key[:24]}.npy")
     if path.is_file():
         return np.load(path, mmap_mode="r")
     tokens = tokenize_documents(docs, tokenizer)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npy")
-    with os.fdopen(fd, "wb") as f:
-        np.save(f, tokens)
-    os.replace(tmp, path)
+    cache.write_atomic(path, lambda f: np.save(f, tokens), suffix=".tmp.npy")
     return tokens
 
 
@@ -658,12 +392,6 @@ class StreamingIterator:
 # ----------------------------------------------------------------------------
 
 
-class Source(Protocol):
-    """A data source: has ``name`` and either ``documents()`` or ``open()``."""
-
-    name: str
-
-
 def _check_settings(seq_len: int, batch_size: int, num_epochs: int | None,
                     process_index: int, process_count: int) -> None:
     if not isinstance(seq_len, (int, np.integer)) or seq_len < 1:
@@ -709,7 +437,7 @@ def make_iterator(
         process_index: This process; defaults to ``jax.process_index()``.
         process_count: Number of processes; defaults to ``jax.process_count()``.
         cache_dir: Cache for tokenized embedded/local data; defaults to
-            :func:`~subspace_jax.training.tokenizer.default_cache_dir`.
+            :func:`~subspace_jax.training.cache.default_cache_dir`.
 
     Returns:
         An iterator of ``{"inputs", "targets"}`` int32 arrays of shape
@@ -734,10 +462,10 @@ def make_iterator(
                   shuffle=shuffle, num_epochs=num_epochs,
                   process_index=process_index, process_count=process_count,
                   name=source.name)
-    if hasattr(source, "documents"):
-        tokens = _cached_tokens(source.documents(), tokenizer, cache_dir)
-        return PackedIterator(tokens, **common)
-    if hasattr(source, "open"):
+    if not isinstance(source, Source):
+        raise DataError(f"unsupported source {source!r}; use EmbeddedCorpus, "
+                        "TextFiles, TfdsText or a spec string")
+    if source.streaming:
         return StreamingIterator(source.open(), tokenizer, **common)
-    raise DataError(f"unsupported source {source!r}; use EmbeddedCorpus, "
-                    "TextFiles, TfdsText or a spec string")
+    tokens = _cached_tokens(source.open(), tokenizer, cache_dir)
+    return PackedIterator(tokens, **common)

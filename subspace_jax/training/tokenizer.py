@@ -22,23 +22,11 @@ import hashlib
 import io
 import os
 import pathlib
-import tempfile
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
-_CACHE_ENV = "SUBSPACE_JAX_CACHE_DIR"
-
-
-def default_cache_dir() -> pathlib.Path:
-    """Returns the cache directory for tokenizer models and packed tokens.
-
-    ``$SUBSPACE_JAX_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/subspace_jax``,
-    else ``~/.cache/subspace_jax``.
-    """
-    if os.environ.get(_CACHE_ENV):
-        return pathlib.Path(os.environ[_CACHE_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
-    return pathlib.Path(base).expanduser() / "subspace_jax"
+from subspace_jax.training import cache, sources
+from subspace_jax.training.cache import default_cache_dir  # Re-exported.
 
 
 @runtime_checkable
@@ -178,12 +166,9 @@ class SentencePieceTokenizer:
         if not lines:
             raise ValueError("cannot train a SentencePiece model on an empty "
                              "corpus; pass some non-empty texts")
-        key = hashlib.sha256(f"sp-v1|{model_type}|{vocab_size}".encode())
-        for line in lines:
-            data = line.encode("utf-8")
-            key.update(len(data).to_bytes(8, "little") + data)
-        folder = pathlib.Path(cache_dir or default_cache_dir()) / "tokenizers"
-        path = folder / f"sp_{model_type}_{vocab_size}_{key.hexdigest()[:16]}.model"
+        key = cache.content_key(f"sp-v1|{model_type}|{vocab_size}", lines)
+        path = cache.cache_path(cache_dir, "tokenizers",
+                                f"sp_{model_type}_{vocab_size}_{key[:16]}.model")
         if not path.is_file():
             _train_to(path, lines, vocab_size, model_type)
         return cls(path)
@@ -209,11 +194,7 @@ def _train_to(path: pathlib.Path, lines: list[str], vocab_size: int,
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
         raise ValueError(f"SentencePiece training failed ({msg}); try a "
                          "smaller vocab_size or a larger corpus") from None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(model.getvalue())
-    os.replace(tmp, path)
+    cache.write_atomic(path, lambda f: f.write(model.getvalue()))
 
 
 def get_tokenizer(
@@ -248,8 +229,7 @@ def get_tokenizer(
         if model_path is not None:
             return SentencePieceTokenizer(model_path)
         if corpus is None:
-            from subspace_jax.training import data  # pylint: disable=import-outside-toplevel
-            corpus = data.EmbeddedCorpus(split="train").documents()
+            corpus = sources.EmbeddedCorpus(split="train").documents()
         return SentencePieceTokenizer.train(corpus, vocab_size,
                                             model_type=model_type,
                                             cache_dir=cache_dir)

@@ -1,0 +1,102 @@
+"""The data of a run: its tokenizer, its iterators and their positions.
+
+Data-pipeline errors come out as :class:`~subspace_jax.training.data.DataError`
+with the pipeline's argument names replaced by the run's command-line flags.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping
+
+import jax
+
+from subspace_jax.training import data as data_lib
+from subspace_jax.training import tokenizer as tok_lib
+from subspace_jax.training.config import RunConfig
+from subspace_jax.training.distributed import allgather_json
+
+__all__ = ["make_tokenizer", "make_iterators", "data_state", "set_data_state"]
+
+# Documents of the training split used to train a SentencePiece model on a
+# files/TFDS source (the embedded corpus is used whole).
+_SPM_SAMPLE_DOCS = 20_000
+
+# Python argument names in the data pipeline's messages, and their flags.
+_DATA_WORDS = ((re.compile(r"split='all'"), "--split all with --eval-split none"),
+               (re.compile(r"\bbatch_size\b"), "--batch-size"),
+               (re.compile(r"\bseq_len\b"), "--seq-len"))
+
+
+def _data_error(error: data_lib.DataError) -> data_lib.DataError:
+  """``error`` with the data pipeline's argument names as flags."""
+  text = str(error)
+  for pattern, flag in _DATA_WORDS:
+    text = pattern.sub(flag, text)
+  return data_lib.DataError(text)
+
+
+def make_tokenizer(cfg: RunConfig) -> tok_lib.Tokenizer:
+  """The run's tokenizer; a SentencePiece model is trained (or found in the
+  cache) on the first documents of the training split."""
+  if cfg.tokenizer == "byte":
+    return tok_lib.ByteTokenizer()
+  corpus = None  # The embedded corpus's training split, get_tokenizer's default.
+  try:
+    source = _source(cfg, cfg.split)
+    if not isinstance(source, data_lib.EmbeddedCorpus):
+      docs = source.open()
+      corpus = [docs[i] for i in range(min(len(docs), _SPM_SAMPLE_DOCS))]
+  except data_lib.DataError as e:
+    raise _data_error(e) from None
+  return tok_lib.get_tokenizer("sentencepiece", vocab_size=cfg.vocab_size,
+                               corpus=corpus)
+
+
+def make_iterators(cfg: RunConfig, tokenizer):
+  """The training iterator, and the evaluation iterator with its starting
+  state (None, None without evaluation)."""
+  iter_args = dict(seq_len=cfg.seq_len, batch_size=cfg.batch_size)
+  try:
+    train_iter = data_lib.make_iterator(_source(cfg, cfg.split), tokenizer,
+                                        seed=cfg.seed, **iter_args)
+    eval_iter = eval_start = None
+    if cfg.eval_every and cfg.eval_split:
+      eval_iter = data_lib.make_iterator(_source(cfg, cfg.eval_split),
+                                         tokenizer, shuffle=False, **iter_args)
+      eval_start = eval_iter.get_state()
+  except data_lib.DataError as e:
+    raise _data_error(e) from None
+  return train_iter, eval_iter, eval_start
+
+
+def _source(cfg: RunConfig, split: str) -> data_lib.Source:
+  return data_lib.source_from_spec(cfg.data, split=split,
+                                   data_dir=cfg.data_dir, text_key=cfg.text_key)
+
+
+def data_state(iterator) -> dict[str, Any]:
+  """The data position of every process (they differ for streamed data)."""
+  return {"processes": allgather_json(iterator.get_state())}
+
+
+def set_data_state(iterator, saved: Mapping[str, Any] | None) -> None:
+  """Moves ``iterator`` to this process's position in ``saved``.
+
+  Raises:
+    ValueError: If ``saved`` has no position, or positions of another
+      number of processes that differ.
+    DataError: If the position does not fit the iterator's data.
+  """
+  states = (saved or {}).get("processes")
+  if not states:
+    raise ValueError("the checkpoint has no data position; use another "
+                     "--checkpoint-dir")
+  if len(states) == jax.process_count():
+    iterator.set_state(states[jax.process_index()])
+  elif all(s == states[0] for s in states):
+    iterator.set_state(states[0])  # Same for all: any process count works.
+  else:
+    raise ValueError(f"the checkpoint's data position was saved by "
+                     f"{len(states)} processes; resume with --num-processes "
+                     f"{len(states)}")
