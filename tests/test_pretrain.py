@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import pytest
 
-from subspace_jax.training import checkpoint, data, loop, train
+from subspace_jax.training import checkpoint, data, loop, reporting, train
 from subspace_jax.training import sharding as shd
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -360,11 +360,11 @@ def test_summary_says_when_the_eval_loss_is_stale(capsys):
   summary = {"step": 13, "start_step": 0, "train_loss": 2.0, "eval_loss": 2.5,
              "eval_ppl": 12.18, "eval_step": 10, "tokens_per_s": None,
              "wall_time_s": 1.0, "interrupted": "SIGINT", "nonfinite_steps": 2}
-  loop._print_summary(summary)
+  reporting.print_summary(summary)
   line = capsys.readouterr().out
   assert "eval loss 2.5000 (perplexity 12.18, at step 10)" in line, line
   assert "2 non-finite step(s) skipped" in line and "interrupted by SIGINT" in line
-  loop._print_summary(dict(summary, eval_step=13, nonfinite_steps=0))
+  reporting.print_summary(dict(summary, eval_step=13, nonfinite_steps=0))
   line = capsys.readouterr().out
   assert "(perplexity 12.18)," in line and "non-finite" not in line, line
 
@@ -373,8 +373,8 @@ def test_eta_counts_from_the_first_step_not_the_compile(capsys, monkeypatch):
   """A 100 s compile, then 9 steps in 9 s: 90 steps left is 1:30, not 16:30."""
   monkeypatch.setitem(sys.modules, "tqdm", None)  # the plain '\r' bar
   clock = iter([100.0, 109.0])  # the run started at t = 0
-  monkeypatch.setattr(loop.time, "perf_counter", lambda: next(clock))
-  bar = loop._Progress(total=100, enabled=True)
+  monkeypatch.setattr(reporting.time, "perf_counter", lambda: next(clock))
+  bar = reporting.Progress(total=100, enabled=True)
   bar.update(1, loss=5.0)                         # before start: nothing
   assert capsys.readouterr().err == ""
   bar.start(1)                                    # t = 100: step 1 done
