@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import optax
 
 from subspace_jax import matrix_view as mv
+from subspace_jax import projection as proj
 from subspace_jax import transform as tf
 
 __all__ = [
@@ -62,7 +63,6 @@ __all__ = [
 ]
 
 _MASKED = optax.MaskedNode
-PROJECTIONS = ("stiefel", "scaled_stiefel")
 
 
 class Factored(NamedTuple):
@@ -131,7 +131,9 @@ class Subspace:
     plans: One :class:`~subspace_jax.matrix_view.LeafPlan` (or None for a
       full leaf) per leaf.
     treedef: The parameter tree's structure.
-    projection: ``"scaled_stiefel"`` (RSO) or ``"stiefel"`` (GoLore).
+    projection: A sampler of :data:`subspace_jax.projection.SAMPLERS`
+      that is not ``stored``: ``"scaled_stiefel"`` (RSO) or ``"stiefel"``
+      (GoLore).
     update_gap: Steps per subproblem.
     seed: Seed of the projection key.
   """
@@ -152,7 +154,8 @@ class Subspace:
       params: The model's parameter tree.
       rank: Rank ``r`` (clipped to each matrix).
       update_gap: Steps per subproblem.
-      projection: One of ``"scaled_stiefel"``, ``"stiefel"``.
+      projection: A key of :data:`subspace_jax.projection.SAMPLERS` whose
+        sampler is not ``stored`` (``"scaled_stiefel"``, ``"stiefel"``).
       seed: Seed of the projection key.
       views: Which leaves are factored, with the input axes as the rows
         (default :func:`~subspace_jax.default_view`: the last two axes).
@@ -160,9 +163,11 @@ class Subspace:
     tf._check_positive_int("rank", rank)
     tf._check_positive_int("update_gap", update_gap)
     tf._check_positive_int("seed", seed, allow_zero=True)
-    if projection not in PROJECTIONS:
+    sampler = proj.SAMPLERS.get(projection)
+    if sampler is None or sampler.stored:
+      random = tuple(k for k, s in proj.SAMPLERS.items() if not s.stored)
       raise ValueError(f"model mode needs a random projection, one of "
-                       f"{PROJECTIONS}; got {projection!r}")
+                       f"{random}; got {projection!r}")
     plans, treedef = tf.leaf_plans(params, rank=rank, side="left", views=views)
     return cls(tuple(plans), treedef, projection, update_gap, seed)
 
@@ -195,7 +200,7 @@ class Subspace:
     dtype of the projected gradient: the same call, so the same bits.
     """
     key = jax.random.wrap_key_data(params.key)
-    subproblem = params.count // self.update_gap
+    subproblem, _ = tf.subspace_schedule(params.count, self.update_gap)
     return [
         None if p is None else tf.random_projection(
             tf.projection_key(key, i, subproblem), p, self.projection, b.dtype)
@@ -242,7 +247,8 @@ class Subspace:
       ``W ← W + P·B`` and ``B ← 0``; the counter is incremented.
     """
     count = params.count
-    merge = (count + 1) % self.update_gap == 0
+    # The step ends a subproblem when the next one starts one.
+    _, merge = tf.subspace_schedule(count + 1, self.update_gap)
     weights, low = [], []
     for w, t, p, plan in zip(self._leaves(params.weights),
                              self._leaves(trainable), projections, self.plans):
@@ -335,43 +341,29 @@ def scale_by_factored(
   """
   if inner is None:
     inner = optax.scale_by_adam()
-  if eta is not None and not isinstance(eta, jax.Array) and not eta > 0:
-    raise ValueError(f"eta must be > 0 (or None to turn it off), got {eta}")
+  tf.check_eta(eta)
   plans, treedef = subspace.plans, subspace.treedef
 
-  def split(tree):
-    leaves = treedef.flatten_up_to(tree)
-    low = [x if p is not None else _MASKED() for x, p in zip(leaves, plans)]
-    full = [_MASKED() if p is not None else x for x, p in zip(leaves, plans)]
-    return treedef.unflatten(low), treedef.unflatten(full)
-
   def init_fn(params):
-    low, full = split(params)
-    return FactoredState(jnp.zeros([], jnp.int32), inner.init(low),
-                         inner.init(full))
+    return FactoredState(jnp.zeros([], jnp.int32),
+                         *tf.inner_init(inner, treedef, plans, params, params))
 
   def update_fn(updates, state, params=None):
+    tf.require_params("scale_by_factored", eta, params)
+    _, starts = tf.subspace_schedule(state.count, subspace.update_gap)
     if eta is not None:
-      if params is None:
-        raise ValueError("scale_by_factored with eta needs `params` in update()")
-      b = treedef.flatten_up_to(params)
+      # B is the trainable leaf itself: no anchor, no Gram factor.
       updates = treedef.unflatten([
-          g if p is None else g + b_i.astype(g.dtype) / eta
-          for g, b_i, p in zip(treedef.flatten_up_to(updates), b, plans)
+          g if p is None else tf.proximal(g, b.astype(g.dtype), eta)
+          for g, b, p in zip(treedef.flatten_up_to(updates),
+                             treedef.flatten_up_to(params), plans)
       ])
-    low, full = split(updates)
-    inner_low = state.inner_low
-    if reset_inner:
-      fresh = inner.init(low)
-      start = state.count % subspace.update_gap == 0
-      inner_low = jax.tree.map(lambda f, o: jnp.where(start, f, o), fresh,
-                               inner_low)
-    low, inner_low = inner.update(low, inner_low, None)
-    full, inner_full = inner.update(full, state.inner_full, None)
-    low_leaves = treedef.flatten_up_to(low)
-    full_leaves = treedef.flatten_up_to(full)
+    low, full, inner_low, inner_full = tf.inner_update(
+        inner, treedef, plans, updates, updates, state.inner_low,
+        state.inner_full, reset=starts if reset_inner else None)
     out = [f if p is None else (scale * l).astype(l.dtype)
-           for l, f, p in zip(low_leaves, full_leaves, plans)]
+           for l, f, p in zip(treedef.flatten_up_to(low),
+                              treedef.flatten_up_to(full), plans)]
     return treedef.unflatten(out), FactoredState(
         optax.safe_int32_increment(state.count), inner_low, inner_full)
 

@@ -16,15 +16,27 @@ subspace; a gradient ``G`` of shape ``(m, n)`` is projected as ``Pᵀ G``
 All computation happens in float32 (float64 when a float64 result is asked
 for, so that a float64 ``P`` is orthonormal to float64 accuracy); the result
 is cast to ``dtype`` (float32 by default).
+
+:data:`SAMPLERS` is the one table of projection kinds the optimizers use: for
+each, how ``P`` is made, whether it is kept in the optimizer state or
+regenerated from its key, and its Gram factor. A new kind is one entry.
+:func:`projection_key` gives the key of one leaf's projection in one
+subspace.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
+    "Sampler",
+    "SAMPLERS",
+    "projection_key",
     "svd_subspace",
     "randomized_subspace",
     "stiefel",
@@ -311,3 +323,87 @@ def captured_energy(p: jax.Array, g: jax.Array) -> jax.Array:
   return jnp.sum(jnp.square(p.astype(jnp.float32).T @ g)) / jnp.sum(
       jnp.square(g)
   )
+
+
+def projection_key(key: jax.Array, leaf_index, subspace_index) -> jax.Array:
+  """The key of one leaf's projection in one subspace (a typed key).
+
+  ``fold_in(fold_in(key, leaf_index), subspace_index)``: the same in
+  transform and model mode, so both draw the same projections.
+  """
+  return jax.random.fold_in(jax.random.fold_in(key, leaf_index), subspace_index)
+
+
+def _orthonormal_gram(m: int, rank: int) -> float:
+  del m, rank
+  return 1.0
+
+
+def _scaled_gram(m: int, rank: int) -> float:
+  return m / rank
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+  """How one kind of projection is made.
+
+  Attributes:
+    make: ``make(key, m, rank, *, dtype, g=None, init=None, transposed=False,
+      **options) -> P`` with ``P`` of shape ``(m, rank)``. ``g`` is the
+      ``(m, n)`` gradient matrix (given only to ``stored`` kinds), ``init``
+      the previous projection, ``transposed`` whether ``g`` is the transpose
+      of the leaf's matrix (so an SVD can take the signs of the untransposed
+      one), and ``options`` the sampler's extra settings (``oversample``,
+      ``power_iters``); a sampler ignores what it does not use.
+    stored: True: ``P`` is a function of the gradient, recomputed at each
+      refresh and kept in the optimizer state between refreshes. False:
+      ``P`` depends only on ``(key, m, rank)`` and is regenerated from the
+      key at every step, never stored (so model mode can use it).
+    gram: ``gram(m, rank) -> c`` with ``PᵀP = c·I`` (1 for orthonormal
+      columns).
+  """
+
+  make: Callable[..., jax.Array]
+  stored: bool
+  gram: Callable[[int, int], float] = _orthonormal_gram
+
+
+# The samplers below look their functions up by name when called, so a
+# function patched on this module (as the benchmarks do) is the one used.
+
+
+def _make_svd(key, m, rank, *, dtype, g=None, transposed=False, **_):
+  del key, m
+  if transposed:
+    # Right singular vectors of the untransposed matrix: the signs then
+    # match optax and the paper's code.
+    return svd_subspace(g.T, rank, right=True, dtype=dtype)
+  return svd_subspace(g, rank, dtype=dtype)
+
+
+def _make_randomized(key, m, rank, *, dtype, g=None, init=None,
+                     oversample=8, power_iters=2, **_):
+  del m
+  return randomized_subspace(g, rank, key, init=init, oversample=oversample,
+                             power_iters=power_iters, dtype=dtype)
+
+
+def _make_stiefel(key, m, rank, *, dtype, **_):
+  return stiefel(key, m, rank, dtype=dtype)
+
+
+def _make_scaled_stiefel(key, m, rank, *, dtype, **_):
+  return scaled_stiefel(key, m, rank, dtype=dtype)
+
+
+SAMPLERS: dict[str, Sampler] = {
+    # Exact top-r left singular vectors of the gradient.
+    "svd": Sampler(_make_svd, stored=True),
+    # Fast approximate top-r subspace, warm-started from the previous P.
+    "randomized": Sampler(_make_randomized, stored=True),
+    # Uniform on St(m, r).
+    "stiefel": Sampler(_make_stiefel, stored=False),
+    # sqrt(m / r) · stiefel: PᵀP = (m / r) I, E[P Pᵀ] = I.
+    "scaled_stiefel": Sampler(_make_scaled_stiefel, stored=False,
+                              gram=_scaled_gram),
+}

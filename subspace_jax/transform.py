@@ -17,10 +17,19 @@ golore     uniform on the Stiefel manifold             kept
 rso        ``sqrt(d/r)`` × uniform Stiefel             reset (new subproblem)
 =========  ==========================================  ====================
 
+Both choices are data: :data:`METHODS` holds one :class:`Method` per
+preset (its projection kind, the reset, whether ``eta`` and ``svd_steps``
+apply, whether model mode can run it) and
+:data:`subspace_jax.projection.SAMPLERS` one sampler per projection kind
+(how ``P`` is made, whether it is stored, its Gram factor). A new preset is
+one entry and a thin constructor calling :func:`scale_by_method`; a new
+kind of projection is one entry.
+
 Random projections are never stored: they are regenerated at every step from
-``fold_in(fold_in(key, leaf_index), subspace_index)`` where
-``subspace_index = count // update_gap``; a GoLore/RSO state therefore holds
-a key and a counter instead of an ``m × r`` matrix per leaf.
+``projection_key(key, leaf_index, subspace_index)`` where
+``subspace_index = count // update_gap`` (:func:`subspace_schedule`); a
+GoLore/RSO state therefore holds a key and a counter instead of an ``m × r``
+matrix per leaf.
 
 Learning rate and weight decay are chained after, in full space::
 
@@ -33,7 +42,9 @@ Learning rate and weight decay are chained after, in full space::
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+import dataclasses
+import functools
+from typing import Any, Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -45,26 +56,77 @@ from subspace_jax import projection as proj
 __all__ = [
     "SubspaceState",
     "scale_by_subspace",
+    "scale_by_method",
     "galore",
     "golore",
     "rso",
+    "Method",
+    "METHODS",
     "PROJECTIONS",
     "leaf_plans",
     "projection_key",
     "random_projection",
+    "subspace_schedule",
 ]
 
-# How a projection is made.
-#   svd:            exact top-r left singular vectors (stored in the state)
-#   randomized:     fast approximate top-r subspace, warm-started (stored)
-#   stiefel:        uniform on St(d, r), regenerated from the key
-#   scaled_stiefel: sqrt(d / r) * stiefel, regenerated from the key
-PROJECTIONS = ("svd", "randomized", "stiefel", "scaled_stiefel")
-_RANDOM = ("stiefel", "scaled_stiefel")
+# The built-in projection kinds (see subspace_jax.projection.SAMPLERS, which
+# is what the transforms read, so a kind added there is accepted too).
+PROJECTIONS = tuple(proj.SAMPLERS)
+projection_key = proj.projection_key
 # Subspace index of the initial projection (count // update_gap never is).
 _INIT_SUBSPACE = 2**32 - 1
+# The projection of GoLore@x%'s SVD phase, and that of the initial stored
+# projection (a random orthonormal start).
+_SVD_PHASE = "svd"
+_INIT_KIND = "stiefel"
 
 _MASKED = optax.MaskedNode
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """A subspace method: the settings of :func:`scale_by_subspace` it fixes.
+
+  Attributes:
+    projection: Kind of projection, a key of
+      :data:`subspace_jax.projection.SAMPLERS`.
+    reset_inner: Re-initialize the inner state of the projected leaves at
+      every new subspace (a fresh subproblem).
+    proximal: Whether the proximal coefficient ``eta`` applies.
+    svd_phase: Whether ``svd_steps`` (exact SVD projections first) applies.
+    model_mode: Whether the method can run in model mode
+      (:mod:`subspace_jax.factored`): its projection must not need the
+      gradient.
+    svd_variants: Projection kind for each value of the ``svd`` option
+      (empty: the option does not apply and ``projection`` is used).
+  """
+
+  projection: str
+  reset_inner: bool = False
+  proximal: bool = False
+  svd_phase: bool = False
+  model_mode: bool = False
+  svd_variants: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+  def projection_for(self, svd: str = "exact") -> str:
+    """The projection kind with the ``svd`` option ``svd``."""
+    if not self.svd_variants:
+      return self.projection
+    if svd not in self.svd_variants:
+      choices = " or ".join(map(repr, self.svd_variants))
+      raise ValueError(f"svd must be {choices}, got {svd!r}")
+    return self.svd_variants[svd]
+
+
+METHODS: dict[str, Method] = {
+    "galore": Method(
+        "svd", svd_variants={"exact": "svd", "randomized": "randomized"}
+    ),
+    "golore": Method("stiefel", svd_phase=True, model_mode=True),
+    "rso": Method(
+        "scaled_stiefel", reset_inner=True, proximal=True, model_mode=True
+    ),
+}
 
 
 class SubspaceState(NamedTuple):
@@ -95,6 +157,16 @@ class SubspaceState(NamedTuple):
   inner_full: Any
 
 
+def subspace_schedule(count, update_gap: int) -> tuple[jax.Array, jax.Array]:
+  """Where step ``count`` falls in the schedule of subspaces.
+
+  Returns:
+    ``(index, starts)``: the subspace index ``count // update_gap`` and
+    whether ``count`` is the first step of its subspace.
+  """
+  return count // update_gap, count % update_gap == 0
+
+
 def leaf_plans(
     tree, *, rank: int, side: str = "lean", views: Optional[mv.ViewFn] = None
 ) -> tuple[list[Optional[mv.LeafPlan]], Any]:
@@ -108,11 +180,6 @@ def leaf_plans(
   with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
   plans = [mv.plan_leaf(p, x, view_fn, rank, side) for p, x in with_path]
   return plans, treedef
-
-
-def projection_key(key: jax.Array, leaf_index, subspace_index) -> jax.Array:
-  """The key of one leaf's projection in one subspace (a typed key)."""
-  return jax.random.fold_in(jax.random.fold_in(key, leaf_index), subspace_index)
 
 
 def _over_batch(fn, plan: mv.LeafPlan, g, old, key):
@@ -131,22 +198,42 @@ def _over_batch(fn, plan: mv.LeafPlan, g, old, key):
   return out.reshape(plan.batch_shape + out.shape[1:])
 
 
+def _regenerated(sampler: proj.Sampler, key, plan: mv.LeafPlan, dtype):
+  """``sampler``'s projection ``batch + (d, r)`` of a leaf from its key; each
+  matrix of a stacked leaf gets its own key (``jax.random.split``)."""
+  one = lambda k: sampler.make(k, plan.dim, plan.rank, dtype=dtype)
+  if not plan.batch_shape:
+    return one(key)
+  out = jax.vmap(one)(jax.random.split(key, plan.num_matrices))
+  return out.reshape(plan.projection_shape)
+
+
 def random_projection(
     key: jax.Array, plan: mv.LeafPlan, kind: str, dtype=jnp.float32
 ) -> jax.Array:
-  """The random projection ``batch + (d, r)`` of a leaf, from its key.
+  """The projection ``batch + (d, r)`` of a leaf, regenerated from its key.
 
-  Each matrix of a stacked leaf gets its own key (``jax.random.split``).
+  ``kind`` names a sampler of :data:`~subspace_jax.projection.SAMPLERS` that
+  is not ``stored``. Each matrix of a stacked leaf gets its own key
+  (``jax.random.split``).
   """
-  sampler = {"stiefel": proj.stiefel, "scaled_stiefel": proj.scaled_stiefel}[
-      kind
-  ]
-  one = lambda k: sampler(k, plan.dim, plan.rank, dtype=dtype)
-  if not plan.batch_shape:
-    return one(key)
-  keys = jax.random.split(key, plan.num_matrices)
-  out = jax.vmap(one)(keys)
-  return out.reshape(plan.projection_shape)
+  sampler = proj.SAMPLERS[kind]
+  if sampler.stored:
+    raise ValueError(f"a {kind!r} projection is made from the gradient, not "
+                     "regenerated from a key")
+  return _regenerated(sampler, key, plan, dtype)
+
+
+def _gradient_projection(sampler: proj.Sampler, plan: mv.LeafPlan, key, g,
+                         old, options: Mapping[str, Any]) -> jax.Array:
+  """A stored sampler's projection of the gradient matrix ``g``, in the dtype
+  of the previous projection ``old`` (its warm start)."""
+
+  def one(g, old, k):
+    return sampler.make(k, plan.dim, plan.rank, dtype=old.dtype, g=g,
+                        init=old, transposed=plan.transpose, **options)
+
+  return _over_batch(one, plan, g, old, key)
 
 
 def _check_positive_int(name: str, value, *, allow_zero: bool = False) -> None:
@@ -161,6 +248,79 @@ def _check_positive_int(name: str, value, *, allow_zero: bool = False) -> None:
     raise ValueError(f"{name} must be {bound}, got {value}")
 
 
+# --- the inner core, shared with model mode (subspace_jax.factored) ----------
+
+
+def check_eta(eta) -> None:
+  """Refuses a proximal coefficient that is not ``> 0`` (None: off)."""
+  if eta is not None and not isinstance(eta, jax.Array) and not eta > 0:
+    raise ValueError(f"eta must be > 0 (or None to turn it off), got {eta}")
+
+
+def require_params(name: str, eta, params) -> None:
+  """Refuses an ``update`` without ``params`` when the proximal term is on."""
+  if eta is not None and params is None:
+    raise ValueError(f"{name} with eta needs `params` in update()")
+
+
+def proximal(low, displacement, eta, gram=1.0):
+  """``low + B / eta``, the gradient of the subproblem with ``‖B‖² / (2 eta)``,
+  for ``B = displacement / gram`` (``PᵀP = gram · I``)."""
+  return low + displacement / (gram * eta)
+
+
+def split_low_full(treedef, plans, low, full):
+  """Two trees of ``treedef``: ``low``'s leaves at the projected leaves
+  (``plans[i]`` not None) and ``full``'s at the others, ``MaskedNode``
+  elsewhere."""
+  lows, fulls = treedef.flatten_up_to(low), treedef.flatten_up_to(full)
+  return (
+      treedef.unflatten(
+          [l if p is not None else _MASKED() for l, p in zip(lows, plans)]),
+      treedef.unflatten(
+          [_MASKED() if p is not None else f for f, p in zip(fulls, plans)]),
+  )
+
+
+def inner_init(inner, treedef, plans, low, full):
+  """``(inner_low, inner_full)``: ``inner``'s states over the two groups."""
+  low_tree, full_tree = split_low_full(treedef, plans, low, full)
+  return inner.init(low_tree), inner.init(full_tree)
+
+
+def inner_update(inner, treedef, plans, low, full, inner_low, inner_full, *,
+                 reset=None):
+  """``inner`` on the projected group and, separately, on the full one.
+
+  Args:
+    inner: The inner gradient transformation.
+    treedef: The parameters' tree structure.
+    plans: One plan (None: full leaf) per leaf.
+    low: Tree whose projected leaves are the low-rank gradients.
+    full: Tree whose full leaves are the full gradients.
+    inner_low: ``inner``'s state over the low-rank group.
+    inner_full: ``inner``'s state over the full group.
+    reset: None, or a traced bool: where true, ``inner_low`` is
+      re-initialized first (a new subproblem).
+
+  Returns:
+    ``(low_updates, full_updates, inner_low, inner_full)``; the update trees
+    hold ``MaskedNode`` at the other group's leaves.
+  """
+  low_tree, full_tree = split_low_full(treedef, plans, low, full)
+  if reset is not None:
+    fresh = inner.init(low_tree)
+    inner_low = jax.tree.map(
+        lambda f, o: jnp.where(reset, f, o), fresh, inner_low
+    )
+  low_updates, inner_low = inner.update(low_tree, inner_low, None)
+  full_updates, inner_full = inner.update(full_tree, inner_full, None)
+  return low_updates, full_updates, inner_low, inner_full
+
+
+# --- scale_by_subspace ------------------------------------------------------
+
+
 _PARAMS_ERROR = """\
 the inner transformation needs `params` (as optax.adamw, lamb or lars do), but \
 it runs on projected r×k gradients that have no parameters. Pass a \
@@ -172,6 +332,185 @@ after, in full space:
       optax.add_decayed_weights(weight_decay),
       optax.scale_by_learning_rate(learning_rate),
   )"""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Settings:
+  """The checked settings of one :func:`scale_by_subspace`."""
+
+  inner: optax.GradientTransformation
+  rank: int
+  update_gap: int
+  scale: Any
+  sampler: proj.Sampler
+  svd_steps: int
+  reset_inner: bool
+  eta: Any
+  seed: int
+  side: str
+  views: Optional[mv.ViewFn]
+  moment_dtype: Any
+  options: Mapping[str, Any]
+  name: str
+
+  @property
+  def stores(self) -> bool:
+    """Whether the state keeps a projection per leaf."""
+    return self.sampler.stored or self.svd_steps > 0
+
+  def plans(self, tree):
+    return leaf_plans(tree, rank=self.rank, side=self.side, views=self.views)
+
+  def low_dtype(self, leaf):
+    if self.moment_dtype is not None:
+      return jnp.dtype(self.moment_dtype)
+    return leaf.dtype
+
+
+def _acc(dtype):
+  """Accumulation dtype: float32 at least (float64 stays float64)."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def _project(p, m, acc):
+  """``Pᵀ M`` over the trailing matrix axes."""
+  return jnp.einsum("...dr,...dk->...rk", p, m, preferred_element_type=acc)
+
+
+def _back_project(plan: mv.LeafPlan, p, u, g, scale):
+  """``scale · P U`` in the leaf's shape and in ``g``'s dtype."""
+  back = jnp.einsum("...dr,...rk->...dk", p, u,
+                    preferred_element_type=_acc(g.dtype))
+  return (scale * plan.from_matrix(back)).astype(g.dtype)
+
+
+def _refresh(st: _Settings, plan, key, count, starts, g, old):
+  """New stored projection: recomputed at a new subspace, else ``old``."""
+
+  def recompute():
+    made = lambda sampler: _gradient_projection(sampler, plan, key, g, old,
+                                                st.options)
+    if st.sampler.stored:
+      new = made(st.sampler)
+    else:  # a random projection after an SVD phase (GoLore@x%)
+      new = jax.lax.cond(
+          count < st.svd_steps,
+          lambda: made(proj.SAMPLERS[_SVD_PHASE]),
+          lambda: _regenerated(st.sampler, key, plan, old.dtype),
+      )
+    # A non-finite gradient must not leave a NaN projection for the next
+    # update_gap steps: keep the previous one instead.
+    return jnp.where(jnp.all(jnp.isfinite(new)), new, old)
+
+  return jax.lax.cond(starts, recompute, lambda: old)
+
+
+def _leaf_forward(st: _Settings, key, index, count, starts, i, plan, g, old,
+                  old_anchor, x):
+  """One leaf's step into the subspace.
+
+  Returns:
+    ``(P, stored P or MaskedNode, anchor or MaskedNode, low-rank gradient)``,
+    or ``(None, MaskedNode, MaskedNode, None)`` for a full leaf.
+  """
+  if plan is None:
+    return None, _MASKED(), _MASKED(), None
+  gm = plan.to_matrix(g)
+  k = projection_key(key, i, index)
+  if st.stores:
+    p = kept = _refresh(st, plan, k, count, starts, gm, old)
+  else:
+    p, kept = _regenerated(st.sampler, k, plan, st.low_dtype(g)), _MASKED()
+  low = _project(p, gm, _acc(g.dtype))
+  anchor = _MASKED()
+  if st.eta is not None:
+    ptx = _project(p, plan.to_matrix(x), old_anchor.dtype)
+    anchor = jnp.where(starts, ptx, old_anchor)
+    # B = (PᵀP)⁻¹ Pᵀ(X − X₀), PᵀX₀ being the anchor.
+    gram = st.sampler.gram(plan.dim, plan.rank)
+    low = proximal(low, ptx - anchor, st.eta, gram)
+  return p, kept, anchor, low.astype(st.low_dtype(g))
+
+
+def _unzip(treedef, tree, n: int) -> tuple:
+  """``n`` trees of ``treedef`` from a tree of ``n``-tuples at its leaves."""
+  rows = treedef.flatten_up_to(tree)
+  cols = list(zip(*rows)) if rows else [()] * n
+  return tuple(treedef.unflatten(list(c)) for c in cols)
+
+
+def _leaf_init(st: _Settings, key, i, plan, x):
+  """``(stored projection, anchor)`` of one leaf at init (or MaskedNodes)."""
+  if plan is None:
+    return _MASKED(), _MASKED()
+  p = _MASKED()
+  if st.stores:
+    # A random orthonormal start: the first step replaces it; it is what
+    # stays if that step's gradient is not finite, and the warm start of
+    # the randomized SVD.
+    k = projection_key(key, i, _INIT_SUBSPACE)
+    p = _regenerated(proj.SAMPLERS[_INIT_KIND], k, plan, st.low_dtype(x))
+  anchor = _MASKED()
+  if st.eta is not None:
+    anchor = jnp.zeros(plan.low_shape, _acc(x.dtype))
+  return p, anchor
+
+
+def _init(st: _Settings, params) -> SubspaceState:
+  """``init`` of :func:`scale_by_subspace`."""
+  plans, treedef = st.plans(params)
+  key = jax.random.key(st.seed)
+  zeros = treedef.unflatten([
+      None if p is None else jnp.zeros(p.low_shape, st.low_dtype(x))
+      for x, p in zip(treedef.flatten_up_to(params), plans)
+  ])
+  inner_low, inner_full = inner_init(st.inner, treedef, plans, zeros, params)
+  low_tree, _ = split_low_full(treedef, plans, zeros, params)
+  try:
+    jax.eval_shape(lambda t, s: st.inner.update(t, s, None), low_tree,
+                   inner_low)
+  except (ValueError, TypeError) as e:
+    if "param" not in str(e).lower():
+      raise
+    raise ValueError(_PARAMS_ERROR.format(name=st.name)) from e
+  ids = treedef.unflatten(range(treedef.num_leaves))
+  per_leaf = jax.tree.map(functools.partial(_leaf_init, st, key), ids,
+                          treedef.unflatten(plans), params)
+  projections, anchors = _unzip(treedef, per_leaf, 2)
+  return SubspaceState(
+      count=jnp.zeros([], jnp.int32), key=jax.random.key_data(key),
+      projections=projections, anchors=anchors, inner_low=inner_low,
+      inner_full=inner_full,
+  )
+
+
+def _update(st: _Settings, updates, state: SubspaceState, params=None):
+  """``update`` of :func:`scale_by_subspace`: project every leaf, run the
+  inner core, back-project."""
+  require_params(st.name, st.eta, params)
+  plans, treedef = st.plans(updates)
+  plan_tree = treedef.unflatten(plans)
+  index, starts = subspace_schedule(state.count, st.update_gap)
+  key = jax.random.wrap_key_data(state.key)
+  ids = treedef.unflatten(range(treedef.num_leaves))
+  xs = params if st.eta is not None else treedef.unflatten([None] * len(plans))
+  forward = functools.partial(_leaf_forward, st, key, index, state.count,
+                              starts)
+  ps, projections, anchors, lows = _unzip(treedef, jax.tree.map(
+      forward, ids, plan_tree, updates, state.projections, state.anchors, xs,
+  ), 4)
+  low_up, full_up, inner_low, inner_full = inner_update(
+      st.inner, treedef, plans, lows, updates, state.inner_low,
+      state.inner_full, reset=starts if st.reset_inner else None,
+  )
+  back = lambda g, plan, p, u, f: f if plan is None else _back_project(
+      plan, p, u, g, st.scale)
+  out = jax.tree.map(back, updates, plan_tree, ps, low_up, full_up)
+  return out, SubspaceState(
+      count=optax.safe_int32_increment(state.count), key=state.key,
+      projections=projections, anchors=anchors, inner_low=inner_low,
+      inner_full=inner_full,
+  )
 
 
 def scale_by_subspace(
@@ -206,7 +545,8 @@ def scale_by_subspace(
     update_gap: Steps between projection changes (``count % update_gap == 0``
       starts a new subspace).
     scale: Factor on the back-projected update (GaLore's alpha).
-    projection: One of :data:`PROJECTIONS`.
+    projection: A key of :data:`subspace_jax.projection.SAMPLERS` (the
+      built-in ones are :data:`PROJECTIONS`).
     svd_steps: With a random ``projection``, use exact SVD projections for
       steps ``< svd_steps`` first (GoLore@x%: ``svd_steps = (1 - x) T``).
     reset_inner: Re-initialize the inner state of the projected leaves
@@ -233,193 +573,54 @@ def scale_by_subspace(
   _check_positive_int("update_gap", update_gap)
   _check_positive_int("svd_steps", svd_steps, allow_zero=True)
   _check_positive_int("seed", seed, allow_zero=True)
-  if projection not in PROJECTIONS:
-    raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
+  if projection not in proj.SAMPLERS:
+    raise ValueError(f"projection must be one of {tuple(proj.SAMPLERS)}, got "
+                     f"{projection!r}")
   if side not in mv.SIDES:
     raise ValueError(f"side must be one of {mv.SIDES}, got {side!r}")
-  if svd_steps and projection not in _RANDOM:
+  sampler = proj.SAMPLERS[projection]
+  if svd_steps and sampler.stored:
     raise ValueError("svd_steps only applies to a random projection")
-  if eta is not None and not isinstance(eta, jax.Array) and not eta > 0:
-    raise ValueError(f"eta must be > 0 (or None to turn it off), got {eta}")
-  if inner is None:
-    inner = optax.scale_by_adam()
-  stores_projection = projection not in _RANDOM or svd_steps > 0
+  check_eta(eta)
+  st = _Settings(
+      inner=optax.scale_by_adam() if inner is None else inner, rank=rank,
+      update_gap=update_gap, scale=scale, sampler=sampler,
+      svd_steps=svd_steps, reset_inner=reset_inner, eta=eta, seed=seed,
+      side=side, views=views, moment_dtype=moment_dtype,
+      options=dict(oversample=oversample, power_iters=power_iters), name=name,
+  )
+  return optax.GradientTransformation(
+      functools.partial(_init, st), functools.partial(_update, st))
 
-  def plans_of(tree):
-    return leaf_plans(tree, rank=rank, side=side, views=views)
 
-  def low_dtype(leaf):
-    return jnp.dtype(moment_dtype) if moment_dtype is not None else leaf.dtype
+def scale_by_method(
+    method: str,
+    inner: Optional[optax.GradientTransformation] = None,
+    *,
+    svd: str = "exact",
+    svd_steps: int = 0,
+    eta: float | jax.Array | None = None,
+    **kwargs,
+) -> optax.GradientTransformation:
+  """:func:`scale_by_subspace` with the settings of ``METHODS[method]``.
 
-  def split(leaves, plans, treedef, low):
-    """Two trees: projected leaves (from ``low``) and full leaves."""
-    lows = [l if p is not None else _MASKED() for l, p in zip(low, plans)]
-    fulls = [_MASKED() if p is not None else x for x, p in zip(leaves, plans)]
-    return treedef.unflatten(lows), treedef.unflatten(fulls)
-
-  def init_fn(params):
-    leaves = jax.tree.leaves(params)
-    plans, treedef = plans_of(params)
-    key = jax.random.key(seed)
-    zeros_low = [
-        jnp.zeros(p.low_shape, low_dtype(x)) if p is not None else None
-        for x, p in zip(leaves, plans)
-    ]
-    low_tree, full_tree = split(leaves, plans, treedef, zeros_low)
-    inner_low = inner.init(low_tree)
-    try:
-      jax.eval_shape(lambda t, s: inner.update(t, s, None), low_tree, inner_low)
-    except (ValueError, TypeError) as e:
-      if "param" not in str(e).lower():
-        raise
-      raise ValueError(_PARAMS_ERROR.format(name=name)) from e
-
-    projections = []
-    for i, (x, p) in enumerate(zip(leaves, plans)):
-      if p is None or not stores_projection:
-        projections.append(_MASKED())
-      else:
-        # A random orthonormal start: the first step replaces it; it is what
-        # stays if that step's gradient is not finite, and the warm start of
-        # the randomized SVD.
-        k = projection_key(key, i, _INIT_SUBSPACE)
-        projections.append(random_projection(k, p, "stiefel", low_dtype(x)))
-    anchors = [
-        jnp.zeros(p.low_shape, jnp.promote_types(x.dtype, jnp.float32))
-        if (p is not None and eta is not None)
-        else _MASKED()
-        for x, p in zip(leaves, plans)
-    ]
-    return SubspaceState(
-        count=jnp.zeros([], jnp.int32),
-        key=jax.random.key_data(key),
-        projections=treedef.unflatten(projections),
-        anchors=treedef.unflatten(anchors),
-        inner_low=inner_low,
-        inner_full=inner.init(full_tree),
-    )
-
-  def stored_projection(i, plan, g, old, key, count, refresh):
-    """New stored projection: recomputed at a refresh, else ``old``."""
-    dtype = old.dtype
-
-    def exact(g, old, k):
-      # For a projected column space, take the right singular vectors of the
-      # untransposed matrix (the signs then match optax and the paper's code).
-      if plan.transpose:
-        return proj.svd_subspace(g.T, plan.rank, right=True, dtype=dtype)
-      return proj.svd_subspace(g, plan.rank, dtype=dtype)
-
-    def randomized(g, old, k):
-      return proj.randomized_subspace(
-          g, plan.rank, k, init=old, oversample=oversample,
-          power_iters=power_iters, dtype=dtype,
-      )
-
-    def recompute():
-      k = projection_key(key, i, count // update_gap)
-      if projection == "svd":
-        new = _over_batch(exact, plan, g, old, k)
-      elif projection == "randomized":
-        new = _over_batch(randomized, plan, g, old, k)
-      else:  # random projection after an SVD phase (GoLore@x%)
-        new = jax.lax.cond(
-            count < svd_steps,
-            lambda: _over_batch(exact, plan, g, old, k),
-            lambda: random_projection(k, plan, projection, dtype),
-        )
-      # A non-finite gradient must not leave a NaN projection for the next
-      # update_gap steps: keep the previous one instead.
-      ok = jnp.all(jnp.isfinite(new))
-      return jnp.where(ok, new, old)
-
-    return jax.lax.cond(refresh, recompute, lambda: old)
-
-  def update_fn(updates, state, params=None):
-    if eta is not None and params is None:
-      raise ValueError(f"{name} with eta needs `params` in update()")
-    leaves = jax.tree.leaves(updates)
-    plans, treedef = plans_of(updates)
-    count = state.count
-    refresh = count % update_gap == 0
-    subspace = count // update_gap
-    key = jax.random.wrap_key_data(state.key)
-    old_projections = treedef.flatten_up_to(state.projections)
-    old_anchors = treedef.flatten_up_to(state.anchors)
-    param_leaves = jax.tree.leaves(params) if eta is not None else None
-
-    projections, anchors, lows, new_projections = [], [], [], []
-    for i, (g, plan) in enumerate(zip(leaves, plans)):
-      if plan is None:
-        projections.append(None)
-        lows.append(None)
-        new_projections.append(_MASKED())
-        anchors.append(_MASKED())
-        continue
-      gm = plan.to_matrix(g)
-      dtype = low_dtype(g)
-      if stores_projection:
-        p = stored_projection(
-            i, plan, gm, old_projections[i], key, count, refresh
-        )
-        new_projections.append(p)
-      else:
-        p = random_projection(
-            projection_key(key, i, subspace), plan, projection, dtype
-        )
-        new_projections.append(_MASKED())
-      projections.append(p)
-      # Accumulate in float32 at least (float64 stays float64).
-      acc = jnp.promote_types(g.dtype, jnp.float32)
-      low = jnp.einsum("...dr,...dk->...rk", p, gm, preferred_element_type=acc)
-      if eta is not None:
-        xm = plan.to_matrix(param_leaves[i])
-        ptx = jnp.einsum(
-            "...dr,...dk->...rk", p, xm,
-            preferred_element_type=old_anchors[i].dtype,
-        )
-        anchor = jnp.where(refresh, ptx, old_anchors[i])
-        # B = (PᵀP)⁻¹ Pᵀ(X − X₀); PᵀP = (d/r)·I for scaled projections.
-        gram = plan.dim / plan.rank if projection == "scaled_stiefel" else 1.0
-        low = low + (ptx - anchor) / (gram * eta)
-        anchors.append(anchor)
-      else:
-        anchors.append(_MASKED())
-      lows.append(low.astype(dtype))
-
-    low_tree, full_tree = split(leaves, plans, treedef, lows)
-    inner_low = state.inner_low
-    if reset_inner:
-      fresh = inner.init(low_tree)
-      inner_low = jax.tree.map(
-          lambda f, o: jnp.where(refresh, f, o), fresh, inner_low
-      )
-    low_updates, inner_low = inner.update(low_tree, inner_low, None)
-    full_updates, inner_full = inner.update(full_tree, state.inner_full, None)
-
-    out = []
-    for g, plan, p, u, f in zip(
-        leaves, plans, projections, treedef.flatten_up_to(low_updates),
-        treedef.flatten_up_to(full_updates),
-    ):
-      if plan is None:
-        out.append(f)
-        continue
-      acc = jnp.promote_types(g.dtype, jnp.float32)
-      back = jnp.einsum("...dr,...rk->...dk", p, u, preferred_element_type=acc)
-      out.append((scale * plan.from_matrix(back)).astype(g.dtype))
-
-    new_state = SubspaceState(
-        count=optax.safe_int32_increment(count),
-        key=state.key,
-        projections=treedef.unflatten(new_projections),
-        anchors=treedef.unflatten(anchors),
-        inner_low=inner_low,
-        inner_full=inner_full,
-    )
-    return treedef.unflatten(out), new_state
-
-  return optax.GradientTransformation(init_fn, update_fn)
+  Args:
+    method: A key of :data:`METHODS`.
+    inner: The inner transformation (default Adam).
+    svd: The ``svd`` option (for a method with ``svd_variants``).
+    svd_steps: The SVD phase (for a method with ``svd_phase``).
+    eta: The proximal coefficient (for a ``proximal`` method).
+    **kwargs: The other arguments of :func:`scale_by_subspace`.
+  """
+  m = METHODS[method]
+  if eta is not None and not m.proximal:
+    raise ValueError(f"{method} has no proximal term (eta)")
+  if svd_steps and not m.svd_phase:
+    raise ValueError(f"{method} has no SVD phase (svd_steps)")
+  return scale_by_subspace(
+      inner, projection=m.projection_for(svd), svd_steps=svd_steps,
+      reset_inner=m.reset_inner, eta=eta, name=method, **kwargs,
+  )
 
 
 def galore(
@@ -474,13 +675,10 @@ def galore(
     Zhao et al., GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
     Projection, ICML 2024, arXiv 2403.03507.
   """
-  if svd not in ("exact", "randomized"):
-    raise ValueError(f"svd must be 'exact' or 'randomized', got {svd!r}")
-  return scale_by_subspace(
-      inner, rank=rank, update_gap=update_gap, scale=scale,
-      projection="svd" if svd == "exact" else "randomized", side=side,
-      views=views, moment_dtype=moment_dtype, seed=seed,
-      oversample=oversample, power_iters=power_iters, name="galore",
+  return scale_by_method(
+      "galore", inner, svd=svd, rank=rank, update_gap=update_gap,
+      scale=scale, side=side, views=views, moment_dtype=moment_dtype,
+      seed=seed, oversample=oversample, power_iters=power_iters,
   )
 
 
@@ -528,10 +726,10 @@ def golore(
     He, Li, Hu, Chen, Yuan, Subspace Optimization for Large Language Models
     with Convergence Guarantees, ICML 2025, arXiv 2410.11289.
   """
-  return scale_by_subspace(
-      inner, rank=rank, update_gap=update_gap, scale=scale,
-      projection="stiefel", svd_steps=svd_steps, seed=seed, side=side,
-      views=views, moment_dtype=moment_dtype, name="golore",
+  return scale_by_method(
+      "golore", inner, svd_steps=svd_steps, rank=rank, update_gap=update_gap,
+      scale=scale, seed=seed, side=side, views=views,
+      moment_dtype=moment_dtype,
   )
 
 
@@ -582,8 +780,7 @@ def rso(
     Optimization Method for Training Large Language Models, ICML 2025,
     arXiv 2502.07222.
   """
-  return scale_by_subspace(
-      inner, rank=rank, update_gap=update_gap, scale=scale,
-      projection="scaled_stiefel", reset_inner=True, eta=eta, seed=seed,
-      side=side, views=views, moment_dtype=moment_dtype, name="rso",
+  return scale_by_method(
+      "rso", inner, eta=eta, rank=rank, update_gap=update_gap, scale=scale,
+      seed=seed, side=side, views=views, moment_dtype=moment_dtype,
   )

@@ -105,6 +105,27 @@ def test_optimizer_config_errors():
     train.OptimizerConfig(name="sgd")
 
 
+def test_optimizer_config_reads_the_method_table(monkeypatch):
+  import subspace_jax as sj
+  # A preset added to the table: plain GoLore without model mode.
+  monkeypatch.setitem(sj.transform.METHODS, "toy",
+                      sj.transform.Method("stiefel"))
+  opt = train.OptimizerConfig(name="toy", rank=2, update_gap=3, scale=1.0,
+                              learning_rate=1.0, warmup_steps=0,
+                              total_steps=10, clip_norm=None, eta=1.0)
+  tx, _ = train.make_optimizer(opt)
+  params = {"w": {"kernel": jnp.ones((8, 4))}}
+  g = {"w": {"kernel": jnp.arange(32.0).reshape(8, 4)}}
+  inner = optax.chain(sj.golore(rank=2, update_gap=3),
+                      optax.scale_by_learning_rate(opt.schedule()))
+  got, _ = tx.update(g, tx.init(params), params)
+  want, _ = inner.update(g, inner.init(params), params)
+  # eta is ignored: the method has no proximal term.
+  np.testing.assert_array_equal(got["w"]["kernel"], want["w"]["kernel"])
+  with pytest.raises(ValueError, match="supports golore and rso, not toy"):
+    train.OptimizerConfig(name="toy", subspace_mode="model")
+
+
 def test_model_def_matches_nnx_model():
   cfg = llama.get_config("tiny")
   model = train.ModelDef(cfg)

@@ -420,3 +420,50 @@ def test_float64_gradients_are_projected_in_float64():
     assert u["w"].dtype == jnp.float64
     # In float32 this error is ~1e-7.
     np.testing.assert_allclose(u["w"], p @ (p.T @ g["w"]), rtol=0, atol=1e-13)
+
+
+# --- the tables: a new sampler and a new method are one entry each -------------
+
+def _first_columns(key, m, rank, *, dtype, **_):
+  del key
+  return jnp.eye(m, rank, dtype=dtype)
+
+
+def test_a_sampler_and_a_method_added_to_the_tables_are_used(monkeypatch):
+  from subspace_jax import projection as proj
+  monkeypatch.setitem(proj.SAMPLERS, "first_columns",
+                      proj.Sampler(_first_columns, stored=False))
+  monkeypatch.setitem(tr.METHODS, "toy",
+                      tr.Method("first_columns", reset_inner=True))
+  params = {"w": jnp.zeros((6, 4)), "b": jnp.zeros(3)}
+  tx = tr.scale_by_method("toy", optax.scale_by_adam(), rank=2,
+                          update_gap=3, side="left", views=MATRIX_ONLY)
+  state = tx.init(params)
+  assert jax.tree.leaves(state.projections) == []   # regenerated, not stored
+  update = jax.jit(tx.update)
+  for t in range(4):
+    g = _grads(params, t)
+    u, state = update(g, state)
+  # P = the first two columns of I: the inner runs on the first two rows of
+  # the gradient, and the update has nothing on the other rows.
+  np.testing.assert_array_equal(u["w"][2:], 0.0)
+  assert np.all(np.abs(np.asarray(u["w"][:2])) > 0)
+  # The method's reset: Adam restarted at step 3.
+  assert int(state.inner_low.count) == 1
+  assert int(state.inner_full.count) == 4
+  # Through random_projection and model mode's Subspace as well.
+  plan = tr.leaf_plans(params, rank=2, side="left", views=MATRIX_ONLY)[0][1]
+  np.testing.assert_array_equal(
+      tr.random_projection(jax.random.key(0), plan, "first_columns"),
+      jnp.eye(6, 2))
+  sub = sj.factored.Subspace.for_params(params, rank=2, update_gap=3,
+                                        projection="first_columns",
+                                        views=MATRIX_ONLY)
+  np.testing.assert_array_equal(sub.projections(sub.init(params))[1],
+                                jnp.eye(6, 2))
+
+
+def test_subspace_schedule():
+  index, starts = tr.subspace_schedule(jnp.arange(7), 3)
+  np.testing.assert_array_equal(index, [0, 0, 0, 1, 1, 1, 2])
+  np.testing.assert_array_equal(starts, [1, 0, 0, 1, 0, 0, 1])

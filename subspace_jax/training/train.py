@@ -36,11 +36,21 @@ __all__ = [
     "setup",
 ]
 
-OPTIMIZERS = ("adamw", "galore", "golore", "rso")
+# The built-in optimizers: adamw and the methods of sj.transform.METHODS
+# (the config reads that table when it checks a name, so an entry added to it
+# later is accepted too).
+OPTIMIZERS = ("adamw", *sj.transform.METHODS)
 SUBSPACE_MODES = ("transform", "model")
-# Optimizers that can run in model mode: random projections only (GaLore's
-# SVD needs the full gradient that model mode never builds).
-_MODEL_MODE = ("golore", "rso")
+
+
+def _optimizers() -> tuple[str, ...]:
+  return ("adamw", *sj.transform.METHODS)
+
+
+def _model_mode_methods() -> tuple[str, ...]:
+  """Methods that can run in model mode: random projections only (GaLore's
+  SVD needs the full gradient that model mode never builds)."""
+  return tuple(n for n, m in sj.transform.METHODS.items() if m.model_mode)
 
 # Which LLaMA weights are projected: attention and MLP kernels; embeddings,
 # lm_head and norm scales go to the inner optimizer in full (as the GaLore and
@@ -67,7 +77,7 @@ class OptimizerConfig:
   """Optimizer and schedule settings (all serializable).
 
   Attributes:
-    name: One of :data:`OPTIMIZERS`.
+    name: "adamw" or a method of :data:`subspace_jax.transform.METHODS`.
     learning_rate: Peak learning rate.
     warmup_steps: Linear warm-up steps from 0.
     total_steps: Length of the cosine decay (including warm-up).
@@ -115,19 +125,19 @@ class OptimizerConfig:
   subspace_mode: str = "transform"
 
   def __post_init__(self):
-    if self.name not in OPTIMIZERS:
-      raise ValueError(
-          f"unknown optimizer {self.name!r}; choose one of {', '.join(OPTIMIZERS)}"
-      )
+    if self.name not in _optimizers():
+      raise ValueError(f"unknown optimizer {self.name!r}; choose one of "
+                       f"{', '.join(_optimizers())}")
     if self.total_steps <= 0 or self.warmup_steps < 0:
       raise ValueError("total_steps must be > 0 and warmup_steps >= 0")
     if self.subspace_mode not in SUBSPACE_MODES:
       raise ValueError(f"unknown subspace mode {self.subspace_mode!r}; "
                        f"choose one of {', '.join(SUBSPACE_MODES)}")
     if self.model_mode:
-      if self.name not in _MODEL_MODE:
+      if self.name not in _model_mode_methods():
         raise ValueError(
-            f"subspace mode 'model' supports {' and '.join(_MODEL_MODE)}, not "
+            f"subspace mode 'model' supports "
+            f"{' and '.join(_model_mode_methods())}, not "
             f"{self.name}: GaLore's SVD needs the full gradient, which model "
             "mode never builds; use subspace_mode='transform'")
       if self.svd_steps:
@@ -143,6 +153,12 @@ class OptimizerConfig:
     return self.subspace_mode == "model"
 
   @property
+  def method(self) -> sj.transform.Method | None:
+    """The subspace method of :data:`subspace_jax.transform.METHODS` (None
+    for adamw)."""
+    return sj.transform.METHODS.get(self.name)
+
+  @property
   def effective_side(self) -> str:
     return self.side or ("left" if self.model_mode else "lean")
 
@@ -150,13 +166,13 @@ class OptimizerConfig:
     """Model mode's factoring of ``params`` (arrays or abstract)."""
     return sj.factored.Subspace.for_params(
         params, rank=self.rank, update_gap=self.update_gap,
-        projection="scaled_stiefel" if self.name == "rso" else "stiefel",
+        projection=self.method.projection,
         seed=self.seed, views=llama_views())
 
   def leaf_plans(self, params) -> list | None:
     """The subspace transform's plan of every leaf of ``params`` (flatten
     order; None for a full leaf), or None for adamw."""
-    if self.name == "adamw":
+    if self.method is None:
       return None
     return sj.transform.leaf_plans(
         params, rank=self.rank, side=self.effective_side, views=llama_views()
@@ -189,22 +205,22 @@ def make_optimizer(
       side=cfg.effective_side, views=views,
       moment_dtype=jnp.dtype(cfg.moment_dtype) if cfg.moment_dtype else None,
   )
-  if cfg.name == "adamw":
+  method = cfg.method
+  # Settings a method has no use for are ignored, not refused.
+  eta = cfg.eta if method and method.proximal else None
+  if method is None:
     core, plans = inner, None
   elif cfg.model_mode:
     if params is None:
       raise ValueError("model mode needs the weights to build its optimizer")
     core = sj.factored.scale_by_factored(
         inner, subspace=cfg.subspace(params), scale=cfg.scale,
-        reset_inner=cfg.name == "rso", eta=cfg.eta)
+        reset_inner=method.reset_inner, eta=eta)
     plans = cfg.leaf_plans
   else:
-    if cfg.name == "galore":
-      core = sj.galore(inner, svd=cfg.svd, seed=cfg.seed, **common)
-    elif cfg.name == "golore":
-      core = sj.golore(inner, seed=cfg.seed, svd_steps=cfg.svd_steps, **common)
-    else:
-      core = sj.rso(inner, seed=cfg.seed, eta=cfg.eta, **common)
+    core = sj.transform.scale_by_method(
+        cfg.name, inner, svd=cfg.svd, seed=cfg.seed, eta=eta,
+        svd_steps=cfg.svd_steps if method.svd_phase else 0, **common)
     plans = cfg.leaf_plans
   parts = []
   if cfg.clip_norm:
@@ -283,6 +299,89 @@ class Setup:
   eval_step: Callable
 
 
+class _Mode(NamedTuple):
+  """What differs between transform and model mode in :func:`setup`.
+
+  Attributes:
+    init: ``seed -> TrainState``.
+    loss_and_grads: ``(params, batch) -> (loss, grads, trainable,
+      projections)``; ``trainable`` is what the optimizer updates.
+    apply_updates: ``(state, trainable, updates, projections) -> params``.
+    eval_loss: ``(params, batch) -> loss``.
+    params_shardings: ``abstract params -> their shardings``.
+  """
+
+  init: Callable
+  loss_and_grads: Callable
+  apply_updates: Callable
+  eval_loss: Callable
+  params_shardings: Callable
+
+
+def _transform_mode(model: ModelDef, tx, axes, mesh) -> _Mode:
+  """The plain step: the optimizer updates the weights themselves."""
+
+  def init(seed):
+    params = model.init(seed)
+    return TrainState(jnp.zeros([], jnp.int32), params, tx.init(params))
+
+  def loss_and_grads(params, batch):
+    loss, grads = jax.value_and_grad(model.loss)(params, batch)
+    return loss, grads, params, None
+
+  def apply_updates(state, params, updates, projections):
+    del state, projections
+    return optax.apply_updates(params, updates)
+
+  return _Mode(init, loss_and_grads, apply_updates, model.loss,
+               lambda abstract: shd.tree_shardings(abstract, axes, mesh))
+
+
+def _model_mode(model: ModelDef, opt: OptimizerConfig, weights, tx, plans,
+                axes, mesh) -> _Mode:
+  """Model mode's step: the optimizer updates ``B`` and the full leaves."""
+  subspace = opt.subspace(weights)
+  low_dtype = jnp.dtype(opt.moment_dtype) if opt.moment_dtype else None
+  schedule = opt.schedule()
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def init(seed):
+    params = subspace.init(model.init(seed), low_dtype)
+    return TrainState(jnp.zeros([], jnp.int32), params,
+                      tx.init(subspace.trainable(params)))
+
+  def loss_and_grads(params, batch):
+    projections = subspace.projections(params)
+    trainable = subspace.trainable(params)
+    loss_of = lambda t: model.loss(
+        subspace.factored(params, t, projections), batch)
+    loss, grads = jax.value_and_grad(loss_of)(trainable)
+    return loss, grads, trainable, projections
+
+  def apply_updates(state, trainable, updates, projections):
+    trainable = optax.apply_updates(trainable, updates)
+    decay = 0.0
+    if opt.weight_decay:
+      # lr × wd in the weights' precision, as optax's chain forms it.
+      acc = jnp.promote_types(model.config.param_dtype, jnp.float32)
+      decay = schedule(state.step).astype(acc) * opt.weight_decay
+    return subspace.update(state.params, trainable, projections, decay)
+
+  def eval_loss(params, batch):
+    return model.loss(subspace.factored(
+        params, subspace.trainable(params), subspace.projections(params)),
+        batch)
+
+  def params_shardings(abstract):
+    return sj.factored.FactoredParams(
+        weights=shd.tree_shardings(abstract.weights, axes, mesh),
+        low=shd.state_shardings(abstract.low, weights, axes, mesh, plans),
+        key=replicated, count=replicated)
+
+  return _Mode(init, loss_and_grads, apply_updates, eval_loss,
+               params_shardings)
+
+
 def setup(
     model_config: llama.LlamaConfig, opt: OptimizerConfig, mesh
 ) -> Setup:
@@ -299,60 +398,11 @@ def setup(
   schedule = opt.schedule()
   axes = model.logical_axes
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
   if opt.model_mode:
-    subspace = opt.subspace(weights)
-    low_dtype = jnp.dtype(opt.moment_dtype) if opt.moment_dtype else None
-
-    def init(seed):
-      params = subspace.init(model.init(seed), low_dtype)
-      return TrainState(jnp.zeros([], jnp.int32), params,
-                        tx.init(subspace.trainable(params)))
-
-    def loss_and_grads(params, batch):
-      projections = subspace.projections(params)
-      trainable = subspace.trainable(params)
-      loss_of = lambda t: model.loss(
-          subspace.factored(params, t, projections), batch)
-      loss, grads = jax.value_and_grad(loss_of)(trainable)
-      return loss, grads, trainable, projections
-
-    def apply_updates(state, trainable, updates, projections):
-      trainable = optax.apply_updates(trainable, updates)
-      decay = 0.0
-      if opt.weight_decay:
-        # lr × wd in the weights' precision, as optax's chain forms it.
-        acc = jnp.promote_types(model_config.param_dtype, jnp.float32)
-        decay = schedule(state.step).astype(acc) * opt.weight_decay
-      return subspace.update(state.params, trainable, projections, decay)
-
-    def eval_loss(params, batch):
-      return model.loss(subspace.factored(
-          params, subspace.trainable(params), subspace.projections(params)),
-          batch)
-
-    def params_shardings(abstract):
-      return sj.factored.FactoredParams(
-          weights=shd.tree_shardings(abstract.weights, axes, mesh),
-          low=shd.state_shardings(abstract.low, weights, axes, mesh, plans),
-          key=replicated, count=replicated)
+    mode = _model_mode(model, opt, weights, tx, plans, axes, mesh)
   else:
-    def init(seed):
-      params = model.init(seed)
-      return TrainState(jnp.zeros([], jnp.int32), params, tx.init(params))
-
-    def loss_and_grads(params, batch):
-      loss, grads = jax.value_and_grad(model.loss)(params, batch)
-      return loss, grads, params, None
-
-    def apply_updates(state, params, updates, projections):
-      del state, projections
-      return optax.apply_updates(params, updates)
-
-    eval_loss = model.loss
-
-    def params_shardings(abstract):
-      return shd.tree_shardings(abstract, axes, mesh)
+    mode = _transform_mode(model, tx, axes, mesh)
+  init, loss_and_grads, apply_updates, eval_loss, params_shardings = mode
 
   def train_step(state: TrainState, batch):
     loss, grads, trainable, projections = loss_and_grads(state.params, batch)
