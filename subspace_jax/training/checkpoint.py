@@ -59,6 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from subspace_jax.matrix_view import path_str
 from subspace_jax.training.train import TrainState
 
 __all__ = [
@@ -115,20 +116,11 @@ def _brief(error: BaseException, limit: int = 160) -> str:
   return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _key_name(key) -> str:
-  """A pytree key as Orbax names it on disk (NamedTuple fields become dict
-  keys, tuple positions and int dict keys become strings)."""
-  for attr in ("name", "key", "idx"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
-
-
 def _shapes(tree) -> dict[str, tuple[int, ...]]:
   """``{'opt_state/1/count': shape, ...}`` for every array leaf of ``tree``."""
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
   return {
-      "/".join(_key_name(k) for k in path): tuple(leaf.shape)
+      path_str(path): tuple(leaf.shape)
       for path, leaf in flat
   }
 
@@ -137,7 +129,7 @@ def _dtypes(tree) -> dict[str, str]:
   """``{'opt_state/1/count': 'int32', ...}`` for every array leaf."""
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
   return {
-      "/".join(_key_name(k) for k in path): jnp.result_type(leaf).name
+      path_str(path): jnp.result_type(leaf).name
       for path, leaf in flat
   }
 
@@ -277,7 +269,7 @@ def state_checksums(state: Any) -> dict[str, str]:
       break
   words = np.asarray(jax.device_get(_hash_fn(replicated)(leaves)))
   return {
-      "/".join(_key_name(k) for k in path): f"{int(a):08x}{int(b):08x}"
+      path_str(path): f"{int(a):08x}{int(b):08x}"
       for (path, _), (a, b) in zip(flat, words)
   }
 
@@ -436,7 +428,7 @@ def _with_saved_dtypes(abstract_state: Any, checksums: dict) -> Any:
   """``abstract_state`` with each leaf's dtype as saved, so that what is
   hashed on restore is the saved bits (Orbax casts to the target dtype)."""
   def leaf(path, a):
-    name = "/".join(_key_name(k) for k in path)
+    name = path_str(path)
     saved = checksums.get(name)
     if not saved or saved[0] == jnp.dtype(a.dtype).name:
       return a
