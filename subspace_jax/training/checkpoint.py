@@ -1,6 +1,6 @@
 """Saving and resuming training runs with Orbax.
 
-A checkpoint is one step directory with four items, written in one Orbax
+A checkpoint is one step directory with five items, written in one Orbax
 save (committed together or not at all):
 
 * ``state``: the :class:`~subspace_jax.training.train.TrainState` (step,
@@ -13,7 +13,10 @@ save (committed together or not at all):
   starts, and compared with the restored arrays' on restore. Orbax and
   TensorStore do not check array contents (Zarr v2 chunks carry no
   checksum, and zstd frames with flipped bytes can still decode), so
-  without it a damaged file loads as garbage weights.
+  without it a damaged file loads as garbage weights;
+* ``version``: ``{"format": FORMAT}`` (JSON), the layout of the checkpoint
+  (its items and the state's tree). A checkpoint of another format is
+  refused in one line; one without the item is of format 1.
 
 The state is restored *into* an abstract state (``ShapeDtypeStruct``\\ s with
 shardings, :attr:`Setup.abstract_state <subspace_jax.training.train.Setup>`),
@@ -66,12 +69,19 @@ __all__ = [
     "Restored",
     "Checkpointer",
     "CheckpointWarning",
+    "FORMAT",
     "IncompatibleCheckpointError",
     "UnreadableCheckpointError",
     "state_checksums",
 ]
 
 _STATE, _DATA, _CONFIG, _CHECKSUMS = "state", "data", "config", "checksums"
+_VERSION = "version"
+# The checkpoint format this module writes and reads. Raise it when a
+# change makes older checkpoints unreadable (items, the state's tree); a
+# checkpoint without the version item is of format 1 (the oldest).
+FORMAT = 1
+_OLDEST_FORMAT = 1
 # The hash of state_checksums; a checkpoint with another one is unverifiable.
 _CHECKSUM_FORMAT = "subspace_jax.u32x2.v1"
 
@@ -508,6 +518,7 @@ class Checkpointer:
               _DATA: ocp.JsonCheckpointHandler(),
               _CONFIG: ocp.JsonCheckpointHandler(),
               _CHECKSUMS: ocp.JsonCheckpointHandler(),
+              _VERSION: ocp.JsonCheckpointHandler(),
           },
       )
     self._closed = False
@@ -583,6 +594,7 @@ class Checkpointer:
         _DATA: ocp.args.JsonSave(data_state),
         _CONFIG: ocp.args.JsonSave(config),
         _CHECKSUMS: ocp.args.JsonSave(checksums),
+        _VERSION: ocp.args.JsonSave({"format": FORMAT}),
     })
     # Due, as decided above (deciding again could differ once a background
     # save has finished meanwhile).
@@ -625,7 +637,8 @@ class Checkpointer:
 
     Raises:
       IncompatibleCheckpointError: (a ``ValueError``) if the checkpoint is of
-        another model (config or tree structure/shapes differ).
+        another model (config or tree structure/shapes differ) or of another
+        checkpoint format (:data:`FORMAT`).
       UnreadableCheckpointError: if no candidate checkpoint is intact; the
         message is one line.
     """
@@ -683,9 +696,11 @@ class Checkpointer:
       The restored step, and why it is unverified (None if verified).
 
     Raises:
-      IncompatibleCheckpointError: On a checkpoint of another model.
+      IncompatibleCheckpointError: On a checkpoint of another model or
+        format.
       Exception: Any other error means the step is corrupt.
     """
+    self._check_format(step)
     config = self._manager.restore(
         step, args=ocp.args.Composite(**{_CONFIG: ocp.args.JsonRestore()})
     )[_CONFIG]
@@ -721,6 +736,29 @@ class Checkpointer:
           state, abstract_state,
       )
     return Restored(step, state, out[_DATA], config), unverified
+
+  def _check_format(self, step: int) -> None:
+    """Raises if ``step`` was written in another checkpoint format."""
+    try:
+      handlers = self._manager.metadata(step).item_handlers
+    except Exception:  # pylint: disable=broad-except
+      handlers = None
+    if isinstance(handlers, dict) and _VERSION not in handlers:
+      saved = _OLDEST_FORMAT  # Written before the version item existed.
+    else:
+      item = self._manager.restore(
+          step, args=ocp.args.Composite(**{_VERSION: ocp.args.JsonRestore()})
+      )[_VERSION]
+      saved = item.get("format") if isinstance(item, dict) else None
+      if not isinstance(saved, int) or isinstance(saved, bool):
+        raise _CorruptError("the version item is garbled")
+    if saved != FORMAT:
+      age = "an older" if saved < FORMAT else "a newer"
+      raise IncompatibleCheckpointError(
+          f"checkpoint step {step} in {self.directory} was written by {age} "
+          f"subspace_jax (format {saved}, this one reads {FORMAT}); resume it "
+          "with that version or use another --checkpoint-dir"
+      )
 
   def _saved_checksums(self, step: int) -> tuple[dict | None, str | None]:
     """The step's ``{path: [dtype, hash]}`` and, if there is none, why."""
