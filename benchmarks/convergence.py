@@ -31,7 +31,6 @@ matplotlib is needed for the figures (``pip install matplotlib``).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import pathlib
@@ -50,6 +49,7 @@ import optax  # pylint: disable=wrong-import-position
 import subspace_jax as sj  # pylint: disable=wrong-import-position
 from benchmarks import common  # pylint: disable=wrong-import-position
 from subspace_jax import counterexample as cx  # pylint: disable=wrong-import-position
+from subspace_jax.training import cli  # pylint: disable=wrong-import-position
 
 PARTS = ("all", "counterexample", "pretraining")
 
@@ -325,27 +325,15 @@ def plot_counterexample(curves, inners, sigmas, initial, args, path) -> None:
 # ----------------------------------------------------------------------------
 
 
-def _optimizer_fields() -> set[str]:
-  from subspace_jax.training import train  # pylint: disable=import-outside-toplevel
-  return {f.name for f in dataclasses.fields(train.OptimizerConfig)}
-
-
 def _optimizer_config(method: str, args):
-  """The OptimizerConfig of ``method``, or a string saying why it is not
-  available."""
-  from subspace_jax.training import train  # pylint: disable=import-outside-toplevel
+  """The OptimizerConfig of ``method``: the optimizer flags, with the
+  method's fields."""
   fields = dict(PT_METHODS[method][1])
-  if "subspace_mode" in fields and "subspace_mode" not in _optimizer_fields():
-    return "train.OptimizerConfig has no subspace_mode yet"
   if method == "golore_x":
     fields["svd_steps"] = int(round((1 - args.golore_pct / 100) * args.steps))
-  lr = args.lr * args.scale if method == "adamw_scaled" else args.lr
-  return train.OptimizerConfig(
-      learning_rate=lr, warmup_steps=args.warmup,
-      total_steps=args.steps, min_lr_ratio=args.min_lr_ratio,
-      weight_decay=args.weight_decay, clip_norm=args.clip or None,
-      rank=args.rank, update_gap=args.update_gap, scale=args.scale,
-      seed=args.proj_seed, **fields)
+  if method == "adamw_scaled":
+    fields["learning_rate"] = args.lr * args.scale
+  return cli.optimizer_config(args, args.steps, **fields)
 
 
 def _read_metrics(path: pathlib.Path):
@@ -370,6 +358,8 @@ def run_pretraining(args, argv) -> None:
   t0 = time.perf_counter()
   if args.rank is None:
     args.rank = max(1, llama.get_config(args.model).hidden_size // 4)
+  if args.warmup is None:
+    args.warmup = min(cli.WARMUP, args.steps)
   methods = args.methods.split(",")
   for m in methods:
     if m not in PT_METHODS:
@@ -384,7 +374,9 @@ def run_pretraining(args, argv) -> None:
       opt = _optimizer_config(m, args)
       metrics = pathlib.Path(tmp) / f"{m}.jsonl"
       cfg = loop.RunConfig(
-          model=args.model, optimizer=opt, data="embedded",
+          model=args.model, scan_layers=args.scan_layers, remat=args.remat,
+          dtype=args.dtype, param_dtype=args.param_dtype, optimizer=opt,
+          data="embedded",
           batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps,
           eval_every=args.eval_every, eval_batches=args.eval_batches,
           log_every=args.log_every, seed=args.seed, checkpoint_dir=None,
@@ -392,7 +384,7 @@ def run_pretraining(args, argv) -> None:
       print(f"pretraining {m}: {args.model}, {args.steps} steps ...", flush=True)
       summary = loop.train(cfg)
       results[m] = dict(summary=summary, curves=_read_metrics(metrics),
-                        svd_steps=getattr(opt, "svd_steps", 0))
+                        svd_steps=opt.svd_steps)
 
   if not results:
     raise SystemExit("no pretraining run was made")
@@ -550,11 +542,15 @@ def plot_pretraining(results, label, args, path) -> None:
 # ----------------------------------------------------------------------------
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter, cli.HelpFormatter):
+  """The epilog as written; each default shown once."""
+
+
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       description=__doc__.split("\n\n")[0],
       epilog=__doc__.split("\n\n", 1)[1],
-      formatter_class=argparse.RawDescriptionHelpFormatter)
+      formatter_class=_Formatter)
   p.add_argument("part", nargs="?", default="all", choices=PARTS,
                  help="which part to run (default: all)")
   p.add_argument("--results-dir", default=str(common.RESULTS),
@@ -583,8 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="seed of the noise signs and projections (default: 0)")
 
   g = p.add_argument_group("pretraining")
-  g.add_argument("--model", default="tiny",
-                 help="LLaMA config: tiny (default) or llama_60m (slow on a CPU)")
+  cli.add_model_flags(g)
   g.add_argument("--methods",
                  default="adamw,adamw_scaled,galore,golore,golore_x,rso,"
                          "rso_model,golore_model",
@@ -595,22 +590,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "default: all but *_left)")
   g.add_argument("--steps", type=int, default=600,
                  help="training steps of every run (default: 600)")
-  g.add_argument("--lr", type=float, default=0.01, help="peak learning rate (default: 0.01)")
-  g.add_argument("--warmup", type=int, default=50, help="warm-up steps (default: 50)")
-  g.add_argument("--min-lr-ratio", type=float, default=0.1,
-                 help="final lr as a fraction of the peak (default: 0.1)")
-  g.add_argument("--weight-decay", type=float, default=0.0,
-                 help="decoupled weight decay (default: 0)")
-  g.add_argument("--clip", type=float, default=1.0,
-                 help="global gradient-norm clip, 0 for none (default: 1)")
-  g.add_argument("--rank", type=int, default=None,
-                 help="subspace rank (default: hidden size / 4)")
-  g.add_argument("--update-gap", type=int, default=50,
-                 help="steps between projection changes (default: 50)")
-  g.add_argument("--scale", type=float, default=0.25,
-                 help="factor on the low-rank updates (default: 0.25)")
-  g.add_argument("--proj-seed", type=int, default=0,
-                 help="seed of the random projections (default: 0)")
+  # --methods sets each run's optimizer, subspace mode and SVD steps.
+  cli.add_optimizer_flags(g, update_gap=50, omit=(
+      "--optimizer", "--subspace-mode", "--svd-steps", "--schedule-steps"))
   g.add_argument("--batch-size", type=int, default=16, help="sequences per step (default: 16)")
   g.add_argument("--seq-len", type=int, default=64, help="tokens per sequence (default: 64)")
   g.add_argument("--eval-every", type=int, default=50,

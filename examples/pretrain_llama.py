@@ -25,12 +25,8 @@ import signal
 import sys
 
 from subspace_jax.models import llama
-from subspace_jax.training import loop, train
+from subspace_jax.training import cli, loop
 from subspace_jax.training.checkpoint import UnreadableCheckpointError
-
-
-# Default warm-up steps (fewer if the schedule is shorter).
-_WARMUP = 50
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,15 +34,6 @@ class _Parser(argparse.ArgumentParser):
 
   def error(self, message):
     _fail(message)
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-  """Shows each default once, and none for on/off flags."""
-
-  def _get_help_string(self, action):
-    if "default" in (action.help or "") or action.nargs == 0:
-      return action.help
-    return super()._get_help_string(action)
 
 
 def _fail(message: str, code: int = 2):
@@ -105,60 +92,11 @@ def _attach_negative_values(argv: list[str]) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
   """The command line; every option has a help line."""
   p = _Parser(description=__doc__.splitlines()[0],
-              formatter_class=_HelpFormatter)
+              formatter_class=cli.HelpFormatter)
   add = p.add_argument
 
-  g = p.add_argument_group("model")
-  add = g.add_argument
-  add("--model", default="tiny", help="model size: " + ", ".join(llama.CONFIGS))
-  add("--scan-layers", action="store_true",
-      help="stack the layers and run them with a scan (faster compiles)")
-  add("--remat", action="store_true",
-      help="recompute activations in the backward pass (less memory)")
-  add("--dtype", default="float32", help="compute dtype: bfloat16 or float32")
-  add("--param-dtype", default="float32",
-      help="dtype of the stored (master) weights: float32 or bfloat16")
-
-  g = p.add_argument_group("optimizer")
-  add = g.add_argument
-  add("--optimizer", default="golore",
-      help="optimizer: " + ", ".join(train.OPTIMIZERS))
-  add("--lr", type=float, default=0.01, help="peak learning rate")
-  add("--warmup", type=int, default=None,
-      help="linear warm-up steps; at most the schedule's length (default: "
-           f"{_WARMUP}, or the whole schedule if it is shorter)")
-  add("--schedule-steps", type=int, default=None,
-      help="length of the warm-up + cosine schedule (default: --steps); keep "
-           "it fixed to extend a run in several parts")
-  add("--min-lr-ratio", type=float, default=0.1,
-      help="final learning rate as a fraction of the peak")
-  add("--weight-decay", type=float, default=0.0,
-      help="decoupled weight decay of the matrices")
-  add("--clip", type=float, default=1.0,
-      help="clip the global gradient norm to this (0: no clipping)")
-  add("--rank", type=int, default=None,
-      help="rank of the projected gradients (default: hidden size / 4, as in "
-           "the GaLore paper)")
-  add("--update-gap", type=int, default=200,
-      help="steps between projection changes")
-  add("--scale", type=float, default=0.25,
-      help="factor on the low-rank updates (GaLore's alpha)")
-  add("--proj-seed", type=int, default=0, help="seed of the random projections")
-  add("--svd-steps", type=int, default=0,
-      help="GoLore: use SVD projections for the first this many steps")
-  add("--eta", type=float, default=None,
-      help="RSO: proximal coefficient of each subproblem (default: none)")
-  add("--side", default=None,
-      help="projected side of each matrix: lean, std, left or right "
-           "(default: lean; model mode always projects the input side)")
-  add("--subspace-mode", default="transform",
-      help="transform: an optax transform of full gradients (any optimizer); "
-           "model: golore/rso layers compute x·W + (x·P)·B and only B is "
-           "differentiated (no full weight gradients, smaller activations)")
-  add("--svd", default="exact",
-      help="GaLore's SVD: exact or randomized")
-  add("--moment-dtype", default=None,
-      help="dtype of the low-rank moments (default: the gradients')")
+  cli.add_model_flags(p.add_argument_group("model"))
+  cli.add_optimizer_flags(p.add_argument_group("optimizer"))
 
   g = p.add_argument_group("data")
   add = g.add_argument
@@ -252,24 +190,13 @@ def run_config(args: argparse.Namespace) -> loop.RunConfig:
     ValueError: On an unknown model or optimizer, or another bad value.
   """
   _check_flags(args)
-  base = llama.get_config(args.model)
   name = args.name or f"{args.model}_{args.optimizer}"
   run_dir = os.path.join("runs", name)
 
   def output(value: str | None, leaf: str) -> str | None:
     return os.path.join(run_dir, leaf) if value is None else _optional(value)
 
-  total_steps = args.schedule_steps or args.steps
-  warmup = args.warmup if args.warmup is not None else min(_WARMUP, total_steps)
-  optimizer = train.OptimizerConfig(
-      name=args.optimizer, learning_rate=args.lr, warmup_steps=warmup,
-      total_steps=total_steps,
-      min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay,
-      clip_norm=args.clip or None,
-      rank=args.rank if args.rank is not None else max(1, base.hidden_size // 4),
-      update_gap=args.update_gap, scale=args.scale, seed=args.proj_seed,
-      svd_steps=args.svd_steps, eta=args.eta, side=args.side, svd=args.svd,
-      moment_dtype=args.moment_dtype, subspace_mode=args.subspace_mode)
+  optimizer = cli.optimizer_config(args, args.schedule_steps or args.steps)
   return loop.RunConfig(
       model=args.model, scan_layers=args.scan_layers, remat=args.remat,
       dtype=args.dtype, param_dtype=args.param_dtype, optimizer=optimizer,
@@ -299,35 +226,7 @@ def _check_flags(args: argparse.Namespace) -> None:
   if args.model not in llama.CONFIGS:
     raise ValueError(f"--model: unknown LLaMA config {args.model!r}; known "
                      f"configs: {', '.join(llama.CONFIGS)}")
-  if args.optimizer not in train.OPTIMIZERS:
-    raise ValueError(f"--optimizer: unknown optimizer {args.optimizer!r}; "
-                     f"choose one of {', '.join(train.OPTIMIZERS)}")
-  for flag in ("steps", "schedule_steps", "warmup", "svd_steps"):
-    value, least = getattr(args, flag), 0 if flag in ("warmup", "svd_steps") else 1
-    if value is not None and value < least:
-      raise ValueError(f"--{flag.replace('_', '-')} must be >= {least}, got {value}")
-  if args.subspace_mode not in train.SUBSPACE_MODES:
-    raise ValueError(f"--subspace-mode must be one of "
-                     f"{', '.join(train.SUBSPACE_MODES)}, got {args.subspace_mode!r}")
-  if args.subspace_mode == "model":
-    if args.optimizer not in _MODEL_MODE_OPTIMIZERS:
-      raise ValueError(
-          f"--subspace-mode model supports --optimizer "
-          f"{' and '.join(_MODEL_MODE_OPTIMIZERS)}, not {args.optimizer}"
-          + (": GaLore's SVD needs the full gradient, which model mode never "
-             "builds" if args.optimizer == "galore" else "")
-          + "; use --subspace-mode transform")
-    if args.svd_steps:
-      raise ValueError("--svd-steps needs the full gradient for its SVD phase, "
-                       "which --subspace-mode model never builds; drop it or "
-                       "use --subspace-mode transform")
-    if args.side not in (None, "left"):
-      raise ValueError(f"--subspace-mode model always projects the input side "
-                       f"(--side left), got --side {args.side}")
-
-
-# The optimizers that --subspace-mode model supports (random projections).
-_MODEL_MODE_OPTIMIZERS = ("golore", "rso")
+  cli.check_optimizer_flags(args)
 
 
 def _exit_code(interrupted: str | None) -> int:

@@ -77,16 +77,14 @@ def default_view(path: Any, leaf: jax.Array) -> MatrixView | None:
 
 
 def path_str(path: Any) -> str:
-  """A ``/``-joined string for a ``jax.tree_util`` key path."""
-  parts = []
-  for k in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-    else:
-      parts.append(str(k))
-  return "/".join(parts)
+  """A ``/``-joined string for a ``jax.tree_util`` key path.
+
+  The one path name of the package: dict keys, attribute (NamedTuple field)
+  names and sequence indices joined by ``/`` (``opt_state/1/mu/embed/...``),
+  as Orbax names a checkpoint's arrays. A path of plain strings and ints
+  (``nnx.to_flat_state``) is joined the same way.
+  """
+  return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
 
 
 def views_by_path(

@@ -2,7 +2,7 @@
 
 Exact resume, restoring onto another mesh, the JSON items, corrupt and
 unfinished checkpoints (checksums of the arrays), retention and save
-intervals, and checkpoints of another model.
+intervals, checkpoints of another model and of another format.
 """
 
 import dataclasses
@@ -21,7 +21,7 @@ import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
 from subspace_jax.models import llama
-from subspace_jax.training import train
+from subspace_jax.training import checkpoint, train
 from subspace_jax.training.checkpoint import (
     Checkpointer,
     CheckpointWarning,
@@ -539,3 +539,66 @@ def test_tree_of_another_model_is_refused(small, tmp_path, other, match):
     with pytest.raises(IncompatibleCheckpointError, match=match) as err:
       ckpt.restore(abstract)
   assert "\n" not in str(err.value) and "--checkpoint-dir" in str(err.value)
+
+
+# --------------------------------------------------------------------------
+# Checkpoint format versions
+# --------------------------------------------------------------------------
+
+
+def _save_without_version(setup, host, directory, step):
+  """A checkpoint as saved before the version item existed."""
+  with ocp.CheckpointManager(directory, item_handlers={
+      "state": ocp.StandardCheckpointHandler(),
+      "data": ocp.JsonCheckpointHandler(),
+      "config": ocp.JsonCheckpointHandler(),
+  }) as manager:
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(_variant(setup, host, step)),
+        data=ocp.args.JsonSave(None),
+        config=ocp.args.JsonSave(None),
+    ))
+
+
+@pytest.mark.parametrize("versioned", [True, False], ids=["format_1", "no_version"])
+def test_checkpoint_of_an_older_format_is_refused(small, tmp_path, monkeypatch, versioned):
+  setup, host = small
+  if versioned:
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+      ckpt.save(1, _variant(setup, host, 1), force=True)
+  else:
+    _save_without_version(setup, host, tmp_path, 1)
+  before = [(p, p.stat().st_mtime_ns) for p in _files(tmp_path)]
+  with Checkpointer(tmp_path) as ckpt:
+    # Format 1 reads it (the one without a version has no checksums either).
+    with (warnings.catch_warnings() if versioned else
+          pytest.warns(CheckpointWarning, match="no checksums")):
+      if versioned:
+        warnings.simplefilter("error", CheckpointWarning)
+      assert ckpt.restore(setup.abstract_state).step == 1
+    monkeypatch.setattr(checkpoint, "FORMAT", 2)
+    with pytest.raises(IncompatibleCheckpointError) as err:
+      ckpt.restore(setup.abstract_state)
+  message = str(err.value)
+  assert message == (
+      f"checkpoint step 1 in {tmp_path} was written by an older subspace_jax "
+      "(format 1, this one reads 2); resume it with that version or use "
+      "another --checkpoint-dir")
+  assert [(p, p.stat().st_mtime_ns) for p in _files(tmp_path)] == before
+
+
+def test_checkpoint_of_a_newer_format_is_refused(small, tmp_path, monkeypatch):
+  setup, host = small
+  with Checkpointer(tmp_path, save_interval_steps=1, async_save=False) as ckpt:
+    ckpt.save(1, _variant(setup, host, 1))
+    monkeypatch.setattr(checkpoint, "FORMAT", 3)
+    ckpt.save(2, _variant(setup, host, 2))
+  monkeypatch.setattr(checkpoint, "FORMAT", 1)
+  with Checkpointer(tmp_path) as ckpt:
+    # Refused, not skipped for the older step: it is not corrupt.
+    with pytest.raises(IncompatibleCheckpointError, match=re.escape(
+        "step 2 in {} was written by a newer subspace_jax (format 3, this one "
+        "reads 1)".format(tmp_path))) as err:
+      ckpt.restore(setup.abstract_state)
+    assert "\n" not in str(err.value)
+    assert ckpt.restore(setup.abstract_state, step=1).step == 1

@@ -9,6 +9,8 @@ import optax
 import pytest
 from flax import nnx
 
+import subspace_jax as sj
+from subspace_jax import models
 from subspace_jax.models import llama
 
 
@@ -147,6 +149,39 @@ def test_every_weight_has_expected_logical_axes(scan_layers):
   assert tuple(up["kernel"].get_value()) == expected[
       "layers/mlp/up_proj/kernel" if scan_layers
       else "layers/0/mlp/up_proj/kernel"]
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_views_and_decay_mask_follow_the_logical_axes(scan_layers):
+  """Projected: every matrix without a 'vocab' axis (the attention and MLP
+  kernels); decayed: every weight but the norm scales; for any config."""
+  cfg = _tiny(scan_layers=scan_layers, num_layers=3)
+  params = llama.ModelDef(cfg).init(0)
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  names = ["/".join(str(k.key) for k in path) for path, _ in flat]
+  views = llama.views()
+  projected = {n for n, (path, x) in zip(names, flat) if views(path, x) is not None}
+  kernels = {n for n in names if re.search(r"(attn|mlp)/\w+_proj/kernel$", n)}
+  assert projected == kernels and len(kernels) == (7 if scan_layers else 21)
+  for n, (path, x) in zip(names, flat):
+    if n in kernels:
+      assert views(path, x) == sj.MatrixView(batch_dims=int(scan_layers), row_dims=1)
+  decayed = {n for n, d in zip(names, jax.tree.leaves(llama.decay_mask(params))) if d}
+  assert decayed == {n for n in names if not n.endswith("norm/scale")}
+  # A part of the tree (one block) follows the same rules.
+  block = llama.ModelDef(_tiny()).init(0)["layers"][0]
+  mask = llama.decay_mask(block)
+  assert not mask["attn_norm"]["scale"] and mask["mlp"]["up_proj"]["kernel"]
+  assert views((jax.tree_util.DictKey("lm_head"), jax.tree_util.DictKey("kernel")),
+               params["lm_head"]["kernel"]) is None
+
+
+def test_registry_finds_the_model_of_a_config():
+  entry = models.for_config(_tiny())
+  assert entry is models.MODELS["llama"] and entry.model_def is llama.ModelDef
+  assert entry.get_config("tiny") == llama.get_config("tiny")
+  with pytest.raises(TypeError, match="no model .* takes a dict config"):
+    models.for_config({})
 
 
 # --------------------------------------------------------------------------

@@ -39,6 +39,7 @@ names are only annotations, to be mapped onto a device mesh by the caller.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -47,6 +48,7 @@ import optax
 from flax import nnx
 
 from subspace_jax import factored
+from subspace_jax import matrix_view as mv
 
 Array = jax.Array
 Dtype = Any
@@ -511,6 +513,135 @@ def param_logical_axes(params: nnx.State) -> dict[str, tuple[str, ...]]:
     E.g. ``{'layers/0/mlp/up_proj/kernel': ('embed', 'mlp'), ...}``.
   """
   return {
-      "/".join(str(k) for k in path): tuple(var.get_metadata("out_sharding"))
+      mv.path_str(path): tuple(var.get_metadata("out_sharding"))
       for path, var in nnx.to_flat_state(params)
   }
+
+
+# --------------------------------------------------------------------------
+# Optimizer rules, from the logical axes
+# --------------------------------------------------------------------------
+
+FULL_RANK_AXES: tuple[str, ...] = ("vocab", "norm")
+"""Weights with one of these logical axes are never projected: the token
+embedding and lm_head ('vocab') and the norm scales ('norm') go to the inner
+optimizer in full, as in the GaLore and RSO papers."""
+
+NO_DECAY_AXES: tuple[str, ...] = ("norm",)
+"""Weights with one of these logical axes get no weight decay."""
+
+
+def _weight_name(path: str) -> str:
+  """A '/'-joined parameter path without its layer indices."""
+  return "/".join(k for k in path.split("/") if not k.isdigit())
+
+
+@functools.cache
+def _axes_by_name() -> dict[str, tuple[str, ...]]:
+  """The logical axes of every weight of an unrolled model, by
+  :func:`_weight_name` (the same for every config)."""
+  abstract = nnx.eval_shape(
+      lambda: nnx.state(Llama(CONFIGS["tiny"], rngs=nnx.Rngs(0)), nnx.Param))
+  return {_weight_name(path): axes
+          for path, axes in param_logical_axes(abstract).items()}
+
+
+@functools.cache
+def _axes_of_name(name: str) -> tuple[str, ...] | None:
+  known = _axes_by_name()
+  if name in known:
+    return known[name]
+  found = {axes for weight, axes in known.items()
+           if weight.endswith("/" + name)}
+  return found.pop() if len(found) == 1 else None
+
+
+def weight_axes(path: Any) -> tuple[str, ...] | None:
+  """The logical axes of the weight at ``path``, whatever the config.
+
+  A path into a part of the model names the weights whose paths end with
+  it (``attn_norm/scale`` is every block's attention norm scale).
+
+  Args:
+    path: A key path into the parameters (a plain dict or an ``nnx.State``)
+      or a part of them, e.g. of ``layers/0/mlp/up_proj/kernel``.
+
+  Returns:
+    The weight's axis names without a scanned model's leading 'layers'
+    (e.g. ``('embed', 'mlp')``), or None if ``path`` names no LLaMA weight
+    (or weights with different axes).
+  """
+  return _axes_of_name(_weight_name(mv.path_str(path)))
+
+
+def _has_axis(path: Any, names: tuple[str, ...]) -> bool:
+  return any(name in names for name in weight_axes(path) or ())
+
+
+def views() -> mv.ViewFn:
+  """The ``views`` rule of this model's parameters for the subspace
+  optimizers: weights with a :data:`FULL_RANK_AXES` axis stay full, every
+  other weight is a (stack of) matrices (:func:`subspace_jax.default_view`).
+  """
+  def view(path: Any, leaf: Array) -> mv.MatrixView | None:
+    if _has_axis(path, FULL_RANK_AXES):
+      return None
+    return mv.default_view(path, leaf)
+
+  return view
+
+
+def decay_mask(params: Any) -> Any:
+  """Weight decay on matrices, not on weights with a :data:`NO_DECAY_AXES`
+  axis (the norm scales; stacked ones are 2-D): an ``optax`` mask."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: x.ndim >= 2 and not _has_axis(path, NO_DECAY_AXES),
+      params,
+  )
+
+
+# --------------------------------------------------------------------------
+# The trainer's adapter
+# --------------------------------------------------------------------------
+
+
+class ModelDef:
+  """A LLaMA's structure, applied to plain-dict parameters.
+
+  Parameters are a plain nested dict of arrays (``nnx.to_pure_dict`` of the
+  model's ``nnx.Param`` state); the model is rebuilt from them in
+  :meth:`apply`.
+
+  Attributes:
+    config: The model's :class:`LlamaConfig`.
+    graphdef: The model's ``nnx.GraphDef``.
+    logical_axes: ``{path: logical axis names}`` of every weight
+      (:func:`param_logical_axes`).
+  """
+
+  def __init__(self, config: LlamaConfig):
+    self.config = config
+    graphdef, abstract = nnx.eval_shape(
+        lambda: nnx.split(Llama(config, rngs=nnx.Rngs(0)), nnx.Param)
+    )
+    self.graphdef = graphdef
+    self._treedef = jax.tree.structure(abstract)
+    self.logical_axes = param_logical_axes(abstract)
+
+  def init(self, seed: int) -> dict:
+    """Fresh parameters (a plain nested dict)."""
+    return nnx.to_pure_dict(init(self.config, seed)[1])
+
+  def apply(self, params: dict, tokens: Array) -> Array:
+    """Logits; a leaf of ``params`` may be a
+    :class:`~subspace_jax.factored.Factored` kernel (model mode)."""
+    leaves = jax.tree.leaves(
+        params, is_leaf=lambda x: isinstance(x, factored.Factored))
+    state = jax.tree.unflatten(self._treedef, leaves)
+    return apply(self.graphdef, state, tokens)
+
+  def loss(self, params: dict, batch: dict) -> Array:
+    """Mean next-token cross-entropy of ``batch["inputs"]`` against
+    ``batch["targets"]``."""
+    logits = self.apply(params, batch["inputs"])
+    return cross_entropy_loss(logits, batch["targets"])

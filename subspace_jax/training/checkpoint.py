@@ -1,6 +1,6 @@
 """Saving and resuming training runs with Orbax.
 
-A checkpoint is one step directory with four items, written in one Orbax
+A checkpoint is one step directory with five items, written in one Orbax
 save (committed together or not at all):
 
 * ``state``: the :class:`~subspace_jax.training.train.TrainState` (step,
@@ -13,7 +13,10 @@ save (committed together or not at all):
   starts, and compared with the restored arrays' on restore. Orbax and
   TensorStore do not check array contents (Zarr v2 chunks carry no
   checksum, and zstd frames with flipped bytes can still decode), so
-  without it a damaged file loads as garbage weights.
+  without it a damaged file loads as garbage weights;
+* ``version``: ``{"format": FORMAT}`` (JSON), the layout of the checkpoint
+  (its items and the state's tree). A checkpoint of another format is
+  refused in one line; one without the item is of format 1.
 
 The state is restored *into* an abstract state (``ShapeDtypeStruct``\\ s with
 shardings, :attr:`Setup.abstract_state <subspace_jax.training.train.Setup>`),
@@ -59,6 +62,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from subspace_jax.matrix_view import path_str
+
 if TYPE_CHECKING:
   from subspace_jax.training.train import TrainState
 
@@ -66,12 +71,19 @@ __all__ = [
     "Restored",
     "Checkpointer",
     "CheckpointWarning",
+    "FORMAT",
     "IncompatibleCheckpointError",
     "UnreadableCheckpointError",
     "state_checksums",
 ]
 
 _STATE, _DATA, _CONFIG, _CHECKSUMS = "state", "data", "config", "checksums"
+_VERSION = "version"
+# The checkpoint format this module writes and reads. Raise it when a
+# change makes older checkpoints unreadable (items, the state's tree); a
+# checkpoint without the version item is of format 1 (the oldest).
+FORMAT = 1
+_OLDEST_FORMAT = 1
 # The hash of state_checksums; a checkpoint with another one is unverifiable.
 _CHECKSUM_FORMAT = "subspace_jax.u32x2.v1"
 
@@ -116,20 +128,11 @@ def _brief(error: BaseException, limit: int = 160) -> str:
   return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _key_name(key) -> str:
-  """A pytree key as Orbax names it on disk (NamedTuple fields become dict
-  keys, tuple positions and int dict keys become strings)."""
-  for attr in ("name", "key", "idx"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
-
-
 def _shapes(tree) -> dict[str, tuple[int, ...]]:
   """``{'opt_state/1/count': shape, ...}`` for every array leaf of ``tree``."""
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
   return {
-      "/".join(_key_name(k) for k in path): tuple(leaf.shape)
+      path_str(path): tuple(leaf.shape)
       for path, leaf in flat
   }
 
@@ -138,7 +141,7 @@ def _dtypes(tree) -> dict[str, str]:
   """``{'opt_state/1/count': 'int32', ...}`` for every array leaf."""
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
   return {
-      "/".join(_key_name(k) for k in path): jnp.result_type(leaf).name
+      path_str(path): jnp.result_type(leaf).name
       for path, leaf in flat
   }
 
@@ -278,7 +281,7 @@ def state_checksums(state: Any) -> dict[str, str]:
       break
   words = np.asarray(jax.device_get(_hash_fn(replicated)(leaves)))
   return {
-      "/".join(_key_name(k) for k in path): f"{int(a):08x}{int(b):08x}"
+      path_str(path): f"{int(a):08x}{int(b):08x}"
       for (path, _), (a, b) in zip(flat, words)
   }
 
@@ -437,7 +440,7 @@ def _with_saved_dtypes(abstract_state: Any, checksums: dict) -> Any:
   """``abstract_state`` with each leaf's dtype as saved, so that what is
   hashed on restore is the saved bits (Orbax casts to the target dtype)."""
   def leaf(path, a):
-    name = "/".join(_key_name(k) for k in path)
+    name = path_str(path)
     saved = checksums.get(name)
     if not saved or saved[0] == jnp.dtype(a.dtype).name:
       return a
@@ -517,6 +520,7 @@ class Checkpointer:
               _DATA: ocp.JsonCheckpointHandler(),
               _CONFIG: ocp.JsonCheckpointHandler(),
               _CHECKSUMS: ocp.JsonCheckpointHandler(),
+              _VERSION: ocp.JsonCheckpointHandler(),
           },
       )
     self._closed = False
@@ -592,6 +596,7 @@ class Checkpointer:
         _DATA: ocp.args.JsonSave(data_state),
         _CONFIG: ocp.args.JsonSave(config),
         _CHECKSUMS: ocp.args.JsonSave(checksums),
+        _VERSION: ocp.args.JsonSave({"format": FORMAT}),
     })
     # Due, as decided above (deciding again could differ once a background
     # save has finished meanwhile).
@@ -634,7 +639,8 @@ class Checkpointer:
 
     Raises:
       IncompatibleCheckpointError: (a ``ValueError``) if the checkpoint is of
-        another model (config or tree structure/shapes differ).
+        another model (config or tree structure/shapes differ) or of another
+        checkpoint format (:data:`FORMAT`).
       UnreadableCheckpointError: if no candidate checkpoint is intact; the
         message is one line.
     """
@@ -692,9 +698,11 @@ class Checkpointer:
       The restored step, and why it is unverified (None if verified).
 
     Raises:
-      IncompatibleCheckpointError: On a checkpoint of another model.
+      IncompatibleCheckpointError: On a checkpoint of another model or
+        format.
       Exception: Any other error means the step is corrupt.
     """
+    self._check_format(step)
     config = self._manager.restore(
         step, args=ocp.args.Composite(**{_CONFIG: ocp.args.JsonRestore()})
     )[_CONFIG]
@@ -730,6 +738,29 @@ class Checkpointer:
           state, abstract_state,
       )
     return Restored(step, state, out[_DATA], config), unverified
+
+  def _check_format(self, step: int) -> None:
+    """Raises if ``step`` was written in another checkpoint format."""
+    try:
+      handlers = self._manager.metadata(step).item_handlers
+    except Exception:  # pylint: disable=broad-except
+      handlers = None
+    if isinstance(handlers, dict) and _VERSION not in handlers:
+      saved = _OLDEST_FORMAT  # Written before the version item existed.
+    else:
+      item = self._manager.restore(
+          step, args=ocp.args.Composite(**{_VERSION: ocp.args.JsonRestore()})
+      )[_VERSION]
+      saved = item.get("format") if isinstance(item, dict) else None
+      if not isinstance(saved, int) or isinstance(saved, bool):
+        raise _CorruptError("the version item is garbled")
+    if saved != FORMAT:
+      age = "an older" if saved < FORMAT else "a newer"
+      raise IncompatibleCheckpointError(
+          f"checkpoint step {step} in {self.directory} was written by {age} "
+          f"subspace_jax (format {saved}, this one reads {FORMAT}); resume it "
+          "with that version or use another --checkpoint-dir"
+      )
 
   def _saved_checksums(self, step: int) -> tuple[dict | None, str | None]:
     """The step's ``{path: [dtype, hash]}`` and, if there is none, why."""

@@ -19,9 +19,9 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 
 import subspace_jax as sj
+from subspace_jax import models
 from subspace_jax.models import llama
 from subspace_jax.training import sharding as shd
 
@@ -52,24 +52,11 @@ def _model_mode_methods() -> tuple[str, ...]:
   SVD needs the full gradient that model mode never builds)."""
   return tuple(n for n, m in sj.transform.METHODS.items() if m.model_mode)
 
-# Which LLaMA weights are projected: attention and MLP kernels; embeddings,
-# lm_head and norm scales go to the inner optimizer in full (as the GaLore and
-# RSO papers do).
-_FULL_RANK = r"embed|lm_head|norm"
-
-
-def llama_views() -> sj.matrix_view.ViewFn:
-  """The ``views`` rule for :mod:`subspace_jax.models.llama` parameters."""
-  return sj.views_by_path([(_FULL_RANK, None)])
-
-
-def _decay_mask(params):
-  """Weight decay on matrices, not on norm scales (stacked ones are 2-D)."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, x: x.ndim >= 2
-      and "norm" not in sj.matrix_view.path_str(path),
-      params,
-  )
+# The model's rules live with the model (subspace_jax.models): which weights
+# are projected (attention and MLP kernels; embeddings, lm_head and norm
+# scales go to the inner optimizer in full) and which are decayed.
+llama_views = llama.views
+_decay_mask = llama.decay_mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,33 +220,9 @@ def make_optimizer(
   return optax.chain(*parts), plans
 
 
-class ModelDef:
-  """A LLaMA's structure, applied to plain-dict parameters."""
-
-  def __init__(self, config: llama.LlamaConfig):
-    self.config = config
-    graphdef, abstract = nnx.eval_shape(
-        lambda: nnx.split(llama.Llama(config, rngs=nnx.Rngs(0)), nnx.Param)
-    )
-    self.graphdef = graphdef
-    self._treedef = jax.tree.structure(abstract)
-    self.logical_axes = llama.param_logical_axes(abstract)
-
-  def init(self, seed: int) -> dict:
-    """Fresh parameters (a plain nested dict)."""
-    return nnx.to_pure_dict(llama.init(self.config, seed)[1])
-
-  def apply(self, params: dict, tokens: jax.Array) -> jax.Array:
-    """Logits; a leaf of ``params`` may be a
-    :class:`~subspace_jax.factored.Factored` kernel (model mode)."""
-    leaves = jax.tree.leaves(
-        params, is_leaf=lambda x: isinstance(x, sj.factored.Factored))
-    state = jax.tree.unflatten(self._treedef, leaves)
-    return llama.apply(self.graphdef, state, tokens)
-
-  def loss(self, params: dict, batch: dict) -> jax.Array:
-    logits = self.apply(params, batch["inputs"])
-    return llama.cross_entropy_loss(logits, batch["targets"])
+# The LLaMA adapter (init/apply/loss on plain-dict parameters); setup()
+# instantiates it through the model registry.
+ModelDef = llama.ModelDef
 
 
 class TrainState(NamedTuple):
@@ -392,7 +355,7 @@ def setup(
   differentiates only ``B`` and the full leaves, and merges ``W ← W + P·B``
   at the end of every subproblem, inside the jitted step.
   """
-  model = ModelDef(model_config)
+  model = models.for_config(model_config).model_def(model_config)
   weights = jax.eval_shape(lambda: model.init(0))
   tx, plans = make_optimizer(opt, weights)
   schedule = opt.schedule()
