@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+import subspace_jax as sj
 from subspace_jax.models import llama
 from subspace_jax.training import train
 
@@ -28,8 +29,10 @@ __all__ = [
 WARMUP = 50
 """Default warm-up steps (fewer if the schedule is shorter)."""
 
-# The optimizers that --subspace-mode model supports (random projections).
-_MODEL_MODE_OPTIMIZERS = ("golore", "rso")
+# The optimizers that --subspace-mode model supports (random projections),
+# as the methods table says.
+_MODEL_MODE_OPTIMIZERS = tuple(
+    name for name, m in sj.transform.METHODS.items() if m.model_mode)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
