@@ -261,31 +261,29 @@ def _train(cfg: RunConfig, mesh, t_begin: float) -> dict[str, Any]:
     ckpt = Checkpointer(cfg.checkpoint_dir, save_interval_steps=cfg.checkpoint_every,
                         max_to_keep=cfg.keep)
   sink = progress = None
-  stop = _StopRequest()  # From here on a signal stops the run cleanly.
-  try:
-    stop.__enter__()
-    state, start = _restore_or_init(cfg, setup, ckpt, train_iter)
-    if start == 0:
-      info(f"{cfg.model}: {llama.param_count(model_config) / 1e6:.2f}M parameters, "
-           f"{cfg.optimizer.name}"
-           f"{' (model mode)' if cfg.optimizer.model_mode else ''}, "
-           f"mesh {dict(mesh.shape)} on "
-           f"{jax.device_count()} {jax.devices()[0].platform} device(s), "
-           f"{jax.process_count()} process(es)")
-    sink = reporting.MetricsSink(cfg)
-    progress = reporting.Progress(cfg.steps, cfg.progress and jax.process_index() == 0)
-    info(f"compiling the train step (step {start + 1}) ...")
-    summary = _run(cfg, setup, state, start, train_iter, eval_iter, eval_start,
-                   ckpt, sink, progress, stop)
-  finally:
-    stop.__exit__()
-    if progress is not None:
-      progress.close()
-    if sink is not None:
-      sink.close()
-    if ckpt is not None:
-      ckpt.wait_until_finished()
-      ckpt.close()
+  with _StopRequest() as stop:  # From here on a signal stops the run cleanly.
+    try:
+      state, start = _restore_or_init(cfg, setup, ckpt, train_iter)
+      if start == 0:
+        info(f"{cfg.model}: {llama.param_count(model_config) / 1e6:.2f}M parameters, "
+             f"{cfg.optimizer.name}"
+             f"{' (model mode)' if cfg.optimizer.model_mode else ''}, "
+             f"mesh {dict(mesh.shape)} on "
+             f"{jax.device_count()} {jax.devices()[0].platform} device(s), "
+             f"{jax.process_count()} process(es)")
+      sink = reporting.MetricsSink(cfg)
+      progress = reporting.Progress(cfg.steps, cfg.progress and jax.process_index() == 0)
+      info(f"compiling the train step (step {start + 1}) ...")
+      summary = _run(cfg, setup, state, start, train_iter, eval_iter, eval_start,
+                     ckpt, sink, progress, stop)
+    finally:
+      if progress is not None:
+        progress.close()
+      if sink is not None:
+        sink.close()
+      if ckpt is not None:
+        ckpt.wait_until_finished()
+        ckpt.close()
   summary["wall_time_s"] = time.perf_counter() - t_begin
   reporting.print_summary(summary)
   return summary
@@ -299,8 +297,8 @@ class _Health:
   """Counts the steps that were skipped as non-finite.
 
   The step's ``finite`` flags stay on the device until the loop syncs (at
-  logging, checkpoint and stop points, or every ``max_bad_steps`` steps),
-  so there is no host round trip per step.
+  logging, checkpoint and stop points, or once the pending flags could
+  complete a stopping streak), so there is no host round trip per step.
   """
 
   def __init__(self, max_bad_steps: int):
