@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-import subspace_jax as sj
 from subspace_jax.models import llama
 from subspace_jax.training import train
 
@@ -29,10 +28,6 @@ __all__ = [
 WARMUP = 50
 """Default warm-up steps (fewer if the schedule is shorter)."""
 
-# The optimizers that --subspace-mode model supports (random projections),
-# as the methods table says.
-_MODEL_MODE_OPTIMIZERS = tuple(
-    name for name, m in sj.transform.METHODS.items() if m.model_mode)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -174,10 +169,10 @@ def check_optimizer_flags(args: argparse.Namespace) -> None:
     raise ValueError(f"--subspace-mode must be one of "
                      f"{', '.join(train.SUBSPACE_MODES)}, got {args.subspace_mode!r}")
   if args.subspace_mode == "model":
-    if args.optimizer not in _MODEL_MODE_OPTIMIZERS:
+    if args.optimizer not in train._model_mode_methods():
       raise ValueError(
           f"--subspace-mode model supports --optimizer "
-          f"{' and '.join(_MODEL_MODE_OPTIMIZERS)}, not {args.optimizer}"
+          f"{' and '.join(train._model_mode_methods())}, not {args.optimizer}"
           + (": GaLore's SVD needs the full gradient, which model mode never "
              "builds" if args.optimizer == "galore" else "")
           + "; use --subspace-mode transform")
