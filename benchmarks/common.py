@@ -27,3 +27,12 @@ def write(path, text: str) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(text)
   print(f"wrote {path}")
+
+
+def add_output_flags(parser, name: str, *, note: bool = True) -> None:
+  """``--out`` (default ``results/NAME``) and, with ``note``, ``--note``."""
+  if note:
+    parser.add_argument("--note", default="",
+                        help="free text for the results file (e.g. the load)")
+  parser.add_argument("--out", default=str(RESULTS / name),
+                      help="markdown file to write")

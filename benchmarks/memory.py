@@ -89,7 +89,7 @@ def token_batch(batch: int, seq: int, sharding=None) -> dict:
 
 def _galore_dims(params):
   """optax.contrib.galore's projected leaves: the attention and MLP kernels
-  (2-D in an unrolled model), like sj's llama_views()."""
+  (2-D in an unrolled model), like the LLaMA's own views (llama.views())."""
   def one(path, x):
     name = sj.matrix_view.path_str(path)
     if x.ndim != 2 or any(k in name for k in ("embed", "lm_head", "norm")):
@@ -130,7 +130,7 @@ def measure(name: str, opt: str, rank: int, batch: int, seq: int,
     s = train.setup(model_config(name), cfg, mesh)
     state = s.abstract_state
     if cfg.model_mode:
-      subspace = cfg.subspace(state.params.weights)
+      subspace = cfg.subspace(state.params.weights, llama.views())
       trainable = subspace.trainable(state.params)
       plans = [p for p in subspace.plans if p is not None]
       # float32 projections of every factored leaf, drawn each step.
@@ -264,7 +264,7 @@ def paper_table() -> str:
     cfg = model_config(name, scan=False)
     params = jax.eval_shape(lambda: train.ModelDef(cfg).init(0))
     r = ranks[0]
-    views = train.llama_views()
+    views = llama.views()
     ws = lambda tx: (lambda e: (e.weights + e.optimizer_state) / GiB)(
         memory.estimate(params, tx))
     adam = ws(optax.scale_by_adam())
@@ -284,7 +284,7 @@ def paper_table() -> str:
 def rso_paper_rows() -> str:
   cfg = model_config("llama_1b", scan=False)
   params = jax.eval_shape(lambda: train.ModelDef(cfg).init(0))
-  views = train.llama_views()
+  views = llama.views()
   st = lambda tx: memory.estimate(params, tx).optimizer_state / GiB
   full = lambda tx: memory.estimate(
       {k: v for k, v in params.items() if k in ("embed", "lm_head")},
@@ -337,8 +337,7 @@ def main(argv=None):
                       help="pickle file of measurements: reused when it "
                       "exists, extended as the run goes (re-render the "
                       "tables without compiling again)")
-  parser.add_argument("--out", default=str(common.RESULTS / "memory.md"),
-                      help="markdown file to write")
+  common.add_output_flags(parser, "memory.md", note=False)
   args = parser.parse_args(argv)
   for name in _csv(args.models) + _csv(args.focus_models):
     if name not in RANKS:
@@ -466,7 +465,7 @@ NOTES = """## Notes
   bytes at 130M and 350M. The papers' 7B rows (8-bit optimizers, GaLore
   Table 3) are not comparable to a bf16-moment run and are left out.
 - Projected leaves: attention and MLP kernels only; embedding, lm_head and
-  norm scales stay with full Adam (`train.llama_views()`), as in both
+  norm scales stay with full Adam (`llama.views()`), as in both
   papers. Side: sj's default "lean" projects the larger dimension (state
   r x min(m, n), like optax.contrib.galore); the GaLore paper projects the
   smaller one (state r x max(m, n), plus P of m x r). Model-level RSO

@@ -240,10 +240,7 @@ def main(argv=None):
                       help="extra sketch columns of the fast method")
   parser.add_argument("--power-iters", type=int, default=2,
                       help="subspace iterations of the fast method")
-  parser.add_argument("--note", default="",
-                      help="free text for the results file (e.g. the load)")
-  parser.add_argument("--out", default=str(common.RESULTS / "projection_refresh.md"),
-                      help="markdown table to write")
+  common.add_output_flags(parser, "projection_refresh.md")
   args = parser.parse_args(argv)
 
   rows = run(parse_shapes(args.shapes), parse_ranks(args.ranks), args.repeats,

@@ -56,6 +56,7 @@ import numpy as np  # pylint: disable=wrong-import-position
 from benchmarks import common  # pylint: disable=wrong-import-position
 from benchmarks import projection_refresh as pr  # pylint: disable=wrong-import-position
 from subspace_jax import projection as proj  # pylint: disable=wrong-import-position
+from subspace_jax import models  # pylint: disable=wrong-import-position
 from subspace_jax.models import llama  # pylint: disable=wrong-import-position
 from subspace_jax.training import sharding as shd  # pylint: disable=wrong-import-position
 from subspace_jax.training import train  # pylint: disable=wrong-import-position
@@ -138,7 +139,8 @@ def build_update(name: str, cfg, args, update_gap: int, mesh, log) -> Variant:
   """Compiles ``name``'s optimizer update alone (random gradients)."""
   del mesh
   t0 = time.perf_counter()
-  tx, _ = train.make_optimizer(optimizer_config(name, args, update_gap))
+  tx, _ = train.make_optimizer(optimizer_config(name, args, update_gap),
+                             models.MODELS["llama"])
   params = train.ModelDef(cfg).init(0)
   grads = jax.tree.map(
       lambda x: 1e-3 * jax.random.normal(jax.random.key(1), x.shape, x.dtype),
@@ -298,10 +300,7 @@ def main(argv=None):
                       help="projection part: comma-separated ranks")
   parser.add_argument("--proj-repeats", type=int, default=2,
                       help="projection part: timed rounds (minimum reported)")
-  parser.add_argument("--note", default="",
-                      help="free text for the results file (e.g. the load)")
-  parser.add_argument("--out", default=str(common.RESULTS / "speed.md"),
-                      help="markdown file to write")
+  common.add_output_flags(parser, "speed.md")
   args = parser.parse_args(argv)
   parts = args.parts.split(",")
   for p in parts:

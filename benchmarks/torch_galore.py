@@ -848,8 +848,7 @@ def main(argv=None):
   parser.add_argument("--torch-requirement", default=TORCH_REQUIREMENT,
                       help="pip arguments --install uses when torch is missing "
                            "(split like a shell command line)")
-  parser.add_argument("--out", default=str(common.RESULTS / "torch_galore.md"),
-                      help="markdown file to write")
+  common.add_output_flags(parser, "torch_galore.md", note=False)
   args = parser.parse_args(argv)
   args.dims = [int(d) for d in args.dims.split(",")]
   dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]

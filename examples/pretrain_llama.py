@@ -24,7 +24,7 @@ import re
 import signal
 import sys
 
-from subspace_jax.models import llama
+from subspace_jax import models
 from subspace_jax.training import cli, loop
 from subspace_jax.training.checkpoint import UnreadableCheckpointError
 
@@ -223,9 +223,9 @@ def _check_flags(args: argparse.Namespace) -> None:
   Raises:
     ValueError: On the first bad value.
   """
-  if args.model not in llama.CONFIGS:
-    raise ValueError(f"--model: unknown LLaMA config {args.model!r}; known "
-                     f"configs: {', '.join(llama.CONFIGS)}")
+  if args.model not in models.CONFIGS:
+    raise ValueError(f"--model: unknown model config {args.model!r}; known "
+                     f"configs: {', '.join(models.CONFIGS)}")
   cli.check_optimizer_flags(args)
 
 

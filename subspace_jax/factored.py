@@ -21,9 +21,13 @@ The pieces:
   :func:`dense`, the matmul that understands it (used by
   :mod:`subspace_jax.models.llama`).
 * :class:`FactoredParams` – the train-state parameters: the full-shape
-  weights, the ``B`` of each projected leaf, the projection key and the step
-  counter. Everything that defines the model, so a checkpoint of it resumes
-  exactly, and ``P`` is never stored.
+  weights and the ``B`` of each projected leaf.
+* :class:`FactoredState` – the optimizer state: the step counter and the
+  projection key, which define the subproblem and its ``P`` (never stored),
+  and the inner optimizer's state. As in the transform, the optimizer's
+  counter is the only one: the train step reads it to draw ``P`` and to know
+  when to merge, so a wrapper that skips updates (``optax.MultiSteps``)
+  keeps the subproblem as it is.
 * :class:`Subspace` – which leaves are factored and how; it builds the tree
   the model is applied to, draws the projections and merges.
 * :func:`scale_by_factored` – the optimizer core over the trainable tree
@@ -60,6 +64,7 @@ __all__ = [
     "FactoredState",
     "Subspace",
     "scale_by_factored",
+    "factored_state",
 ]
 
 _MASKED = optax.MaskedNode
@@ -108,14 +113,13 @@ class FactoredParams(NamedTuple):
       within a subproblem; the others are trained directly.
     low: ``B`` (``batch + (r, n)``) of each projected leaf, ``MaskedNode``
       elsewhere; zero at the start of every subproblem.
-    key: Raw ``uint32`` data of the projection key.
-    count: Steps taken (int32); the subproblem is ``count // update_gap``.
   """
 
   weights: Any
   low: Any
-  key: jax.Array
-  count: jax.Array
+
+  # Roles of the fields for sharding (subspace_jax.training.sharding).
+  ROLES = {"weights": "params", "low": "low"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,21 +190,22 @@ class Subspace:
         else jnp.zeros(p.low_shape, low_dtype or x.dtype)
         for x, p in zip(self._leaves(weights), self.plans)
     ]
-    return FactoredParams(
-        weights=weights,
-        low=self.treedef.unflatten(low),
-        key=jax.random.key_data(jax.random.key(self.seed)),
-        count=jnp.zeros([], jnp.int32),
-    )
+    return FactoredParams(weights=weights, low=self.treedef.unflatten(low))
 
-  def projections(self, params: FactoredParams) -> list:
+  def projections(self, params: FactoredParams, opt_state) -> list:
     """This step's projection of every leaf (None for full leaves).
+
+    Args:
+      params: The model-mode parameters.
+      opt_state: The optimizer state holding this subspace's
+        :class:`FactoredState` (its counter and key choose ``P``).
 
     Each is drawn in its ``B``'s dtype, as the transform draws it in the
     dtype of the projected gradient: the same call, so the same bits.
     """
-    key = jax.random.wrap_key_data(params.key)
-    subproblem, _ = tf.subspace_schedule(params.count, self.update_gap)
+    state = factored_state(opt_state)
+    key = jax.random.wrap_key_data(state.key)
+    subproblem, _ = tf.subspace_schedule(state.count, self.update_gap)
     return [
         None if p is None else tf.random_projection(
             tf.projection_key(key, i, subproblem), p, self.projection, b.dtype)
@@ -230,6 +235,7 @@ class Subspace:
     return self.treedef.unflatten(out)
 
   def update(self, params: FactoredParams, trainable, projections,
+             opt_state, new_opt_state,
              weight_decay: jax.Array | float = 0.0) -> FactoredParams:
     """Takes the new ``trainable`` tree, and merges at a subproblem's end.
 
@@ -237,6 +243,9 @@ class Subspace:
       params: The parameters before the step.
       trainable: The updated trainable tree.
       projections: The step's projections (from :meth:`projections`).
+      opt_state: The optimizer state before the step.
+      new_opt_state: The optimizer state after it. When its counter did not
+        move (a wrapper skipped the update), the weights stay as they are.
       weight_decay: Factor ``c`` of a decoupled weight decay
         ``W ← W − c·W`` on the frozen weights (``learning_rate ×
         weight_decay``; ``B``'s share is decayed by the optimizer), so that
@@ -244,11 +253,15 @@ class Subspace:
 
     Returns:
       The parameters after the step: if the step ends a subproblem,
-      ``W ← W + P·B`` and ``B ← 0``; the counter is incremented.
+      ``W ← W + P·B`` and ``B ← 0``.
     """
-    count = params.count
+    count = factored_state(new_opt_state).count
+    stepped = count != factored_state(opt_state).count
     # The step ends a subproblem when the next one starts one.
-    _, merge = tf.subspace_schedule(count + 1, self.update_gap)
+    _, starts = tf.subspace_schedule(count, self.update_gap)
+    merge = stepped & starts
+    if not _is_zero(weight_decay):
+      weight_decay = jnp.where(stepped, weight_decay, 0)
     weights, low = [], []
     for w, t, p, plan in zip(self._leaves(params.weights),
                              self._leaves(trainable), projections, self.plans):
@@ -268,20 +281,17 @@ class Subspace:
       w, t = jax.lax.cond(merge, merged, lambda w=w, t=t: (w, t))
       weights.append(w)
       low.append(t)
-    return FactoredParams(
-        weights=self.treedef.unflatten(weights),
-        low=self.treedef.unflatten(low),
-        key=params.key,
-        count=optax.safe_int32_increment(count),
-    )
+    return FactoredParams(weights=self.treedef.unflatten(weights),
+                          low=self.treedef.unflatten(low))
 
-  def merged_weights(self, params: FactoredParams):
+  def merged_weights(self, params: FactoredParams, opt_state):
     """``W + P·B`` for every leaf: the plain weights of the current model
-    (for export or a transform-mode run)."""
+    (for export or a transform-mode run); ``opt_state`` as in
+    :meth:`projections`."""
     out = []
     for w, b, p, plan in zip(self._leaves(params.weights),
                              self._leaves(params.low),
-                             self.projections(params), self.plans):
+                             self.projections(params, opt_state), self.plans):
       if plan is None:
         out.append(w)
       else:
@@ -305,14 +315,21 @@ class FactoredState(NamedTuple):
   """State of :func:`scale_by_factored`.
 
   Attributes:
-    count: Updates taken (int32).
+    count: Updates taken (int32); the subproblem is
+      ``count // update_gap``.
+    key: Raw ``uint32`` data of the projection key (from the subspace's
+      seed).
     inner_low: Inner state over the ``B`` gradients.
     inner_full: Inner state over the full leaves.
   """
 
   count: jax.Array
+  key: jax.Array
   inner_low: Any
   inner_full: Any
+
+  # Roles of the fields for sharding (subspace_jax.training.sharding).
+  ROLES = {"inner_low": "low", "inner_full": "full"}
 
 
 def scale_by_factored(
@@ -345,7 +362,8 @@ def scale_by_factored(
   plans, treedef = subspace.plans, subspace.treedef
 
   def init_fn(params):
-    return FactoredState(jnp.zeros([], jnp.int32),
+    key = jax.random.key_data(jax.random.key(subspace.seed))
+    return FactoredState(jnp.zeros([], jnp.int32), key,
                          *tf.inner_init(inner, treedef, plans, params, params))
 
   def update_fn(updates, state, params=None):
@@ -365,6 +383,19 @@ def scale_by_factored(
            for l, f, p in zip(treedef.flatten_up_to(low),
                               treedef.flatten_up_to(full), plans)]
     return treedef.unflatten(out), FactoredState(
-        optax.safe_int32_increment(state.count), inner_low, inner_full)
+        optax.safe_int32_increment(state.count), state.key, inner_low,
+        inner_full)
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def factored_state(opt_state) -> FactoredState:
+  """The one :class:`FactoredState` inside an optimizer state (a chain's,
+  or a wrapper's such as ``optax.MultiSteps``)."""
+  found = [s for s in jax.tree.leaves(
+      opt_state, is_leaf=lambda x: isinstance(x, FactoredState))
+           if isinstance(s, FactoredState)]
+  if len(found) != 1:
+    raise ValueError(f"expected one FactoredState in the optimizer state "
+                     f"(from scale_by_factored), found {len(found)}")
+  return found[0]

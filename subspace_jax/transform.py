@@ -156,6 +156,11 @@ class SubspaceState(NamedTuple):
   inner_low: Any
   inner_full: Any
 
+  # What each tree field holds, per leaf, for sharding
+  # (subspace_jax.training.sharding); the other fields are replicated.
+  ROLES = {"projections": "projection", "anchors": "low",
+           "inner_low": "low", "inner_full": "full"}
+
 
 def subspace_schedule(count, update_gap: int) -> tuple[jax.Array, jax.Array]:
   """Where step ``count`` falls in the schedule of subspaces.

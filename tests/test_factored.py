@@ -67,19 +67,19 @@ def test_model_mode_takes_the_transform_steps(name, extra, scan):
     mod = train.setup(model, _opt(name, "model", **extra), mesh)
     s_ref, s_mod = ref.init(0), mod.init(0)
     assert all(x.dtype == jnp.float64 for x in jax.tree.leaves(s_ref.params))
-    subspace = _opt(name, "model", **extra).subspace(s_ref.params)
+    subspace = _opt(name, "model", **extra).subspace(s_ref.params, llama.views())
     for i, batch in enumerate(_batches(8)):
       s_ref, m_ref = ref.train_step(s_ref, batch)
       s_mod, m_mod = mod.train_step(s_mod, batch)
       np.testing.assert_allclose(m_mod["loss"], m_ref["loss"], rtol=1e-12)
-      merged = subspace.merged_weights(s_mod.params)
+      merged = subspace.merged_weights(s_mod.params, s_mod.opt_state)
       for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(s_ref.params)):
         np.testing.assert_allclose(a, b, rtol=0, atol=_MODE_ATOL,
                                    err_msg=f"step {i}")
       # Right after a merge B is zero and the weights are the merged ones.
       if (i + 1) % 3 == 0:
         assert all(not jnp.any(b) for b in jax.tree.leaves(s_mod.params.low))
-    assert int(s_mod.params.count) == 8
+    assert int(fc.factored_state(s_mod.opt_state).count) == 8
     # The run moved: the comparison is not between two unchanged models.
     start = jax.tree.leaves(ref.init(0).params)
     moved = max(float(jnp.max(jnp.abs(a - b)))
@@ -106,13 +106,15 @@ def test_model_mode_gradient_has_no_full_weight_gradient(scan):
   cfg = llama.get_config("tiny", scan_layers=scan, remat=scan)
   model = train.ModelDef(cfg)
   weights = jax.eval_shape(lambda: model.init(0))
-  subspace = _opt("rso", "model").subspace(weights)
+  subspace = _opt("rso", "model").subspace(weights, llama.views())
   batch = _batches(1)[0]
   full_shapes = {p.shape[-2:] for p in subspace.plans if p is not None}
   full_shapes |= {s[::-1] for s in full_shapes}
 
   def model_grad(params):
-    proj = subspace.projections(params)
+    opt_state = fc.scale_by_factored(subspace=subspace).init(
+        subspace.trainable(params))
+    proj = subspace.projections(params, opt_state)
     loss = lambda t: model.loss(subspace.factored(params, t, proj), batch)
     return jax.grad(loss)(subspace.trainable(params))
 
@@ -148,7 +150,7 @@ def test_model_mode_compiled_step_needs_less_scratch_memory():
     s = train.setup(cfg, _opt("rso", mode, rank=4, clip_norm=1.0), mesh)
     mem[mode] = sj.memory.compiled(s.train_step, s.abstract_state, batch)
   weights = jax.eval_shape(lambda: train.ModelDef(cfg).init(0))
-  plans = _opt("rso", "model").leaf_plans(weights)
+  plans = _opt("rso", "model").leaf_plans(weights, llama.views())
   w_grads = sum(4 * np.prod(p.shape) for p in plans if p is not None)
   saved = mem["transform"].temporaries - mem["model"].temporaries
   # Measured: 1.04 MB saved of 2.1 MB of W gradients (XLA frees some early).
@@ -162,7 +164,10 @@ def test_merge_and_dense():
   sub = fc.Subspace.for_params(params, rank=4, update_gap=2, seed=3)
   fp = sub.init(params)
   assert fp.low["k"].shape == (3, 4, 5) and not jnp.any(fp.low["k"])
-  proj = sub.projections(fp)
+  # The optimizer state's counter says where the step is: 0, 1, 2 updates.
+  st = [fc.scale_by_factored(subspace=sub).init(sub.trainable(fp))]
+  st += [st[0]._replace(count=jnp.int32(c)) for c in (1, 2)]
+  proj = sub.projections(fp, st[0])
   # P is the transform's projection of leaf 0 (RSO: P^T P = (12/4) I).
   key = jax.random.key(3)
   want = sj.transform.random_projection(
@@ -178,18 +183,72 @@ def test_merge_and_dense():
                              x @ (w[1] + proj[0][1] @ b[1]), rtol=1e-5, atol=1e-5)
 
   # Step 0 of a 2-step subproblem: no merge, W frozen, B and v taken.
-  fp1 = sub.update(fp, trained, proj, weight_decay=0.1)
+  fp1 = sub.update(fp, trained, proj, st[0], st[1], weight_decay=0.1)
   np.testing.assert_allclose(fp1.weights["k"], 0.9 * w, rtol=1e-6)
   np.testing.assert_array_equal(fp1.low["k"], b)
   np.testing.assert_array_equal(fp1.weights["v"], trained["v"])
   # Step 1 ends it: W <- W + P B, B <- 0, and the next P is a new one.
-  fp2 = sub.update(fp1, trained, proj)
+  fp2 = sub.update(fp1, trained, proj, st[1], st[2])
   np.testing.assert_allclose(
       fp2.weights["k"], 0.9 * w + jnp.einsum("bdr,brk->bdk", proj[0], b),
       rtol=1e-5, atol=1e-5)
-  assert not jnp.any(fp2.low["k"]) and int(fp2.count) == 2
-  assert not np.allclose(sub.projections(fp2)[0], proj[0])
-  np.testing.assert_allclose(sub.merged_weights(fp2)["k"], fp2.weights["k"])
+  assert not jnp.any(fp2.low["k"])
+  assert not np.allclose(sub.projections(fp2, st[2])[0], proj[0])
+  np.testing.assert_allclose(sub.merged_weights(fp2, st[2])["k"],
+                             fp2.weights["k"])
+  # An update a wrapper skipped (the counter did not move): nothing changes,
+  # not even the decay, and no merge although the subproblem would end.
+  fp3 = sub.update(fp1, trained, proj, st[1], st[1], weight_decay=0.1)
+  np.testing.assert_array_equal(fp3.weights["k"], fp1.weights["k"])
+  np.testing.assert_array_equal(fp3.low["k"], b)
+
+
+def test_model_mode_under_multisteps_takes_the_large_batch_steps():
+  """optax.MultiSteps (gradient accumulation) wraps model mode's optimizer:
+  the subproblem, its P and the merges follow the updates taken, not the
+  micro-steps, because the optimizer's counter is the only one. Two
+  half-batches per update equal one full batch per update, to float32
+  rounding of the gradient mean (a few ulp on updates of size ~1e-2)."""
+  rng = np.random.default_rng(0)
+  params = {"w": jnp.asarray(rng.normal(size=(12, 6)), jnp.float32),
+            "v": jnp.ones(6, jnp.float32)}
+  target = jnp.asarray(rng.normal(size=(12, 6)), jnp.float32)
+  xs = jnp.asarray(rng.normal(size=(3, 8, 12)), jnp.float32)
+  sub = fc.Subspace.for_params(params, rank=3, update_gap=2, seed=1)
+
+  def loss(tree, x):
+    y = fc.dense(x, tree["w"]) * tree["v"]
+    return jnp.mean((y - x @ target) ** 2)
+
+  def run(tx, batches):
+    fp = sub.init(params)
+    opt_state = tx.init(sub.trainable(fp))
+    out = []
+    for x in batches:
+      proj = sub.projections(fp, opt_state)
+      trainable = sub.trainable(fp)
+      grads = jax.grad(lambda t: loss(sub.factored(fp, t, proj), x))(trainable)
+      updates, new_state = tx.update(grads, opt_state, trainable)
+      trainable = optax.apply_updates(trainable, updates)
+      fp = sub.update(fp, trainable, proj, opt_state, new_state, 1e-2)
+      opt_state = new_state
+      out.append(sub.merged_weights(fp, opt_state))
+    return out, opt_state
+
+  core = lambda: optax.chain(
+      fc.scale_by_factored(optax.identity(), subspace=sub, scale=0.5),
+      optax.scale(-0.1))
+  big, _ = run(core(), list(xs))
+  halves = [h for x in xs for h in (x[:4], x[4:])]
+  small, state = run(optax.MultiSteps(core(), every_k_schedule=2), halves)
+  assert int(fc.factored_state(state).count) == 3
+  for i, want in enumerate(big):
+    got = small[2 * i + 1]
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(a, b, rtol=0, atol=1e-6, err_msg=f"update {i}")
+  # The check can fail: the run moved, and each update is a different one.
+  assert float(jnp.max(jnp.abs(big[-1]["w"] - params["w"]))) > 1e-2
+  assert float(jnp.max(jnp.abs(big[1]["w"] - big[0]["w"]))) > 1e-3
 
 
 def test_bf16_model_mode_learns():
@@ -208,9 +267,11 @@ def test_bf16_model_mode_learns():
   for x in jax.tree.leaves(state.params.weights):
     assert x.dtype == jnp.bfloat16
   # The factored forward equals the merged model's, to bf16 rounding.
-  sub = _opt("rso", "model", update_gap=4).subspace(state.params.weights)
-  via_factors = s.eval_step(state.params, batch)
-  merged = s.model.loss(sub.merged_weights(state.params), batch)
+  sub = _opt("rso", "model", update_gap=4).subspace(state.params.weights,
+                                                        llama.views())
+  via_factors = s.eval_step(state, batch)
+  merged = s.model.loss(sub.merged_weights(state.params, state.opt_state),
+                        batch)
   np.testing.assert_allclose(via_factors, merged, rtol=2e-2)
 
 
@@ -231,7 +292,7 @@ def test_b_and_its_moments_are_sharded_like_w_kept_axis():
   core = s.state_shardings.opt_state[0]  # chain: core, decay, lr (no clip)
   assert up(core.inner_low.mu).spec == P(None, None, "tensor")
   assert core.inner_full.mu["embed"]["embedding"].spec == P("tensor", "fsdp")
-  assert params.key.spec == P() and params.count.spec == P()
+  assert core.key.spec == P() and core.count.spec == P()
 
 
 @pytest.mark.parametrize("kw, match", [

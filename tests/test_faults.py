@@ -15,11 +15,9 @@ import time
 
 import jax
 import numpy as np
-import pytest
 
 import clirun
 from subspace_jax.training import checkpoint, train
-from subspace_jax.models import llama
 from subspace_jax.training import sharding as shd
 
 # Runs the example with the loss of training steps $POISON_STEPS (1-based,

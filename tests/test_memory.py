@@ -43,7 +43,7 @@ def test_estimate_on_llama_7b_allocates_nothing():
   model = train.ModelDef(llama.get_config("llama_7b"))
   params = jax.eval_shape(lambda: model.init(0))
   adam = memory.estimate(params, optax.scale_by_adam())
-  go = memory.estimate(params, sj.golore(rank=1024, views=train.llama_views()))
+  go = memory.estimate(params, sj.golore(rank=1024, views=llama.views()))
   assert adam.weights == 4 * llama.param_count(model.config)
   assert adam.optimizer_state > 2 * adam.weights
   assert go.optimizer_state < 0.45 * adam.optimizer_state
@@ -159,11 +159,11 @@ def test_train_step_breakdown_of_a_llama():
       model.loss, params, optax.chain(clip, optax.scale_by_adam()), batch)
   rso = memory.train_step_breakdown(
       model.loss, params,
-      optax.chain(clip, sj.rso(rank=8, views=train.llama_views())), batch,
+      optax.chain(clip, sj.rso(rank=8, views=llama.views())), batch,
       compiler_options=memory.NO_LOOP_HOISTING)
   size = 4 * llama.param_count(model.config)
   for b, tx in ((adam, optax.scale_by_adam()),
-                (rso, sj.rso(rank=8, views=train.llama_views()))):
+                (rso, sj.rso(rank=8, views=llama.views()))):
     assert b.weights == b.gradients == size
     assert b.optimizer_state == memory.estimate(params, tx).optimizer_state
     # The batch, the loss and the output tuple's table (8 bytes an output).

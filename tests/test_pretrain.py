@@ -155,7 +155,7 @@ def _bad_cases(tmp):
   (empty / "a.txt").write_text("  \n\n")
   (tmp / "one.txt").write_text("A single document.\n")
   return {
-      "model": (["--model", "llama_9b"], ["unknown LLaMA config", "llama_60m"]),
+      "model": (["--model", "llama_9b"], ["unknown model config", "llama_60m"]),
       "optimizer": (["--optimizer", "sgd"], ["unknown optimizer", "golore"]),
       "batch": (["--batch-size", "12"], ["--batch-size 12", "data-parallel size 8"]),
       "mesh": (["--mesh", "16,1,1"], ["needs 16 devices", "8 are available", "--mesh"]),

@@ -7,6 +7,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from subspace_jax import models
 from subspace_jax.models import llama
 from subspace_jax.training import sharding as shd
 from subspace_jax.training import train
@@ -60,6 +61,26 @@ def test_low_rank_state_sharded_along_the_kept_dimension():
   assert core.count.spec == P()
 
 
+def test_state_axes_come_from_roles_not_shapes():
+  """At full rank a square kernel's moments have the kernel's own shape; they
+  are still low-rank moments (rank axis replicated, kept axis named), while
+  adamw's moments of the same kernel mirror it."""
+  _need8()
+  mesh = shd.make_mesh(data=2, fsdp=2, tensor=2)
+  cfg = llama.get_config("tiny", scan_layers=True)
+  q = lambda t: t["layers"]["attn"]["q_proj"]["kernel"]  # (L, embed, heads)
+  galore = train.setup(cfg, train.OptimizerConfig(name="galore", rank=64), mesh)
+  core = galore.state_shardings.opt_state[1]
+  assert q(galore.abstract_state.opt_state[1].inner_low.mu).shape == (2, 64, 64)
+  plan = train.OptimizerConfig(name="galore", rank=64).leaf_plans(
+      galore.abstract_state.params, llama.views())
+  q_plan = next(p for p in plan if p is not None and p.shape == (2, 64, 64))
+  kept = "fsdp" if q_plan.transpose else "tensor"  # embed or heads is kept
+  assert q(core.inner_low.mu).spec == P(None, None, kept)
+  adamw = train.setup(cfg, train.OptimizerConfig(name="adamw"), mesh)
+  assert q(adamw.state_shardings.opt_state[1].mu).spec == P(None, "fsdp", "tensor")
+
+
 @pytest.mark.parametrize(
     "name", ["adamw", "galore", "golore", "rso", "golore:model", "rso:model"])
 def test_train_step_learns_and_keeps_shardings(name):
@@ -74,7 +95,7 @@ def test_train_step_learns_and_keeps_shardings(name):
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, 256, (8, 33)).astype(np.int32)
   batch = jax.device_put({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}, s.batch_sharding)
-  first = float(s.eval_step(state.params, batch))
+  first = float(s.eval_step(state, batch))
   old = state
   losses = []
   for _ in range(12):
@@ -91,7 +112,7 @@ def test_train_step_learns_and_keeps_shardings(name):
 def test_weight_decay_skips_norm_scales():
   opt = train.OptimizerConfig(name="golore", rank=4, weight_decay=0.5, learning_rate=0.1,
                               warmup_steps=0, total_steps=10, clip_norm=None)
-  tx, _ = train.make_optimizer(opt)
+  tx, _ = train.make_optimizer(opt, models.MODELS["llama"])
   params = {"attn_norm": {"scale": jnp.ones((2, 8))}, "w": {"kernel": jnp.ones((8, 8))}}
   zeros = jax.tree.map(jnp.zeros_like, params)
   updates, _ = tx.update(zeros, tx.init(params), params)
@@ -113,7 +134,7 @@ def test_optimizer_config_reads_the_method_table(monkeypatch):
   opt = train.OptimizerConfig(name="toy", rank=2, update_gap=3, scale=1.0,
                               learning_rate=1.0, warmup_steps=0,
                               total_steps=10, clip_norm=None, eta=1.0)
-  tx, _ = train.make_optimizer(opt)
+  tx, _ = train.make_optimizer(opt, models.MODELS["llama"])
   params = {"w": {"kernel": jnp.ones((8, 4))}}
   g = {"w": {"kernel": jnp.arange(32.0).reshape(8, 4)}}
   inner = optax.chain(sj.golore(rank=2, update_gap=3),

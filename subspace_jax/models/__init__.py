@@ -15,16 +15,13 @@ from typing import Any, Callable, Mapping
 
 from subspace_jax.models import llama
 from subspace_jax.models.llama import (
-    CONFIGS,
     LOGICAL_AXIS_NAMES,
     Llama,
     LlamaConfig,
     apply,
     apply_rope,
     cross_entropy_loss,
-    get_config,
     init,
-    param_count,
     param_logical_axes,
     rope_cos_sin,
 )
@@ -40,6 +37,7 @@ __all__ = [
     "apply_rope",
     "cross_entropy_loss",
     "for_config",
+    "for_name",
     "get_config",
     "init",
     "param_count",
@@ -97,3 +95,32 @@ def for_config(config: Any) -> Model:
       return model
   raise TypeError(f"no model in subspace_jax.models.MODELS takes a "
                   f"{type(config).__name__} config")
+
+
+CONFIGS: dict[str, Any] = {
+    name: config for model in MODELS.values()
+    for name, config in model.configs.items()}
+"""Every named config of every family (names are unique across them)."""
+
+
+def for_name(name: str) -> Model:
+  """The :data:`MODELS` entry that has the named config ``name``.
+
+  Raises:
+    ValueError: If no family has it (the message lists the names).
+  """
+  for model in MODELS.values():
+    if name in model.configs:
+      return model
+  raise ValueError(f"unknown model {name!r}; named configs: "
+                   f"{', '.join(CONFIGS)}")
+
+
+def get_config(name: str, **overrides) -> Any:
+  """The named config of whichever family has it, with ``overrides``."""
+  return for_name(name).get_config(name, **overrides)
+
+
+def param_count(config: Any) -> int:
+  """Number of parameters of the model of ``config``."""
+  return for_config(config).param_count(config)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from subspace_jax.models import llama
+from subspace_jax import models
 from subspace_jax.training import train
 
 __all__ = [
@@ -47,7 +47,7 @@ def add_model_flags(group: Any, *, model: str = "tiny") -> None:
     model: The default of ``--model``.
   """
   add = group.add_argument
-  add("--model", default=model, help="model size: " + ", ".join(llama.CONFIGS))
+  add("--model", default=model, help="model size: " + ", ".join(models.CONFIGS))
   add("--scan-layers", action="store_true",
       help="stack the layers and run them with a scan (faster compiles)")
   add("--remat", action="store_true",
@@ -140,7 +140,7 @@ def optimizer_config(args: argparse.Namespace, total_steps: int,
   warmup = args.warmup if args.warmup is not None else min(WARMUP, total_steps)
   rank = args.rank
   if rank is None:
-    rank = max(1, llama.get_config(args.model).hidden_size // 4)
+    rank = max(1, models.get_config(args.model).hidden_size // 4)
   kwargs = {field: getattr(args, dest) for dest, field in _FIELDS.items()
             if hasattr(args, dest)}
   kwargs.update(warmup_steps=warmup, total_steps=total_steps,

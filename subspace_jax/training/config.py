@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import subspace_jax as sj
-from subspace_jax.models import llama
+from subspace_jax import models
 from subspace_jax.training import tokenizer as tok_lib
 from subspace_jax.training import train as train_lib
 
@@ -87,7 +87,7 @@ class RunConfig:
   """Every setting of a pretraining run.
 
   Attributes:
-    model: A key of :data:`subspace_jax.models.llama.CONFIGS`.
+    model: A key of :data:`subspace_jax.models.CONFIGS`.
     scan_layers: Stack the blocks and run them with ``nnx.scan``.
     remat: Recompute each block's activations in the backward pass.
     dtype: Compute dtype name (``"float32"`` or ``"bfloat16"``).
@@ -240,15 +240,15 @@ class RunConfig:
       return tok_lib.ByteTokenizer.vocab_size
     return self.vocab_size
 
-  def model_config(self) -> llama.LlamaConfig:
+  def model_config(self) -> Any:
     """The model: the named config with this run's changes.
 
     The vocabulary is the tokenizer's, and ``max_seq_len`` is raised to
     ``seq_len`` when shorter (it only bounds the input; RoPE has no table).
     """
-    base = llama.get_config(self.model)
+    base = models.get_config(self.model)
     try:
-      return llama.get_config(
+      return models.get_config(
           self.model, vocab_size=self.tokenizer_vocab_size,
           scan_layers=self.scan_layers, remat=self.remat, dtype=self.dtype,
           param_dtype=self.param_dtype,
@@ -516,7 +516,7 @@ def check_resume(cfg: RunConfig, saved: Mapping[str, Any] | None, step: int,
 # ----------------------------------------------------------------------------
 
 
-def check_rank(params: Any, opt: train_lib.OptimizerConfig) -> None:
+def check_rank(setup: train_lib.Setup, opt: train_lib.OptimizerConfig) -> None:
   """Refuses a rank larger than a projected matrix's smaller dimension.
 
   The transforms would clip it silently (``min(rank, rows, cols)``); a run
@@ -525,9 +525,10 @@ def check_rank(params: Any, opt: train_lib.OptimizerConfig) -> None:
   Raises:
     ValueError: Naming the smallest projected matrix and its size.
   """
+  params = setup.abstract_state.params
   if isinstance(params, sj.factored.FactoredParams):
     params = params.weights
-  plans = opt.leaf_plans(params)
+  plans = setup.plans
   if plans is None:
     return
   paths = [sj.matrix_view.path_str(p)

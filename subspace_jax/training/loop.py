@@ -52,7 +52,7 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-from subspace_jax.models import llama
+from subspace_jax import models
 from subspace_jax.training import config as config_lib
 from subspace_jax.training import data as data_lib
 from subspace_jax.training import inputs
@@ -127,10 +127,10 @@ class _StopRequest:
 # ----------------------------------------------------------------------------
 
 
-def _evaluate(setup, params, iterator, start_state, cfg) -> tuple[float, float]:
+def _evaluate(setup, state, iterator, start_state, cfg) -> tuple[float, float]:
   """Mean loss and perplexity over the first ``eval_batches`` batches."""
   iterator.set_state(start_state)
-  losses = [setup.eval_step(params, _global_batch(next(iterator), setup, cfg))
+  losses = [setup.eval_step(state, _global_batch(next(iterator), setup, cfg))
             for _ in range(cfg.eval_batches)]
   loss = float(np.mean(jax.device_get(losses)))
   return loss, math.inf if loss > 700 else math.exp(loss)  # NaN stays NaN.
@@ -252,7 +252,7 @@ def _train(cfg: RunConfig, mesh, t_begin: float) -> dict[str, Any]:
                      f"{model_config.vocab_size}; set --vocab-size "
                      f"{tokenizer.vocab_size}")
   setup = train_lib.setup(model_config, cfg.optimizer, mesh)
-  check_rank(setup.abstract_state.params, cfg.optimizer)
+  check_rank(setup, cfg.optimizer)
 
   train_iter, eval_iter, eval_start = inputs.make_iterators(cfg, tokenizer)
 
@@ -265,7 +265,7 @@ def _train(cfg: RunConfig, mesh, t_begin: float) -> dict[str, Any]:
     try:
       state, start = _restore_or_init(cfg, setup, ckpt, train_iter)
       if start == 0:
-        info(f"{cfg.model}: {llama.param_count(model_config) / 1e6:.2f}M parameters, "
+        info(f"{cfg.model}: {models.param_count(model_config) / 1e6:.2f}M parameters, "
              f"{cfg.optimizer.name}"
              f"{' (model mode)' if cfg.optimizer.model_mode else ''}, "
              f"mesh {dict(mesh.shape)} on "
@@ -344,7 +344,7 @@ def _run(cfg, setup, state, start, train_iter, eval_iter, eval_start, ckpt,
     return eval_iter is not None and (step % cfg.eval_every == 0 or step == cfg.steps)
 
   def evaluate(step: int) -> tuple[float, float]:
-    loss, ppl = _evaluate(setup, state.params, eval_iter, eval_start, cfg)
+    loss, ppl = _evaluate(setup, state, eval_iter, eval_start, cfg)
     summary.update(eval_loss=loss, eval_ppl=ppl, eval_step=step)
     progress.write(f"step {step}: eval loss {loss:.4f}, perplexity {ppl:.2f}")
     return loss, ppl

@@ -7,12 +7,13 @@ parallelism with parameters and optimizer state sharded too) and ``tensor``
 A dimension that the mesh axes do not divide is replicated instead, so any
 mesh works for any model, only less sharded.
 
-The optimizer state is sharded leaf by leaf: a state leaf that mirrors a
-parameter (Adam moments of a full leaf, gradient accumulators) takes that
-parameter's sharding; a low-rank leaf of the subspace transform (``r × k``
-moments, ``d × r`` projections) is sharded along the logical axis of the
-dimension it keeps, with the rank axis replicated; anything else (counters,
-keys) is replicated.
+The optimizer state is sharded leaf by leaf, by the role of the leaf (see
+:func:`state_shardings`): a state leaf that mirrors a parameter (Adam moments
+of a full leaf, gradient accumulators) takes that parameter's sharding; a
+low-rank leaf of the subspace transform (``r × k`` moments, ``d × r``
+projections) is sharded along the logical axis of the dimension it keeps,
+with the rank axis replicated; anything else (counters, keys) is
+replicated.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
+import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from subspace_jax.matrix_view import LeafPlan, path_str
@@ -35,6 +37,8 @@ __all__ = [
     "state_shardings",
     "batch_sharding",
 ]
+
+_MASKED = optax.MaskedNode
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -133,6 +137,49 @@ def tree_shardings(
   return jax.tree_util.tree_map_with_path(one, tree)
 
 
+# What a subtree holds, per leaf of the parameters (None: no entry there):
+#   "params"     every leaf, at its own shape and names;
+#   "full"       the leaves that are not projected (``inner_full``);
+#   "low"        ``batch + (r, k)`` arrays of the projected leaves: the rank
+#                axis replicated, the kept dimension named as in the leaf;
+#   "projection" ``batch + (d, r)`` projections of the projected leaves;
+#   "updated"    the tree the optimizer updates: "params" in transform mode,
+#                in model mode "low" at the projected leaves (``B``).
+# The state classes of the subspace transforms say which field is which
+# (their ``ROLES``); elsewhere a subtree laid out like the updated tree (Adam
+# moments of adamw, gradient accumulators) is taken as a copy of it.
+_ROLES = ("params", "full", "low", "projection", "updated")
+
+
+class _Layout:
+  """Per role, the tree structure of its subtree and its leaves' names and
+  shapes, from the parameters and their plans."""
+
+  def __init__(self, params, axes, plans, factored):
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    plans = list(plans) if plans is not None else [None] * len(flat)
+    entries = {role: [] for role in _ROLES}
+    for (path, x), plan in zip(flat, plans):
+      names, shape = tuple(axes[path_str(path)]), tuple(x.shape)
+      low = proj = None
+      if plan is not None:
+        low_names, proj_names = plan.state_axes(names)
+        low = (low_names, plan.low_shape)
+        proj = (proj_names, plan.projection_shape)
+      entries["params"].append((names, shape))
+      entries["full"].append(None if plan is not None else (names, shape))
+      entries["low"].append(low)
+      entries["projection"].append(proj)
+      entries["updated"].append(low if factored and plan is not None
+                                else (names, shape))
+    self.structure = {
+        role: jax.tree.structure(treedef.unflatten(
+            [_MASKED() if e is None else 0 for e in es]))
+        for role, es in entries.items()}
+    self.leaves = {role: [e for e in es if e is not None]
+                   for role, es in entries.items()}
+
+
 def state_shardings(
     state,
     params,
@@ -140,8 +187,19 @@ def state_shardings(
     mesh: Mesh,
     plans: Callable[[Any], Sequence[LeafPlan | None]] | None = None,
     rules: Mapping[str, Any] = LOGICAL_RULES,
+    *,
+    factored: bool = False,
 ):
   """NamedShardings for an optimizer state (or any tree built on params).
+
+  Each leaf is sharded by its role, not by its shape: the fields of the
+  subspace states (:class:`~subspace_jax.transform.SubspaceState`,
+  :class:`~subspace_jax.factored.FactoredState`,
+  :class:`~subspace_jax.factored.FactoredParams`) say what they hold, the
+  plan of each leaf says which dimension a low-rank array keeps and which a
+  projection spans (:meth:`LeafPlan.state_axes`), and a subtree laid out
+  like the updated tree mirrors it leaf by leaf. Anything else (counters,
+  keys, an array of a shape its role does not expect) is replicated.
 
   Args:
     state: The (abstract) optimizer state.
@@ -152,33 +210,36 @@ def state_shardings(
       ``lambda p: sj.transform.leaf_plans(p, rank=..., views=...)[0]``, to
       shard the low-rank leaves of a subspace transform.
     rules: Logical axis rules.
+    factored: The optimizer updates model mode's trainable tree
+      (``B`` at the projected leaves, :mod:`subspace_jax.factored`).
   """
-  param_info = {}
-  flat_params = jax.tree_util.tree_flatten_with_path(params)[0]
-  plan_list = plans(params) if plans is not None else [None] * len(flat_params)
-  for (path, x), plan in zip(flat_params, plan_list):
-    key = tuple(path_str((k,)) for k in path)
-    names = tuple(axes[path_str(path)])
-    by_shape = {tuple(x.shape): names}
-    if plan is not None:
-      low, proj = plan.state_axes(names)
-      by_shape.setdefault(plan.low_shape, low)
-      by_shape.setdefault(plan.projection_shape, proj)
-    param_info[key] = by_shape
+  layout = _Layout(params, axes, plans(params) if plans else None, factored)
+  replicated = NamedSharding(mesh, P())
 
-  def one(path, leaf):
-    keys = tuple(path_str((k,)) for k in path)
-    # The parameter this leaf mirrors: the longest matching path suffix.
-    for start in range(len(keys)):
-      by_shape = param_info.get(keys[start:])
-      if by_shape is not None:
-        names = by_shape.get(tuple(leaf.shape))
-        if names is not None:
-          return NamedSharding(mesh, logical_spec(names, leaf.shape, mesh, rules))
-        break
-    return NamedSharding(mesh, P())
+  def named(entry, leaf):
+    names, shape = entry
+    if tuple(leaf.shape) != shape:
+      return replicated
+    return NamedSharding(mesh, logical_spec(names, shape, mesh, rules))
 
-  return jax.tree_util.tree_map_with_path(one, state)
+  def shard(role, tree):
+    if role is not None and jax.tree.structure(tree) == layout.structure[role]:
+      leaves = jax.tree.leaves(tree)
+      return jax.tree.unflatten(
+          layout.structure[role],
+          [named(e, x) for e, x in zip(layout.leaves[role], leaves)])
+    roles = getattr(type(tree), "ROLES", None)
+    if isinstance(roles, Mapping) and hasattr(tree, "_replace"):
+      return tree._replace(**{f: shard(roles.get(f), getattr(tree, f))
+                              for f in tree._fields})
+    if jax.tree_util.treedef_is_leaf(jax.tree.structure(tree)):
+      return jax.tree.map(lambda _: replicated, tree)
+    # One level down: the node's children, each searched with the same role.
+    children, node = jax.tree_util.tree_flatten(
+        tree, is_leaf=lambda x: x is not tree)
+    return jax.tree.unflatten(node, [shard(role, c) for c in children])
+
+  return shard("updated", state)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -13,7 +13,6 @@ transform, weight decay, learning rate) → params.
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -32,7 +31,6 @@ __all__ = [
     "TrainState",
     "Setup",
     "make_optimizer",
-    "llama_views",
     "setup",
 ]
 
@@ -51,12 +49,6 @@ def _model_mode_methods() -> tuple[str, ...]:
   """Methods that can run in model mode: random projections only (GaLore's
   SVD needs the full gradient that model mode never builds)."""
   return tuple(n for n, m in sj.transform.METHODS.items() if m.model_mode)
-
-# The model's rules live with the model (subspace_jax.models): which weights
-# are projected (attention and MLP kernels; embeddings, lm_head and norm
-# scales go to the inner optimizer in full) and which are decayed.
-llama_views = llama.views
-_decay_mask = llama.decay_mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,21 +141,21 @@ class OptimizerConfig:
   def effective_side(self) -> str:
     return self.side or ("left" if self.model_mode else "lean")
 
-  def subspace(self, params) -> sj.factored.Subspace:
-    """Model mode's factoring of ``params`` (arrays or abstract)."""
+  def subspace(self, params, views: sj.matrix_view.ViewFn
+               ) -> sj.factored.Subspace:
+    """Model mode's factoring of ``params`` (arrays or abstract); ``views``
+    is the model's (:attr:`subspace_jax.models.Model.views`)."""
     return sj.factored.Subspace.for_params(
         params, rank=self.rank, update_gap=self.update_gap,
-        projection=self.method.projection,
-        seed=self.seed, views=llama_views())
+        projection=self.method.projection, seed=self.seed, views=views)
 
-  def leaf_plans(self, params) -> list | None:
+  def leaf_plans(self, params, views: sj.matrix_view.ViewFn) -> list | None:
     """The subspace transform's plan of every leaf of ``params`` (flatten
     order; None for a full leaf), or None for adamw."""
     if self.method is None:
       return None
     return sj.transform.leaf_plans(
-        params, rank=self.rank, side=self.effective_side, views=llama_views()
-    )[0]
+        params, rank=self.rank, side=self.effective_side, views=views)[0]
 
   def schedule(self) -> optax.Schedule:
     return optax.warmup_cosine_decay_schedule(
@@ -176,17 +168,21 @@ class OptimizerConfig:
 
 
 def make_optimizer(
-    cfg: OptimizerConfig, params=None,
+    cfg: OptimizerConfig, model: models.Model, params=None,
 ) -> tuple[optax.GradientTransformation, Callable[[Any], list] | None]:
   """The optax chain for ``cfg`` and the leaf-plan function of its subspace
   transform (None for adamw), used to shard the low-rank state.
 
-  In model mode the chain runs on the trainable tree
-  (:meth:`subspace_jax.factored.Subspace.trainable`) and needs the
-  (abstract) weights ``params`` to know which leaves are factored.
+  Args:
+    cfg: The optimizer settings.
+    model: The model family (:data:`subspace_jax.models.MODELS`): its views
+      say which weights are projected, its decay mask which are decayed.
+    params: The (abstract) weights; model mode needs them to know which
+      leaves are factored (its chain runs on the trainable tree,
+      :meth:`subspace_jax.factored.Subspace.trainable`).
   """
   inner = optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
-  views = llama_views()
+  views = model.views()
   common = dict(
       rank=cfg.rank, update_gap=cfg.update_gap, scale=cfg.scale,
       side=cfg.effective_side, views=views,
@@ -196,32 +192,31 @@ def make_optimizer(
   # Settings a method has no use for are ignored, not refused.
   eta = cfg.eta if method and method.proximal else None
   if method is None:
-    core, plans = inner, None
+    core = inner
   elif cfg.model_mode:
     if params is None:
       raise ValueError("model mode needs the weights to build its optimizer")
     core = sj.factored.scale_by_factored(
-        inner, subspace=cfg.subspace(params), scale=cfg.scale,
+        inner, subspace=cfg.subspace(params, views), scale=cfg.scale,
         reset_inner=method.reset_inner, eta=eta)
-    plans = cfg.leaf_plans
   else:
     core = sj.transform.scale_by_method(
         cfg.name, inner, svd=cfg.svd, seed=cfg.seed, eta=eta,
         svd_steps=cfg.svd_steps if method.svd_phase else 0, **common)
-    plans = cfg.leaf_plans
+  plans = None if method is None else (lambda p: cfg.leaf_plans(p, views))
   parts = []
   if cfg.clip_norm:
     parts.append(optax.clip_by_global_norm(cfg.clip_norm))
   parts += [
       core,
-      optax.add_decayed_weights(cfg.weight_decay, mask=_decay_mask),
+      optax.add_decayed_weights(cfg.weight_decay, mask=model.decay_mask),
       optax.scale_by_learning_rate(cfg.schedule()),
   ]
   return optax.chain(*parts), plans
 
 
 # The LLaMA adapter (init/apply/loss on plain-dict parameters); setup()
-# instantiates it through the model registry.
+# takes each model's own through the registry.
 ModelDef = llama.ModelDef
 
 
@@ -240,6 +235,8 @@ class Setup:
   Attributes:
     model: The :class:`ModelDef`.
     tx: The optimizer.
+    plans: The subspace plan of every weight (flatten order; None for a
+      leaf kept in full), or None for adamw.
     mesh: The device mesh.
     state_shardings: NamedShardings of the :class:`TrainState`.
     batch_sharding: NamedSharding of a ``(batch, seq)`` array.
@@ -248,11 +245,12 @@ class Setup:
     train_step: ``(state, batch) -> (state, metrics)``, the state donated.
       A step whose loss, gradient norm or update is not finite returns the
       state unchanged (``step`` included) and ``metrics["finite"] = False``.
-    eval_step: ``(params, batch) -> mean loss``.
+    eval_step: ``(state, batch) -> mean loss``.
   """
 
   model: ModelDef
   tx: optax.GradientTransformation
+  plans: list | None
   mesh: Any
   state_shardings: Any
   batch_sharding: Any
@@ -267,10 +265,11 @@ class _Mode(NamedTuple):
 
   Attributes:
     init: ``seed -> TrainState``.
-    loss_and_grads: ``(params, batch) -> (loss, grads, trainable,
+    loss_and_grads: ``(state, batch) -> (loss, grads, trainable,
       projections)``; ``trainable`` is what the optimizer updates.
-    apply_updates: ``(state, trainable, updates, projections) -> params``.
-    eval_loss: ``(params, batch) -> loss``.
+    apply_updates: ``(state, trainable, updates, projections, opt_state)
+      -> params``, ``opt_state`` the optimizer's new state.
+    eval_loss: ``(state, batch) -> loss``.
     params_shardings: ``abstract params -> their shardings``.
   """
 
@@ -288,65 +287,69 @@ def _transform_mode(model: ModelDef, tx, axes, mesh) -> _Mode:
     params = model.init(seed)
     return TrainState(jnp.zeros([], jnp.int32), params, tx.init(params))
 
-  def loss_and_grads(params, batch):
-    loss, grads = jax.value_and_grad(model.loss)(params, batch)
-    return loss, grads, params, None
+  def loss_and_grads(state, batch):
+    loss, grads = jax.value_and_grad(model.loss)(state.params, batch)
+    return loss, grads, state.params, None
 
-  def apply_updates(state, params, updates, projections):
-    del state, projections
+  def apply_updates(state, params, updates, projections, opt_state):
+    del state, projections, opt_state
     return optax.apply_updates(params, updates)
 
-  return _Mode(init, loss_and_grads, apply_updates, model.loss,
+  def eval_loss(state, batch):
+    return model.loss(state.params, batch)
+
+  return _Mode(init, loss_and_grads, apply_updates, eval_loss,
                lambda abstract: shd.tree_shardings(abstract, axes, mesh))
 
 
-def _model_mode(model: ModelDef, opt: OptimizerConfig, weights, tx, plans,
-                axes, mesh) -> _Mode:
+def _model_mode(model: ModelDef, opt: OptimizerConfig, subspace, weights, tx,
+                plans, axes, mesh) -> _Mode:
   """Model mode's step: the optimizer updates ``B`` and the full leaves."""
-  subspace = opt.subspace(weights)
   low_dtype = jnp.dtype(opt.moment_dtype) if opt.moment_dtype else None
   schedule = opt.schedule()
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
   def init(seed):
     params = subspace.init(model.init(seed), low_dtype)
     return TrainState(jnp.zeros([], jnp.int32), params,
                       tx.init(subspace.trainable(params)))
 
-  def loss_and_grads(params, batch):
-    projections = subspace.projections(params)
+  def loss_and_grads(state, batch):
+    params = state.params
+    projections = subspace.projections(params, state.opt_state)
     trainable = subspace.trainable(params)
     loss_of = lambda t: model.loss(
         subspace.factored(params, t, projections), batch)
     loss, grads = jax.value_and_grad(loss_of)(trainable)
     return loss, grads, trainable, projections
 
-  def apply_updates(state, trainable, updates, projections):
+  def apply_updates(state, trainable, updates, projections, opt_state):
     trainable = optax.apply_updates(trainable, updates)
     decay = 0.0
     if opt.weight_decay:
-      # lr × wd in the weights' precision, as optax's chain forms it.
+      # lr × wd in the weights' precision, as optax's chain forms it, at the
+      # optimizer's own count (the one the learning-rate schedule reads).
       acc = jnp.promote_types(model.config.param_dtype, jnp.float32)
-      decay = schedule(state.step).astype(acc) * opt.weight_decay
-    return subspace.update(state.params, trainable, projections, decay)
+      count = sj.factored.factored_state(state.opt_state).count
+      decay = schedule(count).astype(acc) * opt.weight_decay
+    return subspace.update(state.params, trainable, projections,
+                           state.opt_state, opt_state, decay)
 
-  def eval_loss(params, batch):
+  def eval_loss(state, batch):
+    params = state.params
     return model.loss(subspace.factored(
-        params, subspace.trainable(params), subspace.projections(params)),
-        batch)
+        params, subspace.trainable(params),
+        subspace.projections(params, state.opt_state)), batch)
 
   def params_shardings(abstract):
-    return sj.factored.FactoredParams(
-        weights=shd.tree_shardings(abstract.weights, axes, mesh),
-        low=shd.state_shardings(abstract.low, weights, axes, mesh, plans),
-        key=replicated, count=replicated)
+    return shd.state_shardings(abstract, weights, axes, mesh, plans,
+                               factored=True)
 
   return _Mode(init, loss_and_grads, apply_updates, eval_loss,
                params_shardings)
 
 
 def setup(
-    model_config: llama.LlamaConfig, opt: OptimizerConfig, mesh
+    model_config: Any, opt: OptimizerConfig, mesh
 ) -> Setup:
   """Builds the sharded, jitted init/train/eval functions for one run.
 
@@ -355,22 +358,24 @@ def setup(
   differentiates only ``B`` and the full leaves, and merges ``W ← W + P·B``
   at the end of every subproblem, inside the jitted step.
   """
-  model = models.for_config(model_config).model_def(model_config)
+  family = models.for_config(model_config)
+  model = family.model_def(model_config)
   weights = jax.eval_shape(lambda: model.init(0))
-  tx, plans = make_optimizer(opt, weights)
+  tx, plans = make_optimizer(opt, family, weights)
   schedule = opt.schedule()
   axes = model.logical_axes
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   if opt.model_mode:
-    mode = _model_mode(model, opt, weights, tx, plans, axes, mesh)
+    mode = _model_mode(model, opt, opt.subspace(weights, family.views()),
+                       weights, tx, plans, axes, mesh)
   else:
     mode = _transform_mode(model, tx, axes, mesh)
   init, loss_and_grads, apply_updates, eval_loss, params_shardings = mode
 
   def train_step(state: TrainState, batch):
-    loss, grads, trainable, projections = loss_and_grads(state.params, batch)
+    loss, grads, trainable, projections = loss_and_grads(state, batch)
     updates, opt_state = tx.update(grads, state.opt_state, trainable)
-    params = apply_updates(state, trainable, updates, projections)
+    params = apply_updates(state, trainable, updates, projections, opt_state)
     grad_norm = optax.tree.norm(grads)
     finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
               & jnp.isfinite(optax.tree.norm(updates)))
@@ -387,8 +392,8 @@ def setup(
       step=replicated,
       params=params_shardings(abstract.params),
       opt_state=shd.state_shardings(
-          abstract.opt_state, weights, axes, mesh, plans
-      ),
+          abstract.opt_state, weights, axes, mesh, plans,
+          factored=opt.model_mode),
   )
   batch_sh = shd.batch_sharding(mesh)
   abstract_state = jax.tree.map(
@@ -398,6 +403,7 @@ def setup(
   return Setup(
       model=model,
       tx=tx,
+      plans=plans(weights) if plans else None,
       mesh=mesh,
       state_shardings=state_sh,
       batch_sharding=batch_sh,
@@ -409,5 +415,5 @@ def setup(
           out_shardings=(state_sh, None),
           donate_argnums=0,
       ),
-      eval_step=jax.jit(eval_loss, in_shardings=(state_sh.params, batch_sh)),
+      eval_step=jax.jit(eval_loss, in_shardings=(state_sh, batch_sh)),
   )
