@@ -82,7 +82,9 @@ _VERSION = "version"
 # The checkpoint format this module writes and reads. Raise it when a
 # change makes older checkpoints unreadable (items, the state's tree); a
 # checkpoint without the version item is of format 1 (the oldest).
-FORMAT = 1
+# 2: model mode's counter and projection key moved from the parameters
+#    (FactoredParams) to the optimizer state (FactoredState).
+FORMAT = 2
 _OLDEST_FORMAT = 1
 # The hash of state_checksums; a checkpoint with another one is unverifiable.
 _CHECKSUM_FORMAT = "subspace_jax.u32x2.v1"
