@@ -363,7 +363,7 @@ def _flip_bytes(step_dir, n=64):
 
 # How a damaged array file is reported: a checksum mismatch, or the decoder's
 # own error where the flipped bytes break a zstd frame.
-_DAMAGE = r"checksum mismatch|Data corruption|not valid|[Dd]ecod"
+_DAMAGE = r"checksum mismatch|Data corruption|not valid|[Dd]ecod|frame descriptor"
 
 
 def test_a_changed_value_fails_the_checksum(small, tmp_path):
@@ -455,9 +455,12 @@ def test_checksums_see_every_element_and_no_sharding(small):
   assert state_checksums({"x": sharded}) == state_checksums({"x": tiled})
 
 
-def test_checkpoint_without_checksums_restores_with_a_warning(small, tmp_path):
+def test_checkpoint_without_checksums_restores_with_a_warning(
+    small, tmp_path, monkeypatch):
   setup, host = small
-  # A checkpoint as saved before checksums existed: no "checksums" item.
+  # A checkpoint as saved before checksums existed: no "checksums" item (and
+  # no version: format 1), read as the version that reads format 1 does.
+  monkeypatch.setattr(checkpoint, "FORMAT", 1)
   with ocp.CheckpointManager(tmp_path, item_handlers={
       "state": ocp.StandardCheckpointHandler(),
       "data": ocp.JsonCheckpointHandler(),
@@ -594,16 +597,17 @@ def test_checkpoint_of_an_older_format_is_refused(small, tmp_path, monkeypatch, 
 
 def test_checkpoint_of_a_newer_format_is_refused(small, tmp_path, monkeypatch):
   setup, host = small
+  current = checkpoint.FORMAT
   with Checkpointer(tmp_path, save_interval_steps=1, async_save=False) as ckpt:
     ckpt.save(1, _variant(setup, host, 1))
-    monkeypatch.setattr(checkpoint, "FORMAT", 3)
+    monkeypatch.setattr(checkpoint, "FORMAT", current + 1)
     ckpt.save(2, _variant(setup, host, 2))
-  monkeypatch.setattr(checkpoint, "FORMAT", 1)
+  monkeypatch.setattr(checkpoint, "FORMAT", current)
   with Checkpointer(tmp_path) as ckpt:
     # Refused, not skipped for the older step: it is not corrupt.
     with pytest.raises(IncompatibleCheckpointError, match=re.escape(
-        "step 2 in {} was written by a newer subspace_jax (format 3, this one "
-        "reads 1)".format(tmp_path))) as err:
+        f"step 2 in {tmp_path} was written by a newer subspace_jax (format "
+        f"{current + 1}, this one reads {current})")) as err:
       ckpt.restore(setup.abstract_state)
     assert "\n" not in str(err.value)
     assert ckpt.restore(setup.abstract_state, step=1).step == 1
