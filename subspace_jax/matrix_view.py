@@ -180,10 +180,12 @@ class LeafPlan:
 
     Given the names of the leaf's axes (e.g. logical axis names for
     sharding), returns ``(low_names, projection_names)`` for arrays of shape
-    :attr:`low_shape` and :attr:`projection_shape`: batch axes keep their
-    names, the rank axis gets None, and the kept (projected) dimension gets
-    the name of its axis when it is a single axis (None when several axes
-    were merged).
+    :attr:`low_shape` and :attr:`projection_shape`. Both are named like the
+    leaf's matrix view ``(dim, kept)``, the rank axis standing in for the
+    dimension it shrinks: ``(dim's name, kept's name)`` for the ``r × kept``
+    array and for the ``dim × r`` projection. So a sharding rule puts them
+    on the mesh axes of the leaf itself (the rank axis where that divides
+    it). Batch axes keep their names; a group of merged axes gets None.
     """
     b, r = self.view.batch_dims, self.view.row_dims
     if len(names) != len(self.shape):
@@ -192,7 +194,8 @@ class LeafPlan:
     one = lambda group: group[0] if len(group) == 1 else None
     kept, proj = (rows, cols) if self.transpose else (cols, rows)
     batch = tuple(names[:b])
-    return batch + (None, one(kept)), batch + (one(proj), None)
+    matrix = batch + (one(proj), one(kept))
+    return matrix, matrix
 
   def to_matrix(self, x: jax.Array) -> jax.Array:
     """``shape`` → ``batch + (dim, kept)``: the projected dimension first."""

@@ -275,7 +275,7 @@ def test_bf16_model_mode_learns():
   np.testing.assert_allclose(via_factors, merged, rtol=2e-2)
 
 
-def test_b_and_its_moments_are_sharded_like_w_kept_axis():
+def test_b_and_its_moments_are_split_like_w():
   if jax.device_count() < 8:
     pytest.skip("needs 8 host devices")
   mesh = shd.make_mesh(data=2, fsdp=2, tensor=2)
@@ -284,13 +284,14 @@ def test_b_and_its_moments_are_sharded_like_w_kept_axis():
   up = lambda t: t["layers"]["mlp"]["up_proj"]["kernel"]
   down = lambda t: t["layers"]["mlp"]["down_proj"]["kernel"]
   params = s.state_shardings.params
-  # up_proj (L, embed, mlp): B is (L, r, mlp), kept axis 'mlp' -> tensor.
+  # up_proj (L, embed, mlp): B is (L, r, mlp), kept axis 'mlp' -> tensor, and
+  # the rank axis stands for 'embed' -> fsdp: W's own two mesh axes.
   assert s.abstract_state.params.low["layers"]["mlp"]["up_proj"]["kernel"].shape == (2, 8, 176)
-  assert up(params.low).spec == P(None, None, "tensor")
-  assert down(params.low).spec == P(None, None, "fsdp")  # (L, r, embed)
+  assert up(params.low).spec == P(None, "fsdp", "tensor")
+  assert down(params.low).spec == P(None, "tensor", "fsdp")  # (L, r, embed)
   assert up(params.weights).spec == P(None, "fsdp", "tensor")
   core = s.state_shardings.opt_state[0]  # chain: core, decay, lr (no clip)
-  assert up(core.inner_low.mu).spec == P(None, None, "tensor")
+  assert up(core.inner_low.mu).spec == P(None, "fsdp", "tensor")
   assert core.inner_full.mu["embed"]["embedding"].spec == P("tensor", "fsdp")
   assert core.key.spec == P() and core.count.spec == P()
 

@@ -1,5 +1,7 @@
 """subspace_jax.training.sharding and .train on the tiny LLaMA (8 CPU devices)."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,7 +46,7 @@ def test_logical_spec_replicates_what_does_not_divide():
   assert shd.logical_spec(("embed", "mlp"), (64, 176), mesh1) == P(None, None)
 
 
-def test_low_rank_state_sharded_along_the_kept_dimension():
+def test_low_rank_state_split_over_its_leafs_mesh_axes():
   _need8()
   mesh = shd.make_mesh(data=2, fsdp=2, tensor=2)
   s = train.setup(llama.get_config("tiny", scan_layers=True),
@@ -54,29 +56,64 @@ def test_low_rank_state_sharded_along_the_kept_dimension():
   pick = lambda tree: tree[up[0]][up[1]][up[2]][up[3]]
   # up_proj kernel (L, embed=64, mlp=176): lean projects mlp (176), keeps embed.
   assert s.abstract_state.opt_state[1].inner_low.mu[up[0]][up[1]][up[2]][up[3]].shape == (2, 8, 64)
-  assert pick(core.inner_low.mu).spec == P(None, None, "fsdp")
-  assert pick(core.projections).spec == P(None, "tensor", None)   # (L, 176, 8)
+  # The kept axis keeps its name (embed: fsdp), the rank axis takes the
+  # projected one's (mlp: tensor): the leaf's two mesh axes, as the kernel.
+  assert pick(core.inner_low.mu).spec == P(None, "tensor", "fsdp")  # (L, 8, 64)
+  assert pick(core.projections).spec == P(None, "tensor", "fsdp")   # (L, 176, 8)
   # Full-rank leaves mirror their parameter's sharding.
   assert core.inner_full.mu["embed"]["embedding"].spec == P("tensor", "fsdp")
   assert core.count.spec == P()
 
 
+def _device_bytes(tree) -> tuple[int, int, int]:
+  """(total bytes, bytes on one device, bytes of leaves left whole: the
+  scalars and keys, and the norm scales, which are never split)."""
+  total = per_device = small = 0
+  for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    size = x.size * x.dtype.itemsize
+    total += size
+    per_device += math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+    if x.size <= 4 or "norm" in jax.tree_util.keystr(path):
+      small += size
+  return total, per_device, small
+
+
+@pytest.mark.parametrize("mesh_sizes, rank", [
+    ((1, 8, 1), 8), ((1, 8, 1), 4), ((2, 2, 2), 8)], ids=["fsdp8", "fsdp8-r4", "2x2x2"])
+@pytest.mark.parametrize("name", [
+    "adamw", "galore", "golore", "rso", "golore:model", "rso:model"])
+def test_every_state_leaf_is_split_like_the_weights(name, mesh_sizes, rank):
+  """The whole train state (weights, moments, B, projections) takes 1/n of
+  its bytes per device, n = fsdp × tensor (the data axis replicates), within
+  5%, besides the small leaves that stay whole. A rank the fsdp axis does
+  not divide (4 on 8) moves that axis to another dimension."""
+  _need8()
+  mesh = shd.make_mesh(*mesh_sizes)
+  name, _, mode = name.partition(":")
+  opt = train.OptimizerConfig(name=name, rank=rank, eta=1.0,
+                              subspace_mode=mode or "transform")
+  s = train.setup(llama.get_config("tiny", scan_layers=True), opt, mesh)
+  total, per_device, small = _device_bytes(s.abstract_state)
+  split = (total - small) / (mesh_sizes[1] * mesh_sizes[2])
+  assert split + small <= per_device * 1.0001, (per_device, split, small)
+  assert per_device <= 1.05 * split + small, (per_device, split, small)
+
+
 def test_state_axes_come_from_roles_not_shapes():
-  """At full rank a square kernel's moments have the kernel's own shape; they
-  are still low-rank moments (rank axis replicated, kept axis named), while
-  adamw's moments of the same kernel mirror it."""
+  """At full rank a square kernel's moments have the kernel's own shape.
+  Projected on the right (its columns), they are ``(r, rows)``: the rank axis
+  stands for the columns and takes their mesh axis, so they are split as
+  the kernel transposed, while adamw's moments of the same kernel, of the
+  same shape, mirror the kernel. A rule by shape cannot tell them apart."""
   _need8()
   mesh = shd.make_mesh(data=2, fsdp=2, tensor=2)
   cfg = llama.get_config("tiny", scan_layers=True)
   q = lambda t: t["layers"]["attn"]["q_proj"]["kernel"]  # (L, embed, heads)
-  galore = train.setup(cfg, train.OptimizerConfig(name="galore", rank=64), mesh)
+  opt = train.OptimizerConfig(name="galore", rank=64, side="right")
+  galore = train.setup(cfg, opt, mesh)
   core = galore.state_shardings.opt_state[1]
   assert q(galore.abstract_state.opt_state[1].inner_low.mu).shape == (2, 64, 64)
-  plan = train.OptimizerConfig(name="galore", rank=64).leaf_plans(
-      galore.abstract_state.params, llama.views())
-  q_plan = next(p for p in plan if p is not None and p.shape == (2, 64, 64))
-  kept = "fsdp" if q_plan.transpose else "tensor"  # embed or heads is kept
-  assert q(core.inner_low.mu).spec == P(None, None, kept)
+  assert q(core.inner_low.mu).spec == P(None, "tensor", "fsdp")
   adamw = train.setup(cfg, train.OptimizerConfig(name="adamw"), mesh)
   assert q(adamw.state_shardings.opt_state[1].mu).spec == P(None, "fsdp", "tensor")
 

@@ -10,10 +10,10 @@ mesh works for any model, only less sharded.
 The optimizer state is sharded leaf by leaf, by the role of the leaf (see
 :func:`state_shardings`): a state leaf that mirrors a parameter (Adam moments
 of a full leaf, gradient accumulators) takes that parameter's sharding; a
-low-rank leaf of the subspace transform (``r × k`` moments, ``d × r``
-projections) is sharded along the logical axis of the dimension it keeps,
-with the rank axis replicated; anything else (counters, keys) is
-replicated.
+low-rank leaf (``r × k`` moments, model mode's ``B``, ``d × r``
+projections) is split over the same mesh axes as its parameter, so under
+FSDP every large leaf is split as many ways as the weights; anything else
+(counters, keys) is replicated.
 """
 
 from __future__ import annotations
@@ -151,27 +151,60 @@ def tree_shardings(
 _ROLES = ("params", "full", "low", "projection", "updated")
 
 
-class _Layout:
-  """Per role, the tree structure of its subtree and its leaves' names and
-  shapes, from the parameters and their plans."""
+def _mesh_axes(spec: P) -> list[str]:
+  """The mesh axes a PartitionSpec uses, in order."""
+  out = []
+  for entry in spec:
+    out += [] if entry is None else [entry] if isinstance(entry, str) else list(entry)
+  return out
 
-  def __init__(self, params, axes, plans, factored):
+
+def _spread(spec: P, shape: Sequence[int], axes: Sequence[str], mesh: Mesh) -> P:
+  """``spec`` with each mesh axis of ``axes`` it lacks added to a dimension
+  that it divides (the largest such dimension first), where there is one.
+
+  A low-rank array named like its leaf can miss one of the leaf's mesh
+  axes: its rank axis stands where the leaf's dimension was, and a rank the
+  axis does not divide stays replicated. The axis then goes on another
+  dimension, so the array is split as many ways as the leaf.
+  """
+  entries = [() if e is None else (e,) if isinstance(e, str) else tuple(e)
+             for e in spec] + [()] * (len(shape) - len(spec))
+  for axis in axes:
+    if any(axis in e for e in entries):
+      continue
+    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+      split = _axis_size(mesh, entries[dim]) * mesh.shape[axis]
+      if shape[dim] % split == 0:
+        entries[dim] += (axis,)
+        break
+  return P(*[None if not e else e[0] if len(e) == 1 else e for e in entries])
+
+
+class _Layout:
+  """Per role, the tree structure of its subtree and the spec and shape of
+  each of its leaves, from the parameters and their plans."""
+
+  def __init__(self, params, axes, plans, factored, mesh, rules):
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     plans = list(plans) if plans is not None else [None] * len(flat)
     entries = {role: [] for role in _ROLES}
     for (path, x), plan in zip(flat, plans):
       names, shape = tuple(axes[path_str(path)]), tuple(x.shape)
+      spec = logical_spec(names, shape, mesh, rules)
       low = proj = None
       if plan is not None:
         low_names, proj_names = plan.state_axes(names)
-        low = (low_names, plan.low_shape)
-        proj = (proj_names, plan.projection_shape)
-      entries["params"].append((names, shape))
-      entries["full"].append(None if plan is not None else (names, shape))
+        like = lambda n, s: (_spread(logical_spec(n, s, mesh, rules), s,
+                                     _mesh_axes(spec), mesh), s)
+        low = like(low_names, plan.low_shape)
+        proj = like(proj_names, plan.projection_shape)
+      entries["params"].append((spec, shape))
+      entries["full"].append(None if plan is not None else (spec, shape))
       entries["low"].append(low)
       entries["projection"].append(proj)
       entries["updated"].append(low if factored and plan is not None
-                                else (names, shape))
+                                else (spec, shape))
     self.structure = {
         role: jax.tree.structure(treedef.unflatten(
             [_MASKED() if e is None else 0 for e in es]))
@@ -195,11 +228,14 @@ def state_shardings(
   Each leaf is sharded by its role, not by its shape: the fields of the
   subspace states (:class:`~subspace_jax.transform.SubspaceState`,
   :class:`~subspace_jax.factored.FactoredState`,
-  :class:`~subspace_jax.factored.FactoredParams`) say what they hold, the
-  plan of each leaf says which dimension a low-rank array keeps and which a
-  projection spans (:meth:`LeafPlan.state_axes`), and a subtree laid out
-  like the updated tree mirrors it leaf by leaf. Anything else (counters,
-  keys, an array of a shape its role does not expect) is replicated.
+  :class:`~subspace_jax.factored.FactoredParams`) say what they hold, and
+  a subtree laid out like the updated tree mirrors it leaf by leaf. A
+  low-rank array (``r × k`` moments, ``B``, ``d × r`` projections) goes on
+  the mesh axes of its leaf: named like the leaf's matrix view, the rank
+  axis in place of the dimension it shrinks (:meth:`LeafPlan.state_axes`),
+  and a leaf's mesh axis that the rank does not divide goes on another
+  dimension. Anything else (counters, keys, an array of a shape its role
+  does not expect) is replicated.
 
   Args:
     state: The (abstract) optimizer state.
@@ -213,14 +249,13 @@ def state_shardings(
     factored: The optimizer updates model mode's trainable tree
       (``B`` at the projected leaves, :mod:`subspace_jax.factored`).
   """
-  layout = _Layout(params, axes, plans(params) if plans else None, factored)
+  layout = _Layout(params, axes, plans(params) if plans else None, factored,
+                   mesh, rules)
   replicated = NamedSharding(mesh, P())
 
   def named(entry, leaf):
-    names, shape = entry
-    if tuple(leaf.shape) != shape:
-      return replicated
-    return NamedSharding(mesh, logical_spec(names, shape, mesh, rules))
+    spec, shape = entry
+    return NamedSharding(mesh, spec if tuple(leaf.shape) == shape else P())
 
   def shard(role, tree):
     if role is not None and jax.tree.structure(tree) == layout.structure[role]:
