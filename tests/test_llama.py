@@ -214,13 +214,16 @@ def test_scanned_model_matches_unscanned_with_same_weights():
                              atol=1e-5)
 
 
+@pytest.mark.parametrize("remat", [True, "full", "dots", "names"])
 @pytest.mark.parametrize("scan_layers", [False, True])
-def test_remat_gives_same_loss_and_gradients(scan_layers):
+def test_remat_gives_same_loss_and_gradients(scan_layers, remat):
+  """A policy changes what is recomputed, not the result (float32: the
+  recomputation may fuse differently, a few ulp)."""
   tokens = _random_tokens(1, (2, 16), 256)
   results = []
-  for remat in (False, True):
+  for policy in ("none", remat):
     graphdef, params = llama.init(_tiny(scan_layers=scan_layers,
-                                        remat=remat), seed=3)
+                                        remat=policy), seed=3)
     loss = lambda p: llama.cross_entropy_loss(
         llama.apply(graphdef, p, tokens[:, :-1]), tokens[:, 1:])
     results.append(jax.jit(jax.value_and_grad(loss))(params))
@@ -229,6 +232,27 @@ def test_remat_gives_same_loss_and_gradients(scan_layers):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
                                                        atol=1e-6),
                grads0, grads1)
+
+
+def test_remat_policies_trade_memory_for_recomputation():
+  """XLA's count of a scanned step's temporaries: keeping everything needs
+  the most, keeping the projections' outputs less, the block input alone the
+  least; True means "full" and a bad name is refused."""
+  cfg = lambda remat: _tiny(scan_layers=True, remat=remat, hidden_size=128,
+                            intermediate_size=512, num_layers=4,
+                            max_seq_len=128)
+  tokens = jax.ShapeDtypeStruct((8, 128), jnp.int32)
+  temps = {}
+  for policy in ("none", "dots", "full"):
+    graphdef, params = llama.init(cfg(policy), seed=0)
+    loss = lambda p, t: llama.cross_entropy_loss(
+        llama.apply(graphdef, p, t), t)
+    temps[policy] = sj.memory.compiled(jax.grad(loss), params,
+                                       tokens).temporaries
+  assert temps["full"] < temps["dots"] < temps["none"], temps
+  assert cfg(True).remat == "full" and cfg(False).remat == "none"
+  with pytest.raises(ValueError, match="remat must be one of none, full"):
+    cfg("some")
 
 
 # --------------------------------------------------------------------------

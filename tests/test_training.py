@@ -9,6 +9,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
+import subspace_jax as sj
 from subspace_jax import models
 from subspace_jax.models import llama
 from subspace_jax.training import sharding as shd
@@ -229,3 +230,29 @@ def test_non_finite_step_leaves_the_state_unchanged(name, monkeypatch):
   state, metrics = s.train_step(state, batch(1.0))  # and training goes on
   assert bool(metrics["finite"]) and int(state.step) == 3
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
+
+
+def test_activations_are_split_by_batch_under_fsdp(monkeypatch):
+  """Without constraints XLA splits the activations like the FSDP-sharded
+  weights they meet (by features) and keeps the whole batch on every device;
+  with them every device holds its share of the batch. XLA's own count of
+  the compiled step's temporaries (measured: 5.9 MB against 31.0 MB)."""
+  _need8()
+  import contextlib
+  from subspace_jax.models import constraints
+  mesh = shd.make_mesh(1, 8, 1)
+  cfg = llama.get_config("tiny", scan_layers=True, remat="full",
+                         hidden_size=128, intermediate_size=256,
+                         max_seq_len=128)
+  batch = lambda s: {k: jax.ShapeDtypeStruct((16, 128), jnp.int32,
+                                             sharding=s.batch_sharding)
+                     for k in ("inputs", "targets")}
+  temps = []
+  for constrained in (True, False):
+    if not constrained:
+      monkeypatch.setattr(constraints, "activation_sharding",
+                          lambda fn: contextlib.nullcontext())
+    s = train.setup(cfg, train.OptimizerConfig(name="adamw"), mesh)
+    temps.append(sj.memory.compiled(s.train_step, s.abstract_state,
+                                    batch(s)).temporaries)
+  assert temps[0] < 0.5 * temps[1], temps

@@ -28,9 +28,10 @@ dimension) is reserved for activations and is not used by any weight.
 
 With ``scan_layers=True`` the blocks are created with ``nnx.vmap`` and run with
 ``nnx.scan``: every block weight gains a leading axis of size ``num_layers``
-named 'layers' (e.g. an MLP kernel is ``(layers, embed, mlp)``). With
-``remat=True`` each block is wrapped in ``nnx.remat`` (``jax.checkpoint``) so
-its activations are recomputed in the backward pass.
+named 'layers' (e.g. an MLP kernel is ``(layers, embed, mlp)``). With a
+``remat`` policy other than ``"none"`` each block is wrapped in
+``nnx.remat`` (``jax.checkpoint``) and the backward pass recomputes what the
+policy does not save (:data:`REMAT_POLICIES`).
 
 Sharding metadata is attached lazily (``eager_sharding=False``): the logical
 names are only annotations, to be mapped onto a device mesh by the caller.
@@ -46,8 +47,10 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from subspace_jax import factored
+from subspace_jax.models.constraints import constrain
 from subspace_jax import matrix_view as mv
 
 Array = jax.Array
@@ -81,7 +84,8 @@ class LlamaConfig:
       ``bfloat16``).
     scan_layers: Stack the blocks' weights on a leading 'layers' axis and run
       them with ``nnx.scan``.
-    remat: Rematerialize each block in the backward pass.
+    remat: What the backward pass keeps of each block, a key of
+      :data:`REMAT_POLICIES` (``True`` is ``"full"``, ``False`` ``"none"``).
     init_std: Standard deviation of the normal initializer of every matrix
       (norm scales start at one).
   """
@@ -97,7 +101,7 @@ class LlamaConfig:
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   scan_layers: bool = False
-  remat: bool = False
+  remat: bool | str = "none"
   init_std: float = 0.02
 
   def __post_init__(self):
@@ -115,6 +119,11 @@ class LlamaConfig:
       raise ValueError(
           f"head dim {self.hidden_size // self.num_heads} must be even for "
           "rotary embeddings")
+    remat = {True: "full", False: "none"}.get(self.remat, self.remat)
+    if remat not in REMAT_POLICIES:
+      raise ValueError(f"LlamaConfig.remat must be one of "
+                       f"{', '.join(REMAT_POLICIES)}, got {self.remat!r}")
+    object.__setattr__(self, "remat", remat)
     for name in ("dtype", "param_dtype"):
       dt = jnp.dtype(getattr(self, name))
       if not jnp.issubdtype(dt, jnp.floating):
@@ -125,6 +134,25 @@ class LlamaConfig:
   def head_dim(self) -> int:
     """Size of one attention head (the 'kv' axis)."""
     return self.hidden_size // self.num_heads
+
+
+# What the backward pass keeps of a block (jax.checkpoint policies); the rest
+# is recomputed from the block's input.
+REMAT_POLICIES: dict[str, Any] = {
+    # Everything: no recomputation, the most memory.
+    "none": None,
+    # Only the block's input: the least memory, a second forward pass.
+    "full": jax.checkpoint_policies.nothing_saveable,
+    # The projections' outputs (q, k, v, o, gate, up, down: matmuls with no
+    # batch dimension); attention and the elementwise parts are recomputed.
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # The attention output and the MLP's hidden product (the tensors named
+    # with checkpoint_name in Attention and MLP): the two large matmul
+    # chains are recomputed only in part.
+    "names": jax.checkpoint_policies.save_only_these_names(
+        "attention", "mlp_hidden"),
+}
+"""Rematerialization policies of :attr:`LlamaConfig.remat`."""
 
 
 def _named(hidden: int, mlp: int, heads: int, layers: int) -> LlamaConfig:
@@ -310,7 +338,9 @@ class Attention(nnx.Module):
 
   def __call__(self, x: Array, cos: Array, sin: Array) -> Array:
     batch, seq, _ = x.shape
-    split = lambda y: y.reshape(batch, seq, self.num_heads, self.head_dim)
+    split = lambda y: constrain(
+        y.reshape(batch, seq, self.num_heads, self.head_dim),
+        ("batch", None, "heads", None))
     q = apply_rope(split(self.q_proj(x)), cos, sin)
     k = apply_rope(split(self.k_proj(x)), cos, sin)
     v = split(self.v_proj(x))
@@ -318,6 +348,8 @@ class Attention(nnx.Module):
       out = _attention_f64(q, k, v)
     else:
       out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    out = constrain(checkpoint_name(out, "attention"),
+                    ("batch", None, "heads", None))
     return self.o_proj(out.reshape(batch, seq, -1))
 
 
@@ -345,7 +377,10 @@ class MLP(nnx.Module):
     self.down_proj = _linear(config, f, d, ("mlp", "embed"), rngs)
 
   def __call__(self, x: Array) -> Array:
-    return self.down_proj(nnx.silu(self.gate_proj(x)) * self.up_proj(x))
+    hidden = nnx.silu(self.gate_proj(x)) * self.up_proj(x)
+    hidden = constrain(checkpoint_name(hidden, "mlp_hidden"),
+                       ("batch", None, "mlp"))
+    return self.down_proj(hidden)
 
 
 class Block(nnx.Module):
@@ -369,6 +404,10 @@ def _run_block(block: Block, x: Array, cos: Array, sin: Array) -> Array:
 
 
 _SCAN_METADATA = {nnx.PARTITION_NAME: "layers"}
+# Logical names of the hidden state between blocks: split by batch only (its
+# features whole on every device, as the weights are gathered for the
+# matmuls under FSDP).
+_HIDDEN = ("batch", None, None)
 
 
 class Llama(nnx.Module):
@@ -427,25 +466,27 @@ class Llama(nnx.Module):
     """
     cfg = self.config
     tokens = self._check_tokens(tokens)
-    x = self.embed(tokens)
+    x = constrain(self.embed(tokens), _HIDDEN)
     cos, sin = rope_cos_sin(jnp.arange(tokens.shape[1]), cfg.head_dim,
                             cfg.rope_theta, _at_least_f32(cfg.dtype))
     block_fn = _run_block
-    if cfg.remat:
+    if cfg.remat != "none":
       # Inside a scan the loop already blocks CSE, so it need not be prevented.
-      block_fn = nnx.remat(_run_block, prevent_cse=not cfg.scan_layers)
+      block_fn = nnx.remat(_run_block, prevent_cse=not cfg.scan_layers,
+                           policy=REMAT_POLICIES[cfg.remat])
     if cfg.scan_layers:
       def body(block: Block, h: Array, c: Array, s: Array) -> Array:
-        return block_fn(block, h, c, s)
+        return constrain(block_fn(block, h, c, s), _HIDDEN)
 
       scan = nnx.scan(body, in_axes=(0, nnx.Carry, None, None),
                       out_axes=nnx.Carry, transform_metadata=_SCAN_METADATA)
       x = scan(self.layers, x, cos, sin)
     else:
       for block in self.layers:
-        x = block_fn(block, x, cos, sin)
+        x = constrain(block_fn(block, x, cos, sin), _HIDDEN)
     x = self.final_norm(x)
-    return self.lm_head(x).astype(_at_least_f32(cfg.dtype))
+    logits = constrain(self.lm_head(x), ("batch", None, "vocab"))
+    return logits.astype(_at_least_f32(cfg.dtype))
 
 
 # --------------------------------------------------------------------------

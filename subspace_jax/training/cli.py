@@ -14,6 +14,7 @@ import argparse
 from typing import Any
 
 from subspace_jax import models
+from subspace_jax.models import llama
 from subspace_jax.training import train
 
 __all__ = [
@@ -50,8 +51,12 @@ def add_model_flags(group: Any, *, model: str = "tiny") -> None:
   add("--model", default=model, help="model size: " + ", ".join(models.CONFIGS))
   add("--scan-layers", action="store_true",
       help="stack the layers and run them with a scan (faster compiles)")
-  add("--remat", action="store_true",
-      help="recompute activations in the backward pass (less memory)")
+  add("--remat", nargs="?", const="full", default="none",
+      choices=list(llama.REMAT_POLICIES), metavar="POLICY",
+      help="what the backward pass keeps of each block: none (everything, "
+           "the default), full (only its input: the least memory; the flag "
+           "alone), dots (the projections' outputs), names (the attention "
+           "output and the MLP's hidden product)")
   add("--dtype", default="float32", help="compute dtype: bfloat16 or float32")
   add("--param-dtype", default="float32",
       help="dtype of the stored (master) weights: float32 or bfloat16")

@@ -89,7 +89,8 @@ class RunConfig:
   Attributes:
     model: A key of :data:`subspace_jax.models.CONFIGS`.
     scan_layers: Stack the blocks and run them with ``nnx.scan``.
-    remat: Recompute each block's activations in the backward pass.
+    remat: What the backward pass keeps of each block: a policy of
+      :data:`subspace_jax.models.llama.REMAT_POLICIES` (True: "full").
     dtype: Compute dtype name (``"float32"`` or ``"bfloat16"``).
     param_dtype: Storage dtype name of the weights (the master weights).
     model_overrides: Other :class:`~subspace_jax.models.llama.LlamaConfig`
@@ -165,7 +166,7 @@ class RunConfig:
 
   model: str = "tiny"
   scan_layers: bool = False
-  remat: bool = False
+  remat: bool | str = "none"
   dtype: str = "float32"
   param_dtype: str = "float32"
   model_overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)

@@ -13,6 +13,7 @@ transform, weight decay, learning rate) → params.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -21,6 +22,7 @@ import optax
 
 import subspace_jax as sj
 from subspace_jax import models
+from subspace_jax.models import constraints
 from subspace_jax.models import llama
 from subspace_jax.training import sharding as shd
 
@@ -410,10 +412,27 @@ def setup(
       abstract_state=abstract_state,
       init=jax.jit(init, static_argnums=0, out_shardings=state_sh),
       train_step=jax.jit(
-          train_step,
+          _with_activation_sharding(train_step, mesh),
           in_shardings=(state_sh, batch_sh),
           out_shardings=(state_sh, None),
           donate_argnums=0,
       ),
-      eval_step=jax.jit(eval_loss, in_shardings=(state_sh, batch_sh)),
+      eval_step=jax.jit(_with_activation_sharding(eval_loss, mesh),
+                        in_shardings=(state_sh, batch_sh)),
   )
+
+
+def _with_activation_sharding(fn: Callable, mesh) -> Callable:
+  """``fn`` traced with the model's activations constrained to ``mesh``:
+  batch over the data-parallel axes, heads, MLP and vocabulary features over
+  the tensor axis (:mod:`subspace_jax.models.constraints`)."""
+  def sharding(names, shape):
+    return jax.sharding.NamedSharding(
+        mesh, shd.logical_spec(names, shape, mesh))
+
+  @functools.wraps(fn)
+  def traced(*args):
+    with constraints.activation_sharding(sharding):
+      return fn(*args)
+
+  return traced
