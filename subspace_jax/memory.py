@@ -462,12 +462,17 @@ def target_devices(target: str) -> list:
 
 @contextlib.contextmanager
 def _quiet_libtpu(topology: str):
-  """Sets, for one call, the variables whose absence makes libtpu warn on a
-  machine without TPUs (the topology name alone decides the devices)."""
+  """Sets, while libtpu loads, the variables whose absence makes it warn on
+  a machine without TPUs (``TPU_ACCELERATOR_TYPE``, ``TPU_WORKER_HOSTNAMES``:
+  the topology name alone decides the devices), and lets several processes
+  load it at once (compile-only devices open no chip, so libtpu's
+  one-process lock file, which refuses a second test worker, is not
+  needed). Values already in the environment are kept."""
   generation = topology.split(":")[0]
   values = {"TPU_WORKER_HOSTNAMES": "localhost",
             "TPU_ACCELERATOR_TYPE": f"{generation}-8",
-            "TPU_SKIP_MDS_QUERY": "1"}
+            "TPU_SKIP_MDS_QUERY": "1",
+            "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
   saved = {k: os.environ.get(k) for k in values}
   for k, v in values.items():
     os.environ.setdefault(k, v)
@@ -491,8 +496,9 @@ def _tpu_devices(topology: str) -> list:
                                           topology_name=topology)
     except (jax.errors.JaxRuntimeError, RuntimeError, ValueError) as e:
       first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-      raise ValueError(f"libtpu does not know the TPU topology {topology!r} "
-                       f"({first}); use e.g. tpu:v5p:2x2x1") from None
+      raise ValueError(f"libtpu could not make the TPU topology "
+                       f"{topology!r} ({first}); use e.g. tpu:v5p:2x2x1"
+                       ) from None
   return list(desc.devices)
 
 
