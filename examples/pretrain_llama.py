@@ -179,9 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
            "TARGET: cpu (this host), gpu (the attached GPU) or "
            "tpu:TOPOLOGY, e.g. tpu:v5p:2x2x1 (4 chips) or tpu:v5p:2x2x2 "
            "(8), compiled without a TPU (needs pip install "
-           "\"subspace_jax[aot]\"); --mesh splits the target's devices")
+           "\"subspace_jax[aot]\"); --mesh splits the target's devices "
+           "(default: none, the run trains)")
   add("--memory-json", default=None, metavar="PATH",
-      help="with --compile-for: also write the report as JSON to PATH")
+      help="with --compile-for: also write the report as JSON to PATH "
+           "(default: no file)")
   add("--memory-limit", type=float, default=None, metavar="GiB",
       help="with --compile-for: the memory of one device to plan against, "
            "in GiB (default: the device's own; none known for cpu)")

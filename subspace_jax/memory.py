@@ -874,7 +874,9 @@ class StepReport(NamedTuple):
 
 def step_report(step: Callable, *args: Any, devices, target: str,
                 weights: Any, optimizer_state: Any, gradients: Any = None,
-                capacity: int | None = None) -> StepReport:
+                capacity: int | None = None,
+                compiler_options: Mapping[str, Any] | None = None
+                ) -> StepReport:
   """Compiles a jitted train step for abstract ``args`` placed on
   ``devices`` (see :func:`target_devices`) and reports its memory.
 
@@ -889,6 +891,7 @@ def step_report(step: Callable, *args: Any, devices, target: str,
     weights, optimizer_state, gradients: As in :func:`breakdown`.
     capacity: Bytes of one device's memory, instead of the device's own
       figure (e.g. to plan for a smaller device, or on a CPU).
+    compiler_options: XLA options for this compile.
   """
   first = list(devices)[0]
   source = "given" if capacity is not None else None
@@ -897,7 +900,8 @@ def step_report(step: Callable, *args: Any, devices, target: str,
   report = lambda **kw: StepReport(target, len(devices), first.device_kind,
                                    **kw)
   try:
-    executable = step.lower(*args).compile()
+    executable = step.lower(*args).compile(
+        compiler_options=dict(compiler_options) if compiler_options else None)
   except jax.errors.JaxRuntimeError as e:
     refused = does_not_fit(str(e))
     if refused is None:
