@@ -19,13 +19,14 @@ that jax.distributed.initialize reads).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import signal
 import sys
 
-from subspace_jax import models
-from subspace_jax.training import cli, loop
+from subspace_jax import memory, models
+from subspace_jax.training import cli, loop, plan
 from subspace_jax.training.checkpoint import UnreadableCheckpointError
 
 
@@ -168,6 +169,25 @@ def build_parser() -> argparse.ArgumentParser:
            "non-finite loss or gradient; each is skipped, leaving the state "
            "unchanged")
 
+  g = p.add_argument_group(
+      "planning memory (compile the step for a target; nothing is trained)")
+  add = g.add_argument
+  add("--compile-for", default=None, metavar="TARGET",
+      help="compile this run's train step for TARGET and print its "
+           "per-device memory (weights, optimizer state, temporaries, peak) "
+           "and collective bytes, then exit: 0 if it fits, 3 if not. "
+           "TARGET: cpu (this host), gpu (the attached GPU) or "
+           "tpu:TOPOLOGY, e.g. tpu:v5p:2x2x1 (4 chips) or tpu:v5p:2x2x2 "
+           "(8), compiled without a TPU (needs pip install "
+           "\"subspace_jax[aot]\"); --mesh splits the target's devices "
+           "(default: none, the run trains)")
+  add("--memory-json", default=None, metavar="PATH",
+      help="with --compile-for: also write the report as JSON to PATH "
+           "(default: no file)")
+  add("--memory-limit", type=float, default=None, metavar="GiB",
+      help="with --compile-for: the memory of one device to plan against, "
+           "in GiB (default: the device's own; none known for cpu)")
+
   g = p.add_argument_group("multi-process (default: from the environment)")
   add = g.add_argument
   add("--coordinator", default=None,
@@ -248,6 +268,8 @@ def main(argv: list[str] | None = None) -> dict:
       saved, so that ``train && next`` does not go on.
   """
   args = parse_args(argv)
+  if args.compile_for is not None:
+    raise SystemExit(_compile_for(args))
   try:
     summary = loop.train(run_config(args))
   except (ValueError, ImportError, OSError, UnreadableCheckpointError) as e:
@@ -257,6 +279,35 @@ def main(argv: list[str] | None = None) -> dict:
   if summary["interrupted"]:
     raise SystemExit(_exit_code(summary["interrupted"]))
   return summary
+
+
+def _compile_for(args: argparse.Namespace) -> int:
+  """--compile-for: prints (and with --memory-json writes) the report of the
+  step compiled for the target; returns the exit code (0 fits, 3 not)."""
+  if args.memory_limit is not None and not args.memory_limit > 0:
+    _fail(f"--memory-limit {args.memory_limit} must be positive (GiB)")
+  capacity = (None if args.memory_limit is None
+              else int(args.memory_limit * memory.GiB))
+  try:
+    cfg = run_config(args)
+  except ValueError as e:
+    _fail(str(e))
+  try:
+    devices = memory.target_devices(args.compile_for)
+  except ValueError as e:
+    _fail(f"--compile-for: {e}")
+  try:
+    report = plan.compile_for(cfg, args.compile_for, devices=devices,
+                              capacity=capacity)
+  except ValueError as e:
+    _fail(str(e))
+  for line in report.lines():
+    print(line)
+  if args.memory_json:
+    with open(args.memory_json, "w", encoding="utf-8") as f:
+      json.dump(report.to_dict(), f, indent=1)
+      f.write("\n")
+  return 3 if report.fits is False else 0
 
 
 def _stdout_for_the_summary_only() -> None:

@@ -169,8 +169,13 @@ CONFIGS: dict[str, LlamaConfig] = {
     "llama_350m": _named(1024, 2736, 16, 24),
     "llama_1b": _named(2048, 5461, 32, 24),
     "llama_7b": _named(4096, 11008, 32, 32),
+    # GPT-3 175B's width and depth (12288 wide, 96 layers of 96 heads) with
+    # LLaMA's SwiGLU MLP: three 12288 x 32768 matrices hold the parameters
+    # of GPT-3's two 12288 x 49152 ones. 174.7B parameters in all.
+    "llama_175b": _named(12288, 32768, 96, 96),
 }
-"""Named configurations: the GaLore paper's model sizes plus ``tiny``."""
+"""Named configurations: the GaLore paper's model sizes, a GPT-3-sized one
+(``llama_175b``, for planning memory) and ``tiny``."""
 
 
 def get_config(name: str, **overrides: Any) -> LlamaConfig:

@@ -1,0 +1,72 @@
+"""A run's train step compiled for a target, to plan its memory (--compile-for).
+
+:func:`compile_for` builds the exact step that :func:`loop.train
+<subspace_jax.training.loop.train>` would run for a :class:`RunConfig` (the
+same model config, optimizer and sharded ``train.setup``), on a mesh of the
+target's devices with the run's mesh sizes, and compiles it on abstract
+inputs: nothing is allocated or trained, no data is read and no checkpoint
+directory is touched. With ``tpu:TOPOLOGY`` the devices are compile-only
+(libtpu, no TPU needed), so a 175B step can be planned on a laptop::
+
+    report = plan.compile_for(cfg, "tpu:v5p:2x2x2")
+    print("\\n".join(report.lines()))   # weights, state, peak, collectives
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from subspace_jax import memory, models
+from subspace_jax.training import config as config_lib
+from subspace_jax.training import sharding as shd
+from subspace_jax.training import train as train_lib
+from subspace_jax.training.config import RunConfig
+
+__all__ = ["compile_for"]
+
+
+def _gradients(cfg: RunConfig, model_config, s: train_lib.Setup):
+  """The differentiated tree of the step (abstract, sharded): the weights,
+  or in model mode ``B`` and the leaves kept in full."""
+  params = s.abstract_state.params
+  if not cfg.optimizer.model_mode:
+    return params
+  views = models.for_config(model_config).views()
+  subspace = cfg.optimizer.subspace(params.weights, views)
+  return subspace.trainable(params)
+
+
+def compile_for(cfg: RunConfig, target: str, *, devices=None,
+                capacity: int | None = None) -> memory.StepReport:
+  """Compiles ``cfg``'s train step for ``target`` and reports its memory.
+
+  Args:
+    cfg: The run (model, optimizer, ``batch_size``, ``seq_len``, ``mesh``).
+    target: ``cpu``, ``gpu`` or ``tpu:TOPOLOGY``
+      (:func:`subspace_jax.memory.target_devices`).
+    devices: The target's devices, when the caller has them already.
+    capacity: Bytes of one device's memory to plan against, instead of the
+      device's own figure (``--memory-limit``).
+
+  Returns:
+    The :class:`~subspace_jax.memory.StepReport` (per device).
+
+  Raises:
+    ValueError: One line, on a bad target, mesh, batch or rank.
+  """
+  if devices is None:
+    devices = memory.target_devices(target)
+  mesh = shd.make_mesh(*cfg.mesh, devices=devices)
+  config_lib.check_batch(cfg, mesh)
+  model_config = cfg.model_config()
+  s = train_lib.setup(model_config, cfg.optimizer, mesh)
+  config_lib.check_rank(s, cfg.optimizer)
+  tokens = jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), jnp.int32,
+                                sharding=s.batch_sharding)
+  state = s.abstract_state
+  return memory.step_report(
+      s.train_step, state, {"inputs": tokens, "targets": tokens},
+      devices=devices, target=target, weights=state.params,
+      optimizer_state=state.opt_state,
+      gradients=_gradients(cfg, model_config, s), capacity=capacity)
