@@ -594,6 +594,8 @@ def test_checkpoint_of_an_older_format_is_refused(small, tmp_path, monkeypatch, 
 
 def test_checkpoint_of_a_newer_format_is_refused(small, tmp_path, monkeypatch):
   setup, host = small
+  # Step 1 in format 1, step 2 in the newer 3, whatever FORMAT is now.
+  monkeypatch.setattr(checkpoint, "FORMAT", 1)
   with Checkpointer(tmp_path, save_interval_steps=1, async_save=False) as ckpt:
     ckpt.save(1, _variant(setup, host, 1))
     monkeypatch.setattr(checkpoint, "FORMAT", 3)
