@@ -75,7 +75,8 @@ PT_METHODS = {
     "golore": ("GoLore", {"name": "golore"}),
     "golore_x": ("GoLore@{x}%", {"name": "golore"}),  # svd_steps set per run
     "rso": ("RSO", {"name": "rso"}),
-    # Transform mode on model mode's side (the input side of every kernel).
+    # Transform mode on the input side of every kernel (model mode's with
+    # side="left").
     "rso_left": ("RSO (side=left)", {"name": "rso", "side": "left"}),
     "golore_left": ("GoLore (side=left)", {"name": "golore", "side": "left"}),
     "rso_model": ("RSO (model mode)", {"name": "rso", "subspace_mode": "model"}),
@@ -442,13 +443,11 @@ def run_pretraining(args, argv) -> None:
   if any(m.endswith("_model") for m in results):
     notes.append(
         "- Model mode: the model differentiates B of W + P·B directly "
-        "(`OptimizerConfig(subspace_mode=\"model\")`); it always projects the "
-        "input side of each kernel, transform mode the larger side "
-        "(\"lean\"); they differ on the MLP's gate/up kernels, whose output "
-        "side is the larger, so there transform mode's rank covers a smaller "
-        "fraction of the projected dimension; "
-        "`--methods` with rso_left / golore_left runs transform mode on the "
-        "input side.")
+        "(`OptimizerConfig(subspace_mode=\"model\")`), on the same side of "
+        "each kernel as transform mode (\"lean\": the larger dimension is "
+        "projected, so B is r × min(m, n); for the MLP's gate/up kernels the "
+        "output side); `--methods` with rso_left / golore_left runs transform "
+        "mode on the input side of every kernel.")
   order = sorted(results, key=lambda m: results[m]["summary"]["eval_loss"])
   notes.append("- Final eval loss, best first: "
                + " < ".join(label(m) for m in order) + ".")
@@ -586,7 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="comma-separated methods out of " + ", ".join(PT_METHODS)
                       + " (golore_x is GoLore@x%%; adamw_scaled is AdamW at "
                       "peak lr × --scale; *_left: transform mode projecting "
-                      "the input side, as model mode does; "
+                      "the input side of every kernel; "
                       "default: all but *_left)")
   g.add_argument("--steps", type=int, default=600,
                  help="training steps of every run (default: 600)")

@@ -133,9 +133,9 @@ def measure(name: str, opt: str, rank: int, batch: int, seq: int,
       subspace = cfg.subspace(state.params.weights, llama.views())
       trainable = subspace.trainable(state.params)
       plans = [p for p in subspace.plans if p is not None]
-      # float32 projections of every factored leaf, drawn each step.
-      projections = sum(
-          4 * p.num_matrices * p.dim * p.rank for p in plans)
+      # float32 projections of one layer: each layer draws its own inside
+      # the scanned loop, so no more than one layer's are needed at once.
+      projections = sum(4 * p.dim * p.rank for p in plans)
     else:
       trainable = state.params
     b = memory.breakdown(s.train_step, state, token_batch(
@@ -440,7 +440,7 @@ def summary(found) -> str:
             f"{g(b.optimizer_state)} + gradients {g(b.gradients)} = "
             f"{g(floor)} GiB before any activation or workspace; the other "
             f"{g(b.temporaries - b.gradients)} GiB of temporaries include the "
-            f"float32 projections of all layers ({g(r['projections'])} GiB) "
+            f"float32 projections of one layer ({g(r['projections'])} GiB) "
             "and their sampling workspaces")
     out.append(line + ".")
   return "\n".join(out) + "\n"
@@ -469,9 +469,9 @@ NOTES = """## Notes
   papers. Side: sj's default "lean" projects the larger dimension (state
   r x min(m, n), like optax.contrib.galore); the GaLore paper projects the
   smaller one (state r x max(m, n), plus P of m x r). Model-level RSO
-  projects the input side ("left"): B is r x out, so B and each of its
-  moments are r x 11008 for the 7B gate/up kernels (2.7x the lean state),
-  and B (2.6 GiB at 7B, r = 1024) is counted with the weights.
+  uses the same lean sides: B is r x min(m, n) (r x 4096 for every 7B
+  kernel; on the output side of gate/up), 0.94 B parameters at 7B,
+  r = 1024 (1.75 GiB in bf16), counted with the weights.
 - Paper gaps: at 350M our Adam figure is the published one; at 60M and 1B
   the paper's Adam figure is 10 % / 4 % above params x 6 bytes (not
   explained by the config; the 1B model here has 1.339 B parameters).

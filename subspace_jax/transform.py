@@ -27,7 +27,9 @@ kind of projection is one entry.
 
 Random projections are never stored: they are regenerated at every step from
 ``projection_key(key, leaf_index, subspace_index)`` where
-``subspace_index = count // update_gap`` (:func:`subspace_schedule`); a
+``subspace_index = count // update_gap`` (:func:`subspace_schedule`), and
+matrix ``j`` of a stacked leaf from ``fold_in`` of that key and ``j``
+(:func:`matrix_keys`, so model mode can draw each layer's alone); a
 GoLore/RSO state therefore holds a key and a counter instead of an ``m × r``
 matrix per leaf.
 
@@ -66,6 +68,7 @@ __all__ = [
     "leaf_plans",
     "projection_key",
     "random_projection",
+    "matrix_keys",
     "subspace_schedule",
 ]
 
@@ -203,14 +206,37 @@ def _over_batch(fn, plan: mv.LeafPlan, g, old, key):
   return out.reshape(plan.batch_shape + out.shape[1:])
 
 
+def matrix_keys(key: jax.Array, plan: mv.LeafPlan) -> jax.Array:
+  """The key of each matrix of a leaf from the leaf's key: ``key`` itself for
+  a plain matrix, ``fold_in(key, j)`` for matrix ``j`` (flat index over the
+  batch axes) of a stacked leaf, in an array of shape ``batch_shape``.
+
+  Each matrix's key depends only on its own index, so a scanned model can
+  draw layer ``j``'s projection inside its loop from this array's slice, the
+  same as the stacked leaf's (model mode, :mod:`subspace_jax.factored`).
+  """
+  if not plan.batch_shape:
+    return key
+  ids = jnp.arange(plan.num_matrices, dtype=jnp.uint32)
+  keys = jax.vmap(lambda j: jax.random.fold_in(key, j))(ids)
+  return keys.reshape(plan.batch_shape)
+
+
+def draw(sampler: proj.Sampler, key, dim: int, rank: int, dtype) -> jax.Array:
+  """``sampler``'s ``(dim, rank)`` projection of one matrix from that
+  matrix's key (see :func:`matrix_keys`): the one call both transform and
+  model mode draw with."""
+  return sampler.make(key, dim, rank, dtype=dtype)
+
+
 def _regenerated(sampler: proj.Sampler, key, plan: mv.LeafPlan, dtype):
   """``sampler``'s projection ``batch + (d, r)`` of a leaf from its key; each
-  matrix of a stacked leaf gets its own key (``jax.random.split``)."""
-  one = lambda k: sampler.make(k, plan.dim, plan.rank, dtype=dtype)
+  matrix of a stacked leaf gets its own key (:func:`matrix_keys`)."""
+  one = lambda k: draw(sampler, k, plan.dim, plan.rank, dtype)
   if not plan.batch_shape:
     return one(key)
-  out = jax.vmap(one)(jax.random.split(key, plan.num_matrices))
-  return out.reshape(plan.projection_shape)
+  keys = matrix_keys(key, plan).reshape(-1)
+  return jax.vmap(one)(keys).reshape(plan.projection_shape)
 
 
 def random_projection(
@@ -220,7 +246,7 @@ def random_projection(
 
   ``kind`` names a sampler of :data:`~subspace_jax.projection.SAMPLERS` that
   is not ``stored``. Each matrix of a stacked leaf gets its own key
-  (``jax.random.split``).
+  (:func:`matrix_keys`: ``fold_in(key, j)`` for matrix ``j``).
   """
   sampler = proj.SAMPLERS[kind]
   if sampler.stored:

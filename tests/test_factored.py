@@ -1,9 +1,9 @@
 """Model-level subspace training (subspace_jax.factored and model mode).
 
 The transform is the reference: model mode must take the same steps as
-``sj.rso``/``sj.golore`` with ``side="left"`` (the same projections, from the
-same key and leaf indices), while its compiled gradient never contains a
-full ``m × n`` weight gradient.
+``sj.rso``/``sj.golore`` with the same ``side`` (the same projections, from
+the same key, leaf and layer indices), while its compiled gradient never
+contains a full ``m × n`` weight gradient.
 """
 
 import jax
@@ -34,8 +34,6 @@ def _opt(name, mode, **kw):
               warmup_steps=2, total_steps=10, clip_norm=None,
               subspace_mode=mode)
   base.update(kw)
-  if mode == "transform":
-    base["side"] = "left"
   return train.OptimizerConfig(**base)
 
 
@@ -43,22 +41,34 @@ def _opt(name, mode, **kw):
 # by Adam's 1/(sqrt(v_hat) + eps) <= 1/eps = 1e8 (a gradient entry near zero,
 # as right after RSO's reset), moves an inner update by at most u*S/eps = 1e-8
 # and a weight by lr * scale * r * max|P| * 1e-8 <= 1e-2 * 1 * 8 * 1 * 1e-8
-# = 8e-10 per step: 6.4e-9 over the 8 steps. Measured: at most 1.6e-13. In
-# float32 the same bound is 1e-1 (u = 6e-8), so float32 runs cannot be
-# compared this way: a different (equally valid) draw of P once put a
-# near-zero entry in a fresh Adam state and moved a weight by 2.6e-5, and
-# the old Householder sampler did 1.4e-4 with another seed.
+# = 8e-10 per step: 6.4e-9 over the 8 steps. Measured: at most 1.3e-14 with
+# side lean (each layer's P drawn alone in model mode, batched in the
+# transform: the same P to float64 rounding), 1.6e-13 with side left when
+# both drew the whole stack's. In float32 the same bound is 1e-1
+# (u = 6e-8), so float32 runs cannot be compared this way: a different
+# (equally valid) draw of P once put a near-zero entry in a fresh Adam
+# state and moved a weight by 2.6e-5, and the old Householder sampler did
+# 1.4e-4 with another seed.
 _MODE_ATOL = 1e-8
 
 
-@pytest.mark.parametrize("scan", [False, True], ids=["layers", "scan"])
-@pytest.mark.parametrize("name, extra", [
-    ("rso", dict(eta=2.0)),
-    ("rso", dict(weight_decay=0.1)),
-    ("golore", dict(weight_decay=0.1, scale=0.5)),
-], ids=["rso-eta", "rso-decay", "golore-decay"])
-def test_model_mode_takes_the_transform_steps(name, extra, scan):
-  """8 float64 steps with update_gap 3: two merges and a third subproblem."""
+_CASES = {"rso-eta": ("rso", dict(eta=2.0)),
+          "rso-decay": ("rso", dict(weight_decay=0.1)),
+          "golore-decay": ("golore", dict(weight_decay=0.1, scale=0.5))}
+
+
+# The default side (lean) in every case; side left, the other code path of
+# dense and the merge, once scanned and once not (each case is ~25 s).
+@pytest.mark.parametrize("case, scan, side", [
+    *[(c, scan, "lean") for c in _CASES for scan in (False, True)],
+    ("rso-eta", True, "left"), ("golore-decay", False, "left")],
+    ids=lambda v: {False: "layers", True: "scan"}.get(v, v))
+def test_model_mode_takes_the_transform_steps(case, scan, side):
+  """8 float64 steps with update_gap 3: two merges and a third subproblem.
+  With side "lean" the tiny model's gate/up kernels (64 × 176) carry B on
+  their output side (W + (Q·B)ᵀ), the others on their input side."""
+  name, extra = _CASES[case]
+  extra = dict(extra, side=side)
   with jax.enable_x64(True):
     model = llama.get_config("tiny", scan_layers=scan, dtype="float64",
                              param_dtype="float64")
@@ -68,6 +78,8 @@ def test_model_mode_takes_the_transform_steps(name, extra, scan):
     s_ref, s_mod = ref.init(0), mod.init(0)
     assert all(x.dtype == jnp.float64 for x in jax.tree.leaves(s_ref.params))
     subspace = _opt(name, "model", **extra).subspace(s_ref.params, llama.views())
+    sides = {p.transpose for p in subspace.plans if p is not None}
+    assert sides == ({False} if side == "left" else {False, True})
     for i, batch in enumerate(_batches(8)):
       s_ref, m_ref = ref.train_step(s_ref, batch)
       s_mod, m_mod = mod.train_step(s_mod, batch)
@@ -114,8 +126,8 @@ def test_model_mode_gradient_has_no_full_weight_gradient(scan):
   def model_grad(params):
     opt_state = fc.scale_by_factored(subspace=subspace).init(
         subspace.trainable(params))
-    proj = subspace.projections(params, opt_state)
-    loss = lambda t: model.loss(subspace.factored(params, t, proj), batch)
+    keys = subspace.keys(opt_state)
+    loss = lambda t: model.loss(subspace.factored(params, t, keys), batch)
     return jax.grad(loss)(subspace.trainable(params))
 
   def full_grad(weights):
@@ -133,6 +145,45 @@ def test_model_mode_gradient_has_no_full_weight_gradient(scan):
                      subspace.plans):
     if plan is not None:
       assert g.shape == plan.low_shape
+
+
+def _loop_free_shapes(jaxpr) -> set[tuple[int, ...]]:
+  """Shapes of the values of ``jaxpr`` outside its loops and conds: what
+  can live through the whole step, not one iteration (the bodies of scan,
+  while and cond are not entered, those of jit and remat are)."""
+  shapes = set()
+  for eqn in jaxpr.eqns:
+    shapes |= {tuple(v.aval.shape) for v in eqn.outvars
+               if hasattr(v.aval, "shape")}
+    if eqn.primitive.name in ("scan", "while", "cond"):
+      continue
+    for p in eqn.params.values():
+      for sub in p if isinstance(p, (list, tuple)) else [p]:
+        inner = getattr(sub, "jaxpr", sub)
+        if isinstance(inner, jax.extend.core.Jaxpr):
+          shapes |= _loop_free_shapes(inner)
+  return shapes
+
+
+@pytest.mark.parametrize("side", ["left", "lean"])
+def test_scanned_model_mode_draws_each_layers_projection_in_the_loop(side):
+  """No (L, d, r) projection of a stacked leaf exists outside the layer
+  scan (nor in the merge's loop): each layer draws its own P inside. The
+  check can fail: the projections of the whole stack did exist before."""
+  cfg = llama.get_config("tiny", scan_layers=True, remat=True)
+  s = train.setup(cfg, _opt("rso", "model", side=side), _mesh1())
+  subspace = _opt("rso", "model", side=side).subspace(
+      s.abstract_state.params.weights, llama.views())
+  stacked = {p.projection_shape for p in subspace.plans
+             if p is not None and p.batch_shape}
+  assert stacked and all(len(x) == 3 for x in stacked)
+  batch = {k: jax.ShapeDtypeStruct((2, 16), jnp.int32)
+           for k in ("inputs", "targets")}
+  shapes = _loop_free_shapes(
+      jax.make_jaxpr(s.train_step)(s.abstract_state, batch).jaxpr)
+  assert not stacked & shapes, sorted(stacked & shapes)
+  # The check sees inside the step: the stacked B and W are there.
+  assert {p.low_shape for p in subspace.plans if p is not None} <= shapes
 
 
 def test_model_mode_compiled_step_needs_less_scratch_memory():
@@ -160,14 +211,20 @@ def test_model_mode_compiled_step_needs_less_scratch_memory():
 def test_merge_and_dense():
   rng = np.random.default_rng(0)
   w = jnp.asarray(rng.normal(size=(3, 12, 5)), jnp.float32)
-  params = {"k": w, "v": jnp.ones(5)}
+  u = jnp.asarray(rng.normal(size=(5, 12)), jnp.float32)
+  params = {"k": w, "u": u, "v": jnp.ones(5)}
   sub = fc.Subspace.for_params(params, rank=4, update_gap=2, seed=3)
   fp = sub.init(params)
+  # Lean sides: k (12 × 5) projects its rows, B 4 × 5; u (5 × 12) its
+  # columns, B 4 × 5 too (r × min(m, n)).
+  assert [p.transpose for p in sub.plans[:2]] == [False, True]
   assert fp.low["k"].shape == (3, 4, 5) and not jnp.any(fp.low["k"])
+  assert fp.low["u"].shape == (4, 5)
   # The optimizer state's counter says where the step is: 0, 1, 2 updates.
   st = [fc.scale_by_factored(subspace=sub).init(sub.trainable(fp))]
   st += [st[0]._replace(count=jnp.int32(c)) for c in (1, 2)]
-  proj = sub.projections(fp, st[0])
+  proj, keys = sub.projections(fp, st[0]), sub.keys(st[0])
+  assert keys[0].shape == (3, 2) and keys[0].dtype == jnp.uint32
   # P is the transform's projection of leaf 0 (RSO: P^T P = (12/4) I).
   key = jax.random.key(3)
   want = sj.transform.random_projection(
@@ -176,29 +233,41 @@ def test_merge_and_dense():
   np.testing.assert_allclose(proj[0][1].T @ proj[0][1], 3 * np.eye(4), atol=1e-5)
 
   b = jnp.asarray(rng.normal(size=(3, 4, 5)), jnp.float32)
-  trained = {"k": b, "v": 2 * jnp.ones(5)}
+  c = jnp.asarray(rng.normal(size=(4, 5)), jnp.float32)
+  trained = {"k": b, "u": c, "v": 2 * jnp.ones(5)}
   x = jnp.asarray(rng.normal(size=(7, 12)), jnp.float32)
-  f = sub.factored(fp, trained, proj)["k"]
-  np.testing.assert_allclose(fc.dense(x, jax.tree.map(lambda a: a[1], f)),
+  f = sub.factored(fp, trained, keys)
+  # Layer 1 alone (as a scan body sees it) draws layer 1's P of the stack,
+  # to float32 rounding of one draw against a batched one.
+  layer = jax.tree.map(lambda a: a[1], f["k"])
+  np.testing.assert_allclose(layer.draw(), proj[0][1], rtol=0, atol=1e-6)
+  np.testing.assert_allclose(fc.dense(x, layer),
                              x @ (w[1] + proj[0][1] @ b[1]), rtol=1e-5, atol=1e-5)
+  # The output side: x·U + (x·Cᵀ)·Qᵀ = x·(U + (Q·C)ᵀ), Q 12 × 4.
+  np.testing.assert_allclose(fc.dense(x[:, :5], f["u"]),
+                             x[:, :5] @ (u + (proj[1] @ c).T),
+                             rtol=1e-5, atol=1e-5)
 
   # Step 0 of a 2-step subproblem: no merge, W frozen, B and v taken.
-  fp1 = sub.update(fp, trained, proj, st[0], st[1], weight_decay=0.1)
+  fp1 = sub.update(fp, trained, keys, st[0], st[1], weight_decay=0.1)
   np.testing.assert_allclose(fp1.weights["k"], 0.9 * w, rtol=1e-6)
   np.testing.assert_array_equal(fp1.low["k"], b)
   np.testing.assert_array_equal(fp1.weights["v"], trained["v"])
-  # Step 1 ends it: W <- W + P B, B <- 0, and the next P is a new one.
-  fp2 = sub.update(fp1, trained, proj, st[1], st[2])
+  # Step 1 ends it: W <- W + P B (U <- U + (Q C)ᵀ), B <- 0, and the next P
+  # is a new one.
+  fp2 = sub.update(fp1, trained, keys, st[1], st[2])
   np.testing.assert_allclose(
       fp2.weights["k"], 0.9 * w + jnp.einsum("bdr,brk->bdk", proj[0], b),
       rtol=1e-5, atol=1e-5)
-  assert not jnp.any(fp2.low["k"])
+  np.testing.assert_allclose(fp2.weights["u"], 0.9 * u + (proj[1] @ c).T,
+                             rtol=1e-5, atol=1e-5)
+  assert not jnp.any(fp2.low["k"]) and not jnp.any(fp2.low["u"])
   assert not np.allclose(sub.projections(fp2, st[2])[0], proj[0])
   np.testing.assert_allclose(sub.merged_weights(fp2, st[2])["k"],
                              fp2.weights["k"])
   # An update a wrapper skipped (the counter did not move): nothing changes,
   # not even the decay, and no merge although the subproblem would end.
-  fp3 = sub.update(fp1, trained, proj, st[1], st[1], weight_decay=0.1)
+  fp3 = sub.update(fp1, trained, keys, st[1], st[1], weight_decay=0.1)
   np.testing.assert_array_equal(fp3.weights["k"], fp1.weights["k"])
   np.testing.assert_array_equal(fp3.low["k"], b)
 
@@ -225,12 +294,12 @@ def test_model_mode_under_multisteps_takes_the_large_batch_steps():
     opt_state = tx.init(sub.trainable(fp))
     out = []
     for x in batches:
-      proj = sub.projections(fp, opt_state)
+      keys = sub.keys(opt_state)
       trainable = sub.trainable(fp)
-      grads = jax.grad(lambda t: loss(sub.factored(fp, t, proj), x))(trainable)
+      grads = jax.grad(lambda t: loss(sub.factored(fp, t, keys), x))(trainable)
       updates, new_state = tx.update(grads, opt_state, trainable)
       trainable = optax.apply_updates(trainable, updates)
-      fp = sub.update(fp, trainable, proj, opt_state, new_state, 1e-2)
+      fp = sub.update(fp, trainable, keys, opt_state, new_state, 1e-2)
       opt_state = new_state
       out.append(sub.merged_weights(fp, opt_state))
     return out, opt_state
@@ -279,28 +348,36 @@ def test_b_and_its_moments_are_split_like_w():
   if jax.device_count() < 8:
     pytest.skip("needs 8 host devices")
   mesh = shd.make_mesh(data=2, fsdp=2, tensor=2)
-  s = train.setup(llama.get_config("tiny", scan_layers=True),
-                  _opt("rso", "model"), mesh)
+  cfg = llama.get_config("tiny", scan_layers=True)
+  s = train.setup(cfg, _opt("rso", "model"), mesh)
   up = lambda t: t["layers"]["mlp"]["up_proj"]["kernel"]
   down = lambda t: t["layers"]["mlp"]["down_proj"]["kernel"]
   params = s.state_shardings.params
-  # up_proj (L, embed, mlp): B is (L, r, mlp), kept axis 'mlp' -> tensor, and
-  # the rank axis stands for 'embed' -> fsdp: W's own two mesh axes.
-  assert s.abstract_state.params.low["layers"]["mlp"]["up_proj"]["kernel"].shape == (2, 8, 176)
-  assert up(params.low).spec == P(None, "fsdp", "tensor")
-  assert down(params.low).spec == P(None, "tensor", "fsdp")  # (L, r, embed)
+  # Lean sides: up_proj (L, embed, mlp) projects its output side, so B is
+  # (L, r, embed): kept axis 'embed' -> fsdp, the rank axis stands for 'mlp'
+  # -> tensor, W's own two mesh axes; down_proj (L, mlp, embed) projects its
+  # input side, B (L, r, embed) too.
+  assert up(s.abstract_state.params.low).shape == (2, 8, 64)
+  assert up(params.low).spec == P(None, "tensor", "fsdp")
+  assert down(params.low).spec == P(None, "tensor", "fsdp")
   assert up(params.weights).spec == P(None, "fsdp", "tensor")
   core = s.state_shardings.opt_state[0]  # chain: core, decay, lr (no clip)
-  assert up(core.inner_low.mu).spec == P(None, "fsdp", "tensor")
+  assert up(core.inner_low.mu).spec == P(None, "tensor", "fsdp")
   assert core.inner_full.mu["embed"]["embedding"].spec == P("tensor", "fsdp")
   assert core.key.spec == P() and core.count.spec == P()
+  # side "left": B on every input side, up_proj's is (L, r, mlp): kept axis
+  # 'mlp' -> tensor, rank for 'embed' -> fsdp.
+  s = train.setup(cfg, _opt("rso", "model", side="left"), mesh)
+  assert up(s.abstract_state.params.low).shape == (2, 8, 176)
+  assert up(s.state_shardings.params.low).spec == P(None, "fsdp", "tensor")
+  core = s.state_shardings.opt_state[0]
+  assert up(core.inner_low.mu).spec == P(None, "fsdp", "tensor")
 
 
 @pytest.mark.parametrize("kw, match", [
     (dict(name="galore"), "GaLore's SVD"),
     (dict(name="adamw"), "supports golore and rso"),
     (dict(name="golore", svd_steps=5), "svd_steps"),
-    (dict(name="rso", side="std"), "input side"),
     (dict(name="rso", subspace_mode="layer"), "unknown subspace mode"),
 ])
 def test_model_mode_config_errors(kw, match):

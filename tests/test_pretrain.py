@@ -194,8 +194,6 @@ def _bad_cases(tmp):
                              "--subspace-mode transform"]),
       "model_mode_svd_steps": (["--subspace-mode", "model", "--svd-steps", "2"],
                                ["--svd-steps needs the full gradient", "--subspace-mode"]),
-      "model_mode_side": (["--subspace-mode", "model", "--side", "right"],
-                          ["(--side left), got --side right"]),
       "mesh_zero": (["--mesh", "0,8,1"], ["--mesh sizes must be >= 1", "0,8,1"]),
       "vocab": (["--tokenizer", "sentencepiece", "--vocab-size", "10"],
                 ["--vocab-size must be >= 300"]),
@@ -217,7 +215,7 @@ def _bad_cases(tmp):
     "lr_negative", "min_lr_ratio", "warmup", "weight_decay", "scale", "scale_nan",
     "eta", "eta_unused", "update_gap", "rank_zero", "svd_steps", "svd_steps_unused",
     "proj_seed", "seed", "side", "svd", "subspace_mode", "model_mode_galore",
-    "model_mode_svd_steps", "model_mode_side", "mesh_zero", "vocab", "split",
+    "model_mode_svd_steps", "mesh_zero", "vocab", "split",
     "split_all", "eval_split_same", "few_docs", "too_small"])
 def test_bad_input_is_one_line_exit_2(case, tmp_path, capsys):
   _need8()

@@ -224,8 +224,10 @@ class Linear(nnx.Module):
   """Bias-free dense layer ``y = x @ kernel``, kernel stored ``(in, out)``.
 
   In model-level subspace mode (:mod:`subspace_jax.factored`) the kernel's
-  value is a :class:`~subspace_jax.factored.Factored` ``(W, P, B)`` and the
-  layer computes ``x·W + (x·P)·B``.
+  value is a :class:`~subspace_jax.factored.Factored` (``W``, ``B`` and the
+  projection's key) and the layer computes ``x·W + (x·P)·B`` or, with ``B``
+  on its output side, ``x·W + (x·Bᵀ)·Qᵀ``, drawing ``P`` (``Q``) itself: in
+  a scanned model, inside the layer loop.
   """
 
   def __init__(self, config: LlamaConfig, d_in: int, d_out: int,

@@ -84,7 +84,9 @@ _VERSION = "version"
 # checkpoint without the version item is of format 1 (the oldest).
 # 2: model mode's counter and projection key moved from the parameters
 #    (FactoredParams) to the optimizer state (FactoredState).
-FORMAT = 2
+# 3: model mode's B on each leaf's lean side (r × min(m, n) shapes), and a
+#    stacked leaf's projections drawn from fold_in(leaf key, layer).
+FORMAT = 3
 _OLDEST_FORMAT = 1
 # The hash of state_checksums; a checkpoint with another one is unverifiable.
 _CHECKSUM_FORMAT = "subspace_jax.u32x2.v1"

@@ -106,7 +106,8 @@ def add_optimizer_flags(group: Any, *, update_gap: int = 200,
       help="RSO: proximal coefficient of each subproblem (default: none)")
   add("--side", default=None,
       help="projected side of each matrix: lean, std, left or right "
-           "(default: lean; model mode always projects the input side)")
+           "(default: lean; in model mode left keeps B on the input side of "
+           "every layer, which keeps every activation saving)")
   add("--subspace-mode", default="transform",
       help="transform: an optax transform of full gradients (any optimizer); "
            "model: golore/rso layers compute x·W + (x·P)·B and only B is "
@@ -185,6 +186,3 @@ def check_optimizer_flags(args: argparse.Namespace) -> None:
       raise ValueError("--svd-steps needs the full gradient for its SVD phase, "
                        "which --subspace-mode model never builds; drop it or "
                        "use --subspace-mode transform")
-    if args.side not in (None, "left"):
-      raise ValueError(f"--subspace-mode model always projects the input side "
-                       f"(--side left), got --side {args.side}")

@@ -74,8 +74,10 @@ class OptimizerConfig:
     seed: Projection seed.
     svd_steps: GoLore's SVD phase (GoLore@x%).
     eta: RSO's proximal coefficient (None: off).
-    side: Side rule of the projection (None: "lean" in transform mode;
-      model mode always projects the input side, "left").
+    side: Side rule of the projection (None: "lean"). In model mode it
+      also says which side of each layer carries ``B`` ("lean": ``B`` is
+      ``r × min(m, n)``; "left": the input side everywhere, which keeps
+      every layer's activation saving; see :mod:`subspace_jax.factored`).
     svd: GaLore's SVD: "exact" or "randomized".
     moment_dtype: dtype name of the low-rank moments (None: the grads'); in
       model mode also of ``B`` (None: the weights').
@@ -124,9 +126,6 @@ class OptimizerConfig:
       if self.svd_steps:
         raise ValueError("svd_steps (GoLore@x%) needs the full gradient for "
                          "its SVD phase; it is not available in model mode")
-      if self.side not in (None, "left"):
-        raise ValueError(f"model mode always projects the input side "
-                         f"(side='left'); got side={self.side!r}")
 
   @property
   def model_mode(self) -> bool:
@@ -141,7 +140,7 @@ class OptimizerConfig:
 
   @property
   def effective_side(self) -> str:
-    return self.side or ("left" if self.model_mode else "lean")
+    return self.side or "lean"
 
   def subspace(self, params, views: sj.matrix_view.ViewFn
                ) -> sj.factored.Subspace:
@@ -149,7 +148,8 @@ class OptimizerConfig:
     is the model's (:attr:`subspace_jax.models.Model.views`)."""
     return sj.factored.Subspace.for_params(
         params, rank=self.rank, update_gap=self.update_gap,
-        projection=self.method.projection, seed=self.seed, views=views)
+        projection=self.method.projection, seed=self.seed,
+        side=self.effective_side, views=views)
 
   def leaf_plans(self, params, views: sj.matrix_view.ViewFn) -> list | None:
     """The subspace transform's plan of every leaf of ``params`` (flatten
@@ -267,9 +267,10 @@ class _Mode(NamedTuple):
 
   Attributes:
     init: ``seed -> TrainState``.
-    loss_and_grads: ``(state, batch) -> (loss, grads, trainable,
-      projections)``; ``trainable`` is what the optimizer updates.
-    apply_updates: ``(state, trainable, updates, projections, opt_state)
+    loss_and_grads: ``(state, batch) -> (loss, grads, trainable, keys)``;
+      ``trainable`` is what the optimizer updates, ``keys`` model mode's
+      projection keys (:meth:`subspace_jax.factored.Subspace.keys`).
+    apply_updates: ``(state, trainable, updates, keys, opt_state)
       -> params``, ``opt_state`` the optimizer's new state.
     eval_loss: ``(state, batch) -> loss``.
     params_shardings: ``abstract params -> their shardings``.
@@ -293,8 +294,8 @@ def _transform_mode(model: ModelDef, tx, axes, mesh) -> _Mode:
     loss, grads = jax.value_and_grad(model.loss)(state.params, batch)
     return loss, grads, state.params, None
 
-  def apply_updates(state, params, updates, projections, opt_state):
-    del state, projections, opt_state
+  def apply_updates(state, params, updates, keys, opt_state):
+    del state, keys, opt_state
     return optax.apply_updates(params, updates)
 
   def eval_loss(state, batch):
@@ -317,14 +318,16 @@ def _model_mode(model: ModelDef, opt: OptimizerConfig, subspace, weights, tx,
 
   def loss_and_grads(state, batch):
     params = state.params
-    projections = subspace.projections(params, state.opt_state)
+    # Keys, not projections: each layer draws its P inside the model (in
+    # the scan body of a scanned one), so no (L, d, r) array lives through
+    # the step.
+    keys = subspace.keys(state.opt_state)
     trainable = subspace.trainable(params)
-    loss_of = lambda t: model.loss(
-        subspace.factored(params, t, projections), batch)
+    loss_of = lambda t: model.loss(subspace.factored(params, t, keys), batch)
     loss, grads = jax.value_and_grad(loss_of)(trainable)
-    return loss, grads, trainable, projections
+    return loss, grads, trainable, keys
 
-  def apply_updates(state, trainable, updates, projections, opt_state):
+  def apply_updates(state, trainable, updates, keys, opt_state):
     trainable = optax.apply_updates(trainable, updates)
     decay = 0.0
     if opt.weight_decay:
@@ -333,14 +336,14 @@ def _model_mode(model: ModelDef, opt: OptimizerConfig, subspace, weights, tx,
       acc = jnp.promote_types(model.config.param_dtype, jnp.float32)
       count = sj.factored.factored_state(state.opt_state).count
       decay = schedule(count).astype(acc) * opt.weight_decay
-    return subspace.update(state.params, trainable, projections,
-                           state.opt_state, opt_state, decay)
+    return subspace.update(state.params, trainable, keys, state.opt_state,
+                           opt_state, decay)
 
   def eval_loss(state, batch):
     params = state.params
     return model.loss(subspace.factored(
         params, subspace.trainable(params),
-        subspace.projections(params, state.opt_state)), batch)
+        subspace.keys(state.opt_state)), batch)
 
   def params_shardings(abstract):
     return shd.state_shardings(abstract, weights, axes, mesh, plans,
@@ -375,9 +378,9 @@ def setup(
   init, loss_and_grads, apply_updates, eval_loss, params_shardings = mode
 
   def train_step(state: TrainState, batch):
-    loss, grads, trainable, projections = loss_and_grads(state, batch)
+    loss, grads, trainable, keys = loss_and_grads(state, batch)
     updates, opt_state = tx.update(grads, state.opt_state, trainable)
-    params = apply_updates(state, trainable, updates, projections, opt_state)
+    params = apply_updates(state, trainable, updates, keys, opt_state)
     grad_norm = optax.tree.norm(grads)
     finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
               & jnp.isfinite(optax.tree.norm(updates)))
