@@ -578,7 +578,8 @@ _CALLS = re.compile(
     r"=%?([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
-_CONSTANT = re.compile(r"= s(?:32|64)\[\] constant\((\d+)\)")
+# An integer scalar constant, with or without a layout (TPU: ``{:T(128)}``).
+_CONSTANT = re.compile(r"= s(?:32|64)\[\](?:\{[^}]*\})? constant\((\d+)\)")
 
 
 def _array_bytes(shape: str) -> int:

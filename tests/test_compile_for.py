@@ -111,6 +111,11 @@ def test_collectives_in_a_loop_count_once_per_iteration():
   stripped = re.sub(r'"known_trip_count":\{"n":"\d+"\},?', "", text)
   assert "known_trip_count" not in stripped
   assert memory.collective_bytes(stripped) == c
+  # The TPU compiler writes that constant with a layout: s32[]{:T(128)}.
+  tpu_style = re.sub(r"(= s32\[\]) constant\(", r"\1{:T(128)} constant(",
+                     stripped)
+  assert tpu_style != stripped
+  assert memory.collective_bytes(tpu_style) == c
 
 
 def _tiny_step_collectives(scan: bool) -> memory.Collectives:
