@@ -359,16 +359,20 @@ class Subspace:
         weights.append(t)
         low.append(_MASKED())
         continue
-      if not _is_zero(weight_decay):
+      def decayed(w):
+        if _is_zero(weight_decay):
+          return w
         # W − c·W, not W·(1 − c): 1 − c would be rounded to weight_decay's
         # float32 (3e-8 relative on every W, every step), while the
         # transform's decay rounds only the small c·X.
-        w = (w - weight_decay * w).astype(w.dtype)
+        return (w - weight_decay * w).astype(w.dtype)
 
+      # The decay inside each branch: outside, XLA kept the decayed copy of
+      # W as a separate operand of the cond (a weight-sized temporary).
       def merged(w=w, t=t, k=k, plan=plan):
-        return self._plus_pb(w, t, k, plan), jnp.zeros_like(t)
+        return self._plus_pb(decayed(w), t, k, plan), jnp.zeros_like(t)
 
-      w, t = jax.lax.cond(merge, merged, lambda w=w, t=t: (w, t))
+      w, t = jax.lax.cond(merge, merged, lambda w=w, t=t: (decayed(w), t))
       weights.append(w)
       low.append(t)
     return FactoredParams(weights=self.treedef.unflatten(weights),
