@@ -100,18 +100,25 @@ def test_model_mode_takes_the_transform_steps(case, scan, side):
     assert moved > 1e-2
 
 
-def _dot_shapes(jaxpr) -> set[tuple[int, ...]]:
-  """Output shapes of every dot_general in ``jaxpr`` and its sub-jaxprs."""
-  shapes = set()
+def _eqns(jaxpr, *, into_loops: bool = True):
+  """Every equation of ``jaxpr`` and of its sub-jaxprs; with ``into_loops``
+  False the bodies of scan, while and cond are not entered (the loop
+  equation itself is still given)."""
   for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "dot_general":
-      shapes |= {tuple(v.aval.shape) for v in eqn.outvars}
+    yield eqn
+    if not into_loops and eqn.primitive.name in ("scan", "while", "cond"):
+      continue
     for p in eqn.params.values():
       for sub in p if isinstance(p, (list, tuple)) else [p]:
         inner = getattr(sub, "jaxpr", sub)
         if isinstance(inner, jax.extend.core.Jaxpr):
-          shapes |= _dot_shapes(inner)
-  return shapes
+          yield from _eqns(inner, into_loops=into_loops)
+
+
+def _dot_shapes(jaxpr) -> set[tuple[int, ...]]:
+  """Output shapes of every dot_general in ``jaxpr`` and its sub-jaxprs."""
+  return {tuple(v.aval.shape) for eqn in _eqns(jaxpr)
+          if eqn.primitive.name == "dot_general" for v in eqn.outvars}
 
 
 @pytest.mark.parametrize("scan", [False, True], ids=["layers", "scan"])
@@ -152,18 +159,8 @@ def _loop_free_shapes(jaxpr) -> set[tuple[int, ...]]:
   """Shapes of the values of ``jaxpr`` outside its loops and conds: what
   can live through the whole step, not one iteration (the bodies of scan,
   while and cond are not entered, those of jit and remat are)."""
-  shapes = set()
-  for eqn in jaxpr.eqns:
-    shapes |= {tuple(v.aval.shape) for v in eqn.outvars
-               if hasattr(v.aval, "shape")}
-    if eqn.primitive.name in ("scan", "while", "cond"):
-      continue
-    for p in eqn.params.values():
-      for sub in p if isinstance(p, (list, tuple)) else [p]:
-        inner = getattr(sub, "jaxpr", sub)
-        if isinstance(inner, jax.extend.core.Jaxpr):
-          shapes |= _loop_free_shapes(inner)
-  return shapes
+  return {tuple(v.aval.shape) for eqn in _eqns(jaxpr, into_loops=False)
+          for v in eqn.outvars if hasattr(v.aval, "shape")}
 
 
 @pytest.mark.parametrize("side", ["left", "lean"])
