@@ -417,6 +417,40 @@ def test_bf16_params(scan_layers):
 # --------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_lm_head_backward_works_in_the_operands_dtype(dtype):
+  """The lm_head's custom backward (float32 logits, no float32 kernel
+  gradient): with float32 operands it is autodiff's, to float32 rounding of
+  the same sums; with bfloat16 ones it differs from the float32-cotangent
+  product only by rounding the cotangent (relative 2**-9) and the result
+  (2**-9), so by at most 2**-8 of the sum of |x|·|ct| per entry."""
+  k = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(k[0], (2, 5, 16), jnp.float32)
+  w = jax.random.normal(k[1], (16, 24), jnp.float32)
+  ct = jax.random.normal(k[2], (2, 5, 24), jnp.float32)
+  mm = lambda x, w: llama._wide_output_matmul(x, w, jnp.dtype(jnp.float32))
+  out, vjp = jax.vjp(mm, x.astype(dtype), w.astype(dtype))
+  assert out.dtype == jnp.float32
+  dx, dw = vjp(ct)
+  assert dx.dtype == dw.dtype == dtype
+  xs, ws = np.asarray(x.astype(dtype), np.float64), np.asarray(
+      w.astype(dtype), np.float64)
+  ref_dx = np.einsum("bso,io->bsi", np.asarray(ct, np.float64), ws)
+  ref_dw = np.einsum("bsi,bso->io", xs, np.asarray(ct, np.float64))
+  size_dx = np.einsum("bso,io->bsi", np.abs(np.asarray(ct)), np.abs(ws))
+  size_dw = np.einsum("bsi,bso->io", np.abs(xs), np.abs(np.asarray(ct)))
+  rel = 2.0**-8 if dtype == jnp.bfloat16 else 1e-6
+  np.testing.assert_array_less(np.abs(np.asarray(dx, np.float64) - ref_dx),
+                               rel * size_dx + 1e-30)
+  np.testing.assert_array_less(np.abs(np.asarray(dw, np.float64) - ref_dw),
+                               rel * size_dw + 1e-30)
+  if dtype == jnp.float32:  # Exactly what autodiff of the plain matmul does.
+    plain = lambda x, w: jnp.matmul(x, w, preferred_element_type=jnp.float32)
+    auto = jax.vjp(plain, x, w)[1](ct)
+    np.testing.assert_allclose(dx, auto[0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(dw, auto[1], rtol=1e-6, atol=1e-6)
+
+
 def test_cross_entropy_loss_matches_numpy():
   rng = np.random.default_rng(2)
   logits = rng.standard_normal((2, 5, 11)).astype(np.float32)

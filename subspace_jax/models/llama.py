@@ -240,8 +240,46 @@ class Linear(nnx.Module):
                                  config.param_dtype))
 
   def __call__(self, x: Array) -> Array:
-    return factored.dense(x, self.kernel.get_value(), dtype=self.dtype,
+    kernel = self.kernel.get_value()
+    if (self.preferred_element_type is not None
+        and not isinstance(kernel, factored.Factored)):
+      return _wide_output_matmul(x.astype(self.dtype), kernel.astype(self.dtype),
+                                 jnp.dtype(self.preferred_element_type))
+    return factored.dense(x, kernel, dtype=self.dtype,
                           preferred_element_type=self.preferred_element_type)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _wide_output_matmul(x: Array, kernel: Array, out_dtype) -> Array:
+  """``x @ kernel`` with a wider result (the lm_head's float32 logits from
+  bfloat16 operands), whose backward pass works in the operands' dtype.
+
+  Plain autodiff would carry the float32 cotangent into both backward
+  matmuls and form the kernel's gradient in float32 before rounding it to
+  the kernel's dtype: a float32 ``embed × vocab`` temporary (0.5 GiB at 7B,
+  the largest buffer of a model-mode step after the weights). Here the
+  cotangent is rounded to the operands' dtype first, as every other layer's
+  is (their outputs are in that dtype), and the products come out in it.
+  With float32 (or float64) operands nothing is rounded: the same result
+  as autodiff.
+  """
+  return jnp.matmul(x, kernel, preferred_element_type=out_dtype)
+
+
+def _wide_output_matmul_fwd(x, kernel, out_dtype):
+  return _wide_output_matmul(x, kernel, out_dtype), (x, kernel)
+
+
+def _wide_output_matmul_bwd(out_dtype, residuals, ct):
+  del out_dtype
+  x, kernel = residuals
+  ct = ct.astype(x.dtype)
+  dx = jnp.matmul(ct, kernel.T)
+  dkernel = jnp.einsum("...i,...o->io", x, ct)
+  return dx, dkernel.astype(kernel.dtype)
+
+
+_wide_output_matmul.defvjp(_wide_output_matmul_fwd, _wide_output_matmul_bwd)
 
 
 def _linear(config: LlamaConfig, d_in: int, d_out: int,
