@@ -219,6 +219,19 @@ def test_model_mode_gradients_are_the_factors(tmp_path):
   assert b.weights + b.optimizer_state + b.temporaries + b.other == b.peak
 
 
+def test_a_mesh_smaller_than_the_target_plans_its_own_devices(tmp_path):
+  """--mesh 1,1,1 on a target of 8 devices plans one device (a single
+  card): no collectives; a mesh larger than the target is refused."""
+  cfg = clirun.run_config(["--mesh", "1,1,1", *TINY])
+  report = plan.compile_for(cfg, "cpu")
+  assert len(jax.devices()) == 8 and report.devices == 1
+  assert report.collectives.bytes == 0
+  two = plan.compile_for(clirun.run_config(["--mesh", "2,1,1", *TINY]), "cpu")
+  assert two.devices == 2 and two.collectives.bytes > 0
+  with pytest.raises(ValueError, match="needs 16 devices"):
+    plan.compile_for(clirun.run_config(["--mesh", "16,1,1", *TINY]), "cpu")
+
+
 # --- TPU (compile-only; libtpu) ----------------------------------------------
 
 

@@ -14,6 +14,8 @@ directory is touched. With ``tpu:TOPOLOGY`` the devices are compile-only
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -37,6 +39,14 @@ def _gradients(cfg: RunConfig, model_config, s: train_lib.Setup):
   return subspace.trainable(params)
 
 
+def _first(devices: list, sizes) -> list:
+  """The devices a mesh of ``sizes`` plans for: all of them when a size is
+  -1, else the first ``prod(sizes)`` (``--mesh 1,1,1`` on a 4-chip topology
+  plans a single chip, a 24 GB card's setting: no collectives)."""
+  n = math.prod(sizes)
+  return devices if -1 in sizes or n <= 0 else devices[:n]
+
+
 def compile_for(cfg: RunConfig, target: str, *, devices=None,
                 capacity: int | None = None) -> memory.StepReport:
   """Compiles ``cfg``'s train step for ``target`` and reports its memory.
@@ -57,6 +67,7 @@ def compile_for(cfg: RunConfig, target: str, *, devices=None,
   """
   if devices is None:
     devices = memory.target_devices(target)
+  devices = _first(devices, cfg.mesh)
   mesh = shd.make_mesh(*cfg.mesh, devices=devices)
   config_lib.check_batch(cfg, mesh)
   model_config = cfg.model_config()
