@@ -325,8 +325,15 @@ class Subspace:
 
   def update(self, params: FactoredParams, trainable, keys,
              opt_state, new_opt_state,
-             weight_decay: jax.Array | float = 0.0) -> FactoredParams:
+             weight_decay: jax.Array | float = 0.0,
+             finite: jax.Array | bool = True) -> FactoredParams:
     """Takes the new ``trainable`` tree, and merges at a subproblem's end.
+
+    The frozen weights are changed in place, never copied: a weight-sized
+    temporary per leaf is what a step in model mode cannot afford. So the
+    step's own ``finite`` check is an argument here (a discarded step leaves
+    ``W`` untouched) instead of a ``where(finite, new, old)`` after the fact,
+    which would need the old and the new ``W`` at once.
 
     Args:
       params: The parameters before the step.
@@ -339,42 +346,37 @@ class Subspace:
         ``W ← W − c·W`` on the frozen weights (``learning_rate ×
         weight_decay``; ``B``'s share is decayed by the optimizer), so that
         ``W + P·B`` decays as a whole.
+      finite: False when the step is to be discarded: the result is then
+        ``params`` itself, ``W``, ``B`` and the full leaves.
 
     Returns:
       The parameters after the step: if the step ends a subproblem,
-      ``W ← W + P·B`` (one matrix at a time, see :meth:`merged_weights`)
-      and ``B ← 0``.
+      ``W ← W + P·B`` (one matrix at a time, in place, see
+      :meth:`_merge`) and ``B ← 0``.
     """
     count = factored_state(new_opt_state).count
-    stepped = count != factored_state(opt_state).count
+    stepped = (count != factored_state(opt_state).count) & finite
     # The step ends a subproblem when the next one starts one.
     _, starts = tf.subspace_schedule(count, self.update_gap)
     merge = stepped & starts
-    if not _is_zero(weight_decay):
-      weight_decay = jnp.where(stepped, weight_decay, 0)
+    keep = lambda new, old: jnp.where(finite, new, old)
     weights, low = [], []
-    for w, t, k, plan in zip(self._leaves(params.weights),
-                             self._leaves(trainable), keys, self.plans):
+    for w, b, t, k, plan in zip(self._leaves(params.weights),
+                                self._leaves(params.low),
+                                self._leaves(trainable), keys, self.plans):
       if plan is None:
-        weights.append(t)
+        weights.append(keep(t, w))
         low.append(_MASKED())
         continue
-      def decayed(w):
-        if _is_zero(weight_decay):
-          return w
+      if not _is_zero(weight_decay):
         # W − c·W, not W·(1 − c): 1 − c would be rounded to weight_decay's
         # float32 (3e-8 relative on every W, every step), while the
-        # transform's decay rounds only the small c·X.
-        return (w - weight_decay * w).astype(w.dtype)
-
-      # The decay inside each branch: outside, XLA kept the decayed copy of
-      # W as a separate operand of the cond (a weight-sized temporary).
-      def merged(w=w, t=t, k=k, plan=plan):
-        return self._plus_pb(decayed(w), t, k, plan), jnp.zeros_like(t)
-
-      w, t = jax.lax.cond(merge, merged, lambda w=w, t=t: (decayed(w), t))
-      weights.append(w)
-      low.append(t)
+        # transform's decay rounds only the small c·X. Elementwise on the
+        # donated W, so XLA updates it in place.
+        c = jnp.where(stepped, weight_decay, 0).astype(w.dtype)
+        w = w - c * w
+      weights.append(self._merge(w, keep(t, b), k, plan, merge))
+      low.append(jnp.where(merge, jnp.zeros_like(t), keep(t, b)))
     return FactoredParams(weights=self.treedef.unflatten(weights),
                           low=self.treedef.unflatten(low))
 
@@ -386,33 +388,41 @@ class Subspace:
     for w, b, k, plan in zip(self._leaves(params.weights),
                              self._leaves(params.low),
                              self.keys(opt_state), self.plans):
-      out.append(w if plan is None else self._plus_pb(w, b, k, plan))
+      out.append(w if plan is None else self._merge(w, b, k, plan, True))
     return self.treedef.unflatten(out)
 
-  def _plus_pb(self, w, b, keys, plan: mv.LeafPlan) -> jax.Array:
-    """``W + P·B`` in ``W``'s shape and dtype, one matrix at a time
-    (``lax.map`` over a stacked leaf, ``P`` drawn per matrix): the float32
-    (at least) product exists for one matrix only."""
+  def _merge(self, w, b, keys, plan: mv.LeafPlan, merge) -> jax.Array:
+    """``W + P·B`` (``W + (Q·B)ᵀ``) if ``merge``, else ``W``, in ``W``'s
+    shape and dtype.
+
+    A loop over the leaf's matrices that rewrites one slice of ``W`` per
+    iteration, ``P`` drawn per matrix: the float32 (at least) product exists
+    for one matrix only, and the loop carries ``W`` itself, so XLA updates
+    the donated buffer in place. ``merge`` sets the trip count (zero when
+    there is nothing to merge), instead of a ``lax.cond`` whose branches
+    would each hand back a copy of ``W``.
+    """
     acc = jnp.promote_types(w.dtype, jnp.float32)
     sampler = proj.SAMPLERS[self.projection]
-    matrix = (plan.rows, plan.cols)
-
-    def one(w, b, k):
-      p = tf.draw(sampler, jax.random.wrap_key_data(k), plan.dim, plan.rank,
-                  b.dtype)
-      # The operands in acc (exact for bf16 ones), not a bf16 dot with an
-      # acc result: transposed, the XLA CPU runtime does not implement that.
-      delta = jnp.matmul(p.astype(acc), b.astype(acc))  # (d, kept)
-      delta = delta.T if plan.transpose else delta
-      return (w + delta).astype(w.dtype)
-
-    if not plan.batch_shape:
-      return one(w.reshape(matrix), b, keys).reshape(plan.shape)
     nb = plan.num_matrices
-    out = jax.lax.map(lambda a: one(*a), (
-        w.reshape((nb,) + matrix), b.reshape((nb,) + b.shape[-2:]),
-        keys.reshape((nb,) + keys.shape[-1:])))
-    return out.reshape(plan.shape)
+    stack = w.reshape((nb, plan.rows, plan.cols))
+    b = b.reshape((nb,) + b.shape[-2:])
+    keys = keys.reshape((nb, keys.shape[-1]))
+
+    def one(i, stack):
+      p = tf.draw(sampler, jax.random.wrap_key_data(keys[i]), plan.dim,
+                  plan.rank, b.dtype).astype(acc)
+      bi = b[i].astype(acc)
+      # The operands in acc (exact for bf16 ones), not a bf16 dot with an
+      # acc result: the XLA CPU runtime does not implement every such dot.
+      # (Q·B)ᵀ as Bᵀ·Qᵀ, so the product comes out in W's own layout.
+      delta = bi.T @ p.T if plan.transpose else p @ bi
+      wi = jax.lax.dynamic_index_in_dim(stack, i, keepdims=False)
+      return jax.lax.dynamic_update_index_in_dim(
+          stack, (wi + delta).astype(w.dtype), i, 0)
+
+    trips = jnp.where(merge, nb, 0)
+    return jax.lax.fori_loop(0, trips, one, stack).reshape(plan.shape)
 
 
 def _is_zero(x) -> bool:

@@ -206,6 +206,38 @@ def test_model_mode_compiled_step_needs_less_scratch_memory():
   assert saved >= 0.25 * w_grads, (mem, w_grads)
 
 
+def test_step_holds_no_copy_of_a_stacked_weight():
+  """The merge W + P·B and the weight decay change the frozen weights in
+  place, and a discarded step never needs the old and the new W at once.
+
+  Compiled (XLA CPU, loop hoisting off as for the memory tables) with 4 and
+  8 scanned layers, with weight decay: the step's temporaries may grow with
+  depth by B's gradients and the saved block inputs (0.57 MiB measured),
+  not by a copy of any stacked weight leaf, which would add at least one
+  leaf's growth (1.38 MiB: a 4 × 256 × 704 bf16 stack). A merge through
+  ``lax.cond``/``lax.map`` and a ``where(finite, new W, old W)`` grew them
+  by 7.5 MiB."""
+
+  def temporaries(layers):
+    cfg = llama.LlamaConfig(
+        vocab_size=256, hidden_size=256, intermediate_size=704, num_heads=4,
+        num_layers=layers, max_seq_len=64, dtype=jnp.bfloat16,
+        param_dtype=jnp.bfloat16, scan_layers=True, remat="full")
+    s = train.setup(cfg, _opt("rso", "model", rank=32, weight_decay=0.1),
+                    _mesh1())
+    tokens = jax.ShapeDtypeStruct((1, 64), jnp.int32,
+                                  sharding=s.batch_sharding)
+    mem = sj.memory.compiled(s.train_step, s.abstract_state,
+                             {"inputs": tokens, "targets": tokens},
+                             compiler_options=sj.memory.NO_LOOP_HOISTING)
+    largest = max(x.size * x.dtype.itemsize
+                  for x in jax.tree.leaves(s.abstract_state.params.weights))
+    return mem.temporaries, largest
+
+  (small, w_small), (large, w_large) = temporaries(4), temporaries(8)
+  assert large - small < w_large - w_small, (small, large, w_large)
+
+
 def test_merge_and_dense():
   rng = np.random.default_rng(0)
   w = jnp.asarray(rng.normal(size=(3, 12, 5)), jnp.float32)

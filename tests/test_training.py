@@ -201,12 +201,16 @@ def test_model_def_matches_nnx_model():
 @pytest.mark.parametrize("name", ["adamw", "galore", "rso", "rso:model"])
 def test_non_finite_step_leaves_the_state_unchanged(name, monkeypatch):
   """A NaN loss (so NaN gradients) at step 3: the state after it equals the
-  state before it, bit for bit, and the step says it was not finite."""
+  state before it, bit for bit, and the step says it was not finite. Step 3
+  is a refresh of the transform's projection (gap 2) and the end of model
+  mode's subproblem (gap 3), whose merge changes W in place: it must not
+  run."""
   name, _, mode = name.partition(":")
   loss_of = train.ModelDef.loss
   monkeypatch.setattr(train.ModelDef, "loss", lambda self, p, b: loss_of(
       self, p, {"inputs": b["inputs"], "targets": b["targets"]}) * b["factor"][0, 0])
-  opt = train.OptimizerConfig(name=name, rank=8, update_gap=2, learning_rate=1e-2,
+  opt = train.OptimizerConfig(name=name, rank=8, update_gap=3 if mode else 2,
+                              learning_rate=1e-2, weight_decay=0.1,
                               warmup_steps=1, total_steps=10,
                               subspace_mode=mode or "transform")
   s = train.setup(llama.get_config("tiny"), opt,
@@ -230,6 +234,26 @@ def test_non_finite_step_leaves_the_state_unchanged(name, monkeypatch):
   state, metrics = s.train_step(state, batch(1.0))  # and training goes on
   assert bool(metrics["finite"]) and int(state.step) == 3
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
+
+
+@pytest.mark.parametrize("mode", ["transform", "model"])
+def test_state_is_finite_finds_one_bad_array(mode):
+  """The loop's last guard before a checkpoint: one NaN anywhere in the
+  state (a moment, B, a weight) is found; integer leaves are not looked
+  at."""
+  opt = train.OptimizerConfig(name="rso", rank=8, subspace_mode=mode)
+  s = train.setup(llama.get_config("tiny"), opt,
+                  shd.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+  state = s.init(0)
+  assert bool(s.state_is_finite(state))
+  leaves, treedef = jax.tree.flatten(state)
+  floats = [i for i, x in enumerate(leaves)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  assert len(floats) > 10
+  for i in (floats[0], floats[len(floats) // 2], floats[-1]):
+    bad = list(leaves)
+    bad[i] = bad[i].at[(0,) * bad[i].ndim].set(jnp.nan)
+    assert not bool(s.state_is_finite(jax.tree.unflatten(treedef, bad))), i
 
 
 def test_activations_are_split_by_batch_under_fsdp(monkeypatch):

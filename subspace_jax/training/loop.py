@@ -387,7 +387,7 @@ def _run(cfg, setup, state, start, train_iter, eval_iter, eval_start, ckpt,
     # saving it again would only push good checkpoints out of --keep.
     saved = False
     if (ckpt is not None and (do_save or stopping or step == cfg.steps)
-        and health.run == 0):
+        and health.run == 0 and _finite_state(setup, state, step, progress)):
       saved = ckpt.save(step, state, data_state=inputs.data_state(train_iter),
                         config=config_dict, force=stopping or step == cfg.steps)
       if saved:
@@ -405,6 +405,19 @@ def _run(cfg, setup, state, start, train_iter, eval_iter, eval_start, ckpt,
   if eval_iter is not None and summary["eval_loss"] is None and not summary["interrupted"]:
     evaluate(step)
   return summary
+
+
+def _finite_state(setup, state, step: int, progress) -> bool:
+  """Whether ``state`` may be checkpointed: every array finite. The step
+  skips non-finite gradients, not non-finite updates (see
+  :func:`~subspace_jax.training.train.setup`), so an optimizer that made
+  one from a finite gradient is caught here; the next steps then fail
+  their loss check and the run stops."""
+  if bool(setup.state_is_finite(state)):
+    return True
+  progress.write(f"warning: the state at step {step} is not finite (an "
+                 "update was, from a finite gradient); no checkpoint written")
+  return False
 
 
 def _record(step, losses, metrics, tps, health) -> dict[str, Any]:
