@@ -48,7 +48,8 @@ def _first(devices: list, sizes) -> list:
 
 
 def compile_for(cfg: RunConfig, target: str, *, devices=None,
-                capacity: int | None = None) -> memory.StepReport:
+                capacity: int | None = None,
+                compiler_options=None) -> memory.StepReport:
   """Compiles ``cfg``'s train step for ``target`` and reports its memory.
 
   Args:
@@ -58,6 +59,8 @@ def compile_for(cfg: RunConfig, target: str, *, devices=None,
     devices: The target's devices, when the caller has them already.
     capacity: Bytes of one device's memory to plan against, instead of the
       device's own figure (``--memory-limit``).
+    compiler_options: XLA options for this compile (e.g.
+      :data:`subspace_jax.memory.NO_LOOP_HOISTING` on a CPU).
 
   Returns:
     The :class:`~subspace_jax.memory.StepReport` (per device).
@@ -80,4 +83,5 @@ def compile_for(cfg: RunConfig, target: str, *, devices=None,
       s.train_step, state, {"inputs": tokens, "targets": tokens},
       devices=devices, target=target, weights=state.params,
       optimizer_state=state.opt_state,
-      gradients=_gradients(cfg, model_config, s), capacity=capacity)
+      gradients=_gradients(cfg, model_config, s), capacity=capacity,
+      compiler_options=compiler_options)
