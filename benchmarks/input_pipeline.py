@@ -85,7 +85,8 @@ def pipeline_rate(tokenizer, args, workers: int) -> float:
 def train_ratio(model: str, tokenizer, args) -> tuple[float, float, float]:
   """Median seconds of ``args.steps`` steps fed by the pipeline, by a
   pre-made batch, and their ratio."""
-  cfg = llama.get_config(model, vocab_size=tokenizer.vocab_size)
+  longest = max(llama.get_config(model).max_seq_len, args.train_seq)
+  cfg = llama.get_config(model, vocab_size=tokenizer.vocab_size, max_seq_len=longest)
   mesh = shd.make_mesh(devices=jax.devices()[:1])
   opt = train_lib.OptimizerConfig(name="golore", rank=16, update_gap=200,
                                   warmup_steps=10, total_steps=10**6)
