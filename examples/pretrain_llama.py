@@ -124,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
   add("--batch-size", type=int, default=16,
       help="global batch size, in sequences, over all devices and processes")
   add("--seq-len", type=int, default=64, help="tokens per sequence")
+  add("--data-workers", type=int, default=0,
+      help="worker processes that read, tokenize and pack a tfds: source "
+           "(0: a thread of the training process); embedded and files data "
+           "are tokenized once and cached. A checkpoint's data position "
+           "fits only the same number")
 
   g = p.add_argument_group("run")
   add = g.add_argument
@@ -223,7 +228,7 @@ def run_config(args: argparse.Namespace) -> loop.RunConfig:
       data=args.data, split=args.split, eval_split=args.eval_split,
       data_dir=args.data_dir, text_key=args.text_key, tokenizer=args.tokenizer,
       vocab_size=args.vocab_size, batch_size=args.batch_size,
-      seq_len=args.seq_len, steps=args.steps, eval_every=args.eval_every,
+      seq_len=args.seq_len, data_workers=args.data_workers, steps=args.steps, eval_every=args.eval_every,
       eval_batches=args.eval_batches, log_every=args.log_every,
       mesh=args.mesh, seed=args.seed,
       checkpoint_dir=output(args.checkpoint_dir, "ckpt"),

@@ -228,10 +228,11 @@ def test_data_state_and_config_round_trip(small, tmp_path):
     )
   with Checkpointer(tmp_path / "ckpt") as ckpt:
     restored = ckpt.restore(setup.abstract_state, expected_config=config)
-  assert restored.data_state == it.get_state()
+  # Each process saves its own position, restored as the list of them.
+  assert restored.data_state == [it.get_state()]
   assert restored.config == config
   resumed = data()
-  resumed.set_state(restored.data_state)
+  resumed.set_state(restored.data_state[0])
   for _ in range(2):
     want, got = next(it), next(resumed)
     np.testing.assert_array_equal(got["inputs"], want["inputs"])
@@ -466,18 +467,18 @@ def test_checkpoint_without_checksums_restores_with_a_warning(
   monkeypatch.setattr(checkpoint, "FORMAT", 1)
   with ocp.CheckpointManager(tmp_path, item_handlers={
       "state": ocp.StandardCheckpointHandler(),
-      "data": ocp.JsonCheckpointHandler(),
+      "data": checkpoint._PerProcessJsonHandler(),
       "config": ocp.JsonCheckpointHandler(),
   }) as manager:
     manager.save(3, args=ocp.args.Composite(
         state=ocp.args.StandardSave(_variant(setup, host, 3)),
-        data=ocp.args.JsonSave({"pos": 3}),
+        data=checkpoint._PerProcessJsonSave({"pos": 3}),
         config=ocp.args.JsonSave(None),
     ))
   with Checkpointer(tmp_path) as ckpt:
     with pytest.warns(CheckpointWarning, match="step 3 .* has no checksums .*unverified"):
       restored = ckpt.restore(setup.abstract_state)
-  assert restored.step == 3 and restored.data_state == {"pos": 3}
+  assert restored.step == 3 and restored.data_state == [{"pos": 3}]
   _assert_trees_equal(jax.device_get(restored.state), jax.device_get(_variant(setup, host, 3)))
 
 
@@ -559,12 +560,12 @@ def _save_without_version(setup, host, directory, step):
   """A checkpoint as saved before the version item existed."""
   with ocp.CheckpointManager(directory, item_handlers={
       "state": ocp.StandardCheckpointHandler(),
-      "data": ocp.JsonCheckpointHandler(),
+      "data": checkpoint._PerProcessJsonHandler(),
       "config": ocp.JsonCheckpointHandler(),
   }) as manager:
     manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(_variant(setup, host, step)),
-        data=ocp.args.JsonSave(None),
+        data=checkpoint._PerProcessJsonSave(None),
         config=ocp.args.JsonSave(None),
     ))
 

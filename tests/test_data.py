@@ -1,15 +1,15 @@
 """Tests for the training data pipeline and tokenizers."""
 
 import json
+import multiprocessing
 import pathlib
 import sys
 
 import numpy as np
 import pytest
 
-from subspace_jax.training import data, tokenizer
-from subspace_jax.training.data import (DataError, EmbeddedCorpus, PackedIterator,
-                                        StreamingIterator, TextFiles, TfdsText,
+from subspace_jax.training import data, sources, tokenizer
+from subspace_jax.training.data import (DataError, EmbeddedCorpus, TextFiles, TfdsText,
                                         make_iterator)
 from subspace_jax.training.tokenizer import ByteTokenizer
 
@@ -35,9 +35,30 @@ def _assert_same_batches(a, b):
         np.testing.assert_array_equal(x["targets"], y["targets"])
 
 
+class _Docs:
+    """A source of documents held in memory (streamed or pre-tokenized)."""
+
+    def __init__(self, docs, streaming=True, name="test docs"):
+        self.docs, self.streaming, self.name = docs, streaming, name
+
+    def open(self):
+        return self.docs
+
+
+def _stream(source, **kwargs):
+    settings = dict(tokenizer=BYTE, process_index=0, process_count=1)
+    return make_iterator(source, **{**settings, **kwargs})
+
+
+def _windows(batch):
+    """The packed windows of a batch: inputs plus the last target."""
+    return np.concatenate([batch["inputs"], batch["targets"][:, -1:]], axis=1)
+
+
 def _stream_docs(batches, tok):
-    """Rebuilds the documents a streaming iterator packed, in order."""
-    ids = np.concatenate([row for b in batches for row in b["inputs"]])
+    """Rebuilds the documents a streaming iterator packed (its windows do not
+    overlap), in order."""
+    ids = np.concatenate([row for b in batches for row in _windows(b)])
     pieces, start = [], 0
     for end in np.flatnonzero(ids == tok.eos_id):
         pieces.append(tok.decode(ids[start:end]))
@@ -140,7 +161,7 @@ def test_embedded_corpus_is_english_prose_with_held_out_split():
 
 def test_batches_are_shifted_windows_of_the_token_stream(tmp_path):
     docs = EmbeddedCorpus(split="train").documents()
-    stream = data.tokenize_documents(docs, BYTE)
+    stream = data.tokenize_documents(docs, BYTE)["tokens"]
     assert np.count_nonzero(stream == BYTE.eos_id) == len(docs)
     it = make_iterator("embedded", BYTE, seq_len=64, batch_size=4, shuffle=False,
                        process_index=0, process_count=1, cache_dir=tmp_path)
@@ -156,7 +177,11 @@ def test_batches_are_shifted_windows_of_the_token_stream(tmp_path):
 def test_each_epoch_visits_every_window_once_in_a_new_order():
     seq_len, batch = 10, 4
     tokens = np.arange(253, dtype=np.int32)  # 25 windows -> 6 steps, 1 dropped.
-    it = PackedIterator(tokens, seq_len=seq_len, batch_size=batch, seed=3, num_epochs=2)
+    def windows(seed):
+        return _stream(_Docs([tokens], streaming=False), seq_len=seq_len,
+                       batch_size=batch, seed=seed, num_epochs=2,
+                       encoder=lambda doc: {"tokens": doc})
+    it = windows(3)
     assert it.steps_per_epoch == 6
     batches = list(it)
     assert len(batches) == 12
@@ -168,10 +193,8 @@ def test_each_epoch_visits_every_window_once_in_a_new_order():
     for e in epochs:
         assert len(set(e.tolist())) == 24 and set(e.tolist()) <= set(range(25))
     assert not np.array_equal(epochs[0], epochs[1])
-    again = list(PackedIterator(tokens, seq_len=seq_len, batch_size=batch, seed=3,
-                                num_epochs=2))
-    _assert_same_batches(batches, again)
-    other = next(PackedIterator(tokens, seq_len=seq_len, batch_size=batch, seed=4))
+    _assert_same_batches(batches, list(windows(3)))
+    other = next(windows(5))
     assert not np.array_equal(other["inputs"], batches[0]["inputs"])
 
 
@@ -182,9 +205,8 @@ def test_packed_state_resumes_exactly_across_epochs(tmp_path):
     assert first.steps_per_epoch == 22
     _take(first, 19)
     state = json.loads(json.dumps(first.get_state()))
-    assert state["epoch"] == 0 and state["step"] == 19
+    assert state["batch"] == 19
     expected = _take(first, 6)  # Crosses into epoch 1.
-    assert first.get_state()["epoch"] == 1
     second = make_iterator("embedded", BYTE, **kwargs)
     second.set_state(state)
     _assert_same_batches(_take(second, 6), expected)
@@ -194,6 +216,8 @@ def test_packed_state_resumes_exactly_across_epochs(tmp_path):
         other.set_state(state)
     with pytest.raises(DataError, match="get_state"):
         second.set_state({"epoch": 0})
+    with pytest.raises(DataError, match="int >= 0"):
+        second.set_state({**state, "batch": -1})
 
 
 def test_processes_split_the_global_batch(tmp_path):
@@ -311,6 +335,7 @@ def test_bad_local_files_give_one_line_errors(tmp_path, monkeypatch, make, match
     (dict(process_index=2, process_count=2), "process_index must be in"),
     (dict(process_count=None), "give both process_index and process_count"),
     (dict(num_epochs=0), "num_epochs must be"),
+    (dict(workers=-1), "workers must be an int >= 0"),
     (dict(seq_len=4096, batch_size=128), "too small.*lower batch_size or seq_len"),
 ])
 def test_bad_settings_give_one_line_errors(tmp_path, kwargs, match):
@@ -335,16 +360,6 @@ def test_source_specs():
 # -------------------------------------------------------- streaming pipeline
 
 
-def test_doc_order_is_a_seeded_permutation():
-    orders = [[data._DocOrder(1000, 5, epoch, True, block=64)[j] for j in range(1000)]
-              for epoch in (0, 1)]
-    for order in orders:
-        assert sorted(order) == list(range(1000)) and order != list(range(1000))
-    assert orders[0] != orders[1]
-    assert [data._DocOrder(1000, 5, 0, True, block=64)[j] for j in range(1000)] == orders[0]
-    assert [data._DocOrder(10, 5, 0, False)[j] for j in range(10)] == list(range(10))
-
-
 def _numbered_docs(n):
     return [f"Document {i}: " + "word " * (5 + i % 7) for i in range(n)]
 
@@ -353,9 +368,9 @@ def test_streaming_processes_cover_the_documents_once_per_epoch():
     docs = _numbered_docs(30)
     epochs = {0: [], 1: []}
     for p in range(3):
-        it = StreamingIterator(docs, BYTE, seq_len=16, batch_size=6, seed=2,
-                               process_index=p, process_count=3)
-        batches = _take(it, 40)  # More than two epochs of this process's data.
+        with _stream(_Docs(docs), seq_len=16, batch_size=6, seed=2,
+                     process_index=p, process_count=3) as it:
+            batches = _take(it, 40)  # More than two epochs of this process's data.
         assert all(b["inputs"].shape == (2, 16) for b in batches)
         for b in batches:
             np.testing.assert_array_equal(b["inputs"][:, 1:], b["targets"][:, :-1])
@@ -372,37 +387,99 @@ def test_streaming_processes_cover_the_documents_once_per_epoch():
 def test_streaming_state_resumes_exactly():
     docs = _numbered_docs(25)
     kwargs = dict(seq_len=8, batch_size=4, seed=9, process_index=1, process_count=2)
-    first = StreamingIterator(docs, BYTE, **kwargs)
-    _take(first, 37)
-    state = json.loads(json.dumps(first.get_state()))
-    expected = _take(first, 30)
-    assert first.get_state()["epoch"] > state["epoch"]  # Crossed an epoch.
-    second = StreamingIterator(docs, BYTE, **kwargs)
-    second.set_state(state)
-    _assert_same_batches(_take(second, 30), expected)
-    second.set_state({**state, "offset": 10**6})
-    with pytest.raises(DataError, match="past the end"):
-        next(second)
-    third = StreamingIterator(docs, BYTE, **{**kwargs, "process_index": 0})
-    with pytest.raises(DataError, match="different data or settings"):
-        third.set_state(state)
+    with _stream(_Docs(docs), **kwargs) as first:
+        _take(first, 37)
+        state = json.loads(json.dumps(first.get_state()))
+        expected = _take(first, 30)  # Crosses an epoch (~10 batches each).
+    with _stream(_Docs(docs), **kwargs) as second:
+        second.set_state(state)
+        _assert_same_batches(_take(second, 30), expected)
+        with pytest.raises(DataError, match="does not fit this pipeline"):
+            second.set_state({**state, "grain": {"no": "state"}})
+    with _stream(_Docs(docs), **{**kwargs, "process_index": 0}) as third:
+        with pytest.raises(DataError, match="different data or settings"):
+            third.set_state(state)
 
 
 def test_streaming_too_small_or_too_few_documents():
     with pytest.raises(DataError, match="fewer than the 4 processes"):
-        StreamingIterator(["a", "b"], BYTE, seq_len=4, batch_size=4,
-                          process_index=0, process_count=4)
-    it = StreamingIterator(["tiny", "docs"], BYTE, seq_len=64, batch_size=8)
-    with pytest.raises(DataError, match="too small"):
-        next(it)
-    once = StreamingIterator(["tiny", "docs"], BYTE, seq_len=64, batch_size=8,
-                             num_epochs=1)
-    with pytest.raises(DataError, match="too small"):
-        next(once)
-    finite = StreamingIterator(_numbered_docs(10), BYTE, seq_len=8, batch_size=2,
-                               shuffle=False, num_epochs=1)
-    pieces = _stream_docs(list(finite), BYTE)
+        _stream(_Docs(["a", "b"]), seq_len=4, batch_size=4, process_index=0,
+                process_count=4)
+    with pytest.raises(DataError, match="too small: the 2 document.*at most 14 "
+                       "tokens.*batch \\(8 x 65\\)") as info:
+        _stream(_Docs(["tiny", "docs"]), seq_len=64, batch_size=8)
+    assert "\n" not in str(info.value)
+    with _stream(_Docs(_numbered_docs(10)), seq_len=8, batch_size=2,
+                 shuffle=False, num_epochs=1) as finite:
+        batches = list(finite)
+    pieces = _stream_docs(batches, BYTE)
+    # The last, padded window is dropped: the documents are all there but
+    # the last few.
     assert 5 <= len(pieces) < 10 and pieces == _numbered_docs(10)[:len(pieces)]
+
+
+def _fields(doc):
+    """A synthetic encoder: per-token fields beside the tokens, as a loss
+    mask would be: the token doubled plus one, and its position in its
+    document."""
+    tokens = np.asarray([*BYTE.encode(doc), BYTE.eos_id], np.int32)
+    return {"tokens": tokens, "double": 2 * tokens + 1,
+            "position": np.arange(len(tokens), dtype=np.int32)}
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_extra_fields_pass_through_packing_aligned_with_targets(streaming):
+    docs = _numbered_docs(12)
+    with _stream(_Docs(docs, streaming=streaming), seq_len=16, batch_size=4,
+                 seed=1, encoder=_fields) as it:
+        batches = _take(it, 12)
+    for b in batches:
+        assert set(b) == {"inputs", "targets", "double", "position"}
+        assert b["double"].shape == b["targets"].shape == (4, 16)
+        np.testing.assert_array_equal(b["double"], 2 * b["targets"] + 1)
+        # Positions count up inside a document and restart after its EOS.
+        pos, eos = b["position"], b["targets"] == BYTE.eos_id
+        np.testing.assert_array_equal(pos[:, 1:], np.where(eos[:, :-1], 0, pos[:, :-1] + 1))
+    bad = lambda doc: {"tokens": np.arange(3), "mask": np.ones(2)}
+    with pytest.raises(DataError, match="field 'mask' of document 0.*shape \\(2,\\)"):
+        next(_stream(_Docs(docs, streaming=streaming), seq_len=4, batch_size=2,
+                     encoder=bad))
+
+
+class _Unreadable:
+    """Documents of which one cannot be read (a shard that fails)."""
+
+    def __init__(self, docs, bad):
+        self.docs, self.bad = docs, bad
+
+    def __len__(self):
+        return len(self.docs)
+
+    def __getitem__(self, index):
+        if index == self.bad:
+            raise OSError(f"cannot open shard-00003.array_record for record {index}")
+        return self.docs[index]
+
+
+def test_worker_processes_resume_exactly_report_bad_documents_and_stop():
+    """One grain worker: the same batches after a resume, a read failure in
+    the worker as a one-line DataError naming the document, and no process
+    left once the iterators are closed."""
+    docs = _numbered_docs(400)
+    kwargs = dict(seq_len=16, batch_size=4, seed=3, workers=1)
+    with _stream(_Docs(docs), **kwargs) as first:
+        _take(first, 3)
+        state = json.loads(json.dumps(first.get_state()))
+        expected = _take(first, 4)
+        assert multiprocessing.active_children()
+        first.set_state(state)  # Restarts its worker at the position.
+        _assert_same_batches(_take(first, 4), expected)
+    with _stream(_Docs(_Unreadable(docs, bad=5)), shuffle=False, **kwargs) as it:
+        with pytest.raises(DataError, match="cannot read document 5 of test docs "
+                           "\\(OSError: cannot open shard-00003") as info:
+            _take(it, 50)
+    assert "\n" not in str(info.value)
+    assert not multiprocessing.active_children()
 
 
 # ----------------------------------------------------------------------- TFDS
@@ -472,6 +549,18 @@ def test_tfds_dataset_through_data_source(tmp_path):
     titles = TfdsText(name, data_dir, "validation", text_key="title").open()
     assert sorted(titles[i] for i in range(len(titles))) == [f"Title {i}" for i in range(6)]
 
+    # A damaged shard: the read fails in the pipeline, naming the document.
+    shard = next((tmp_path / "tfds").glob("**/*-train.array_record-*"))
+    damaged = bytearray(shard.read_bytes())
+    damaged[100:2000] = bytes(1900)
+    shard.write_bytes(bytes(damaged))
+    with pytest.raises(DataError, match=f"cannot read document \\d+ of {name} "
+                       "\\(RuntimeError: .*repair or rebuild") as info:
+        with make_iterator(source, BYTE, seq_len=64, batch_size=4, seed=0,
+                           process_index=0, process_count=1) as broken:
+            _take(broken, 500)
+    assert "\n" not in str(info.value)
+
     for bad, match in [(TfdsText(name, data_dir), "no feature 'text'.*content"),
                        (TfdsText(name, data_dir, "test", "content"), "bad split"),
                        (TfdsText("no_such_dataset_xyz", data_dir), "not found")]:
@@ -479,6 +568,15 @@ def test_tfds_dataset_through_data_source(tmp_path):
             make_iterator(bad, BYTE, seq_len=8, batch_size=1, process_index=0,
                           process_count=1)
         assert "\n" not in str(info.value)
+
+
+def test_tfds_text_that_is_not_utf8_names_the_document():
+    records = [{"text": "fine".encode()}, {"text": b"bad \xff byte"}]
+    column = sources._TextColumn(records, "text", "tfds:some/set (train)")
+    assert column[0] == "fine"
+    with pytest.raises(DataError, match="document 1 of tfds:some/set \\(train\\) is "
+                       "not UTF-8 text \\(bad byte at offset 4\\)"):
+        column[1]
 
 
 def test_tfds_missing_names_the_install(monkeypatch):

@@ -279,7 +279,7 @@ def test_help_lists_every_option(capsys):
   required = """--model --scan-layers --remat --dtype --param-dtype --optimizer --lr
       --warmup --min-lr-ratio --weight-decay --clip --rank --update-gap --scale
       --proj-seed --svd-steps --eta --side --svd --data --data-dir --text-key
-      --eval-split --tokenizer --vocab-size --batch-size --seq-len --steps
+      --eval-split --tokenizer --vocab-size --batch-size --seq-len --data-workers --steps
       --eval-every --eval-batches --log-every --mesh --seed --checkpoint-dir
       --checkpoint-every --keep --no-resume --metrics --coordinator
       --num-processes --process-id""".split()

@@ -5,7 +5,10 @@ save (committed together or not at all):
 
 * ``state``: the :class:`~subspace_jax.training.train.TrainState` (step,
   parameters, optimizer state), written by every process in parallel;
-* ``data``: the data iterator's ``get_state()`` (JSON);
+* ``data``: the data position of every process (its data iterator's
+  ``get_state()``, JSON), each written by its process to its own file
+  ``process_I-of-N.json``, so that saving exchanges nothing between
+  processes; restored as the list of all of them, in process order;
 * ``config``: the run configuration (JSON), checked on resume so that a run
   never continues from a checkpoint of another model;
 * ``checksums``: the dtype and a 64-bit hash of every array of the state
@@ -29,7 +32,7 @@ and the target shardings, so a run saved on one mesh resumes on another::
         state = setup.init(seed)
       else:
         state = restored.state
-        data.set_state(restored.data_state)
+        data.set_state(restored.data_state[jax.process_index()])
       for step in range(int(state.step), total_steps):
         state, metrics = setup.train_step(state, next(data))
         ckpt.save(step + 1, state, data_state=data.get_state(), config=config)
@@ -47,6 +50,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import gc
 import json
@@ -86,7 +90,9 @@ _VERSION = "version"
 #    (FactoredParams) to the optimizer state (FactoredState).
 # 3: model mode's B on each leaf's lean side (r × min(m, n) shapes), and a
 #    stacked leaf's projections drawn from fold_in(leaf key, layer).
-FORMAT = 3
+# 4: the data item holds one file per process (process_I-of-N.json, grain
+#    pipeline positions), not one JSON list gathered from all processes.
+FORMAT = 4
 _OLDEST_FORMAT = 1
 # The hash of state_checksums; a checkpoint with another one is unverifiable.
 _CHECKSUM_FORMAT = "subspace_jax.u32x2.v1"
@@ -115,13 +121,15 @@ class Restored(NamedTuple):
   Attributes:
     step: The step of the checkpoint that was restored.
     state: The train state, placed in the shardings of the abstract state.
-    data_state: The data iterator's ``get_state()`` saved with it, or None.
+    data_state: The data positions saved with it, one per process that
+      saved it (``data_state[i]`` is what process ``i`` passed to
+      :meth:`Checkpointer.save`), or None.
     config: The run configuration saved with it, or None.
   """
 
   step: int
   state: TrainState
-  data_state: dict | None
+  data_state: list | None
   config: dict | None
 
 
@@ -469,6 +477,49 @@ def _verify(state: Any, checksums: dict) -> None:
       raise _CorruptError(f"array {name}: checksum mismatch")
 
 
+class _PerProcessJsonHandler(ocp.JsonCheckpointHandler):
+  """A JSON item that every process writes to its own file.
+
+  ``process_I-of-N.json`` holds process ``I``'s value (of ``N``); restoring
+  reads all of them and returns their list in process order, so a run may
+  resume with another number of processes where the values allow it.
+  """
+
+  async def async_save(self, directory, item=None, args=None):
+    value = args.item if args is not None else item
+    name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+    async def write():  # Once Orbax has made the step's directories.
+      (directory / name).write_text(json.dumps(value))
+    return [ocp.future.CommitFutureAwaitingContractedSignals(
+        write(), name="data_positions_save")]
+
+  def restore(self, directory, item=None, args=None) -> list:
+    del item, args
+    found = {}
+    for path in directory.glob("process_*-of-*.json"):
+      match = re.fullmatch(r"process_(\d+)-of-(\d+)\.json", path.name)
+      if match:
+        found[tuple(map(int, match.groups()))] = path
+    counts = {n for _, n in found}
+    if len(counts) != 1 or sorted(i for i, _ in found) != list(range(counts.pop())):
+      names = ", ".join(sorted(p.name for p in found.values())) or "none"
+      raise FileNotFoundError(f"the data positions are incomplete (files: {names})")
+    return [json.loads(found[key].read_text()) for key in sorted(found)]
+
+
+@ocp.args.register_with_handler(_PerProcessJsonHandler, for_save=True)
+@dataclasses.dataclass
+class _PerProcessJsonSave(ocp.args.CheckpointArgs):
+  item: Any
+
+
+@ocp.args.register_with_handler(_PerProcessJsonHandler, for_restore=True)
+@dataclasses.dataclass
+class _PerProcessJsonRestore(ocp.args.CheckpointArgs):
+  pass
+
+
 class Checkpointer:
   """Periodic, asynchronous, sharded checkpoints of a training run.
 
@@ -521,7 +572,7 @@ class Checkpointer:
           options=options,
           item_handlers={
               _STATE: ocp.StandardCheckpointHandler(),
-              _DATA: ocp.JsonCheckpointHandler(),
+              _DATA: _PerProcessJsonHandler(),
               _CONFIG: ocp.JsonCheckpointHandler(),
               _CHECKSUMS: ocp.JsonCheckpointHandler(),
               _VERSION: ocp.JsonCheckpointHandler(),
@@ -574,7 +625,8 @@ class Checkpointer:
     Args:
       step: The number of steps taken (``int(state.step)``).
       state: The train state; it may be donated as soon as this returns.
-      data_state: The data iterator's JSON-able ``get_state()``.
+      data_state: This process's data position (its data iterator's
+        JSON-able ``get_state()``); every process saves its own.
       config: The JSON-able run configuration; its ``"model"`` entry is what
         :meth:`restore` compares with ``expected_config``.
       force: Save even if ``step`` is not a multiple of the interval.
@@ -597,7 +649,7 @@ class Checkpointer:
     }
     args = ocp.args.Composite(**{
         _STATE: ocp.args.StandardSave(state),
-        _DATA: ocp.args.JsonSave(data_state),
+        _DATA: _PerProcessJsonSave(data_state),
         _CONFIG: ocp.args.JsonSave(config),
         _CHECKSUMS: ocp.args.JsonSave(checksums),
         _VERSION: ocp.args.JsonSave({"format": FORMAT}),
@@ -730,7 +782,7 @@ class Checkpointer:
         step,
         args=ocp.args.Composite(**{
             _STATE: ocp.args.StandardRestore(target),
-            _DATA: ocp.args.JsonRestore(),
+            _DATA: _PerProcessJsonRestore(),
         }),
     )
     state = out[_STATE]
@@ -741,7 +793,10 @@ class Checkpointer:
           lambda x, want: x if x.dtype == want.dtype else x.astype(want.dtype),
           state, abstract_state,
       )
-    return Restored(step, state, out[_DATA], config), unverified
+    positions = out[_DATA]
+    if all(p is None for p in positions):  # Saved without data positions.
+      positions = None
+    return Restored(step, state, positions, config), unverified
 
   def _check_format(self, step: int) -> None:
     """Raises if ``step`` was written in another checkpoint format."""

@@ -43,7 +43,7 @@ RESUME_SAFE_FIELDS = (
     "steps", "eval_every", "eval_batches", "eval_split", "log_every", "mesh",
     "dtype", "remat", "data_dir", "checkpoint_dir", "checkpoint_every", "keep",
     "resume", "allow_changes", "metrics_path", "tensorboard_dir", "progress",
-    "max_bad_steps",
+    "max_bad_steps", "data_workers",
     "coordinator", "num_processes", "process_id")
 RESUME_ALTERING_FIELDS = (
     "model", "scan_layers", "param_dtype", "model_overrides", "optimizer",
@@ -107,6 +107,8 @@ class RunConfig:
     vocab_size: SentencePiece vocabulary size (the byte tokenizer's is 259).
     batch_size: Global batch size (sequences per step, all processes).
     seq_len: Tokens per sequence.
+    data_workers: grain worker processes that read, tokenize and pack a
+      streamed (TFDS) source; 0 reads it in a thread of this process.
     steps: Train until this many steps are done (resumed runs included).
     eval_every: Evaluate every this many steps and at the end (0: never).
     eval_batches: Batches per evaluation.
@@ -141,10 +143,13 @@ class RunConfig:
     ``eval_batches``, ``eval_split``, ``log_every``, ``mesh``, ``dtype``,
     ``remat``, ``data_dir``, ``checkpoint_dir``, ``checkpoint_every``,
     ``keep``, ``resume``, ``allow_changes``, ``metrics_path``,
-    ``tensorboard_dir``, ``progress``, ``coordinator``, ``num_processes``,
-    ``process_id``. They decide how far the run goes and how it is computed
-    (``dtype`` and ``mesh`` only round differently), logged, evaluated and
-    saved. A change is reported in one line.
+    ``tensorboard_dir``, ``progress``, ``max_bad_steps``, ``data_workers``,
+    ``coordinator``, ``num_processes``, ``process_id``. They decide how far
+    the run goes and how it is computed (``dtype`` and ``mesh`` only round
+    differently), logged, evaluated and saved. A change is reported in one
+    line. (A streamed source's saved data position fits only the same
+    ``data_workers``: there a change needs ``allow_changes``, and the data
+    start from their beginning.)
   * Altering the run (:data:`RESUME_ALTERING_FIELDS`): ``model``,
     ``scan_layers``, ``param_dtype``, ``model_overrides``, every
     ``optimizer`` field, ``data``, ``split``, ``text_key``, ``tokenizer``,
@@ -181,6 +186,7 @@ class RunConfig:
   vocab_size: int = 8000
   batch_size: int = 16
   seq_len: int = 64
+  data_workers: int = 0
   steps: int = 1000
   eval_every: int = 100
   eval_batches: int = 8
@@ -381,6 +387,7 @@ def _check_optimizer(opt: train_lib.OptimizerConfig, steps: int) -> None:
 def _check_run(cfg: RunConfig) -> None:
   """Refuses run settings (other than the optimizer's) that cannot work."""
   _check_int("--seed", cfg.seed, 0)
+  _check_int("--data-workers", cfg.data_workers, 0)
   sizes = cfg.mesh
   if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
     raise ValueError(f"--mesh sizes must be >= 1, or -1 for one of them (the "

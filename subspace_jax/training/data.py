@@ -1,40 +1,72 @@
-"""Training data pipeline: documents -> tokens -> packed (inputs, targets).
+"""Training data pipeline on grain: documents -> tokens -> packed batches.
 
-Every source goes through the same steps: tokenize each document, append EOS,
-concatenate, cut the token stream into windows of ``seq_len + 1`` tokens with
-stride ``seq_len`` (so every token is a target exactly once), and batch the
-windows as ``inputs = window[:-1]`` and ``targets = window[1:]``, both int32 of
-shape ``(batch_size // process_count, seq_len)``.
+Every source goes through the same steps: each document is encoded into
+per-token arrays (``"tokens"``: its token ids with EOS appended, plus any
+extra per-token field an encoder adds, such as a loss mask), the documents
+are concatenated, the stream is cut into windows of ``seq_len + 1`` tokens,
+and the windows are batched as ``inputs = window[:-1]`` and
+``targets = window[1:]``, int32 of shape ``(batch_size // process_count,
+seq_len)``. An extra field ``f`` comes out as ``f = window_f[1:]``, aligned
+with ``targets`` (a loss mask applies to the tokens being predicted).
+Windows run across document boundaries; the EOS tokens mark them and the
+model attends across them.
 
-Sources (defined in :mod:`subspace_jax.training.sources`, importable from
-here too):
+Two grain pipelines, chosen by the source's ``streaming``:
 
-* :class:`EmbeddedCorpus`: public-domain English novels shipped with the
-  package (no download), with a held-out validation split.
-* :class:`TextFiles`: local UTF-8 text files matched by a glob.
-* :class:`TfdsText`: any TFDS text dataset (e.g. ``c4/en``), read through
-  ``tfds`` random-access data sources (array_record; TensorFlow not needed).
+* **Pre-tokenized** (:class:`EmbeddedCorpus`, :class:`TextFiles`): the whole
+  source is encoded once (cached on disk) into one stream, and window ``i``
+  is ``stream[i * seq_len : i * seq_len + seq_len + 1]``: consecutive
+  windows share one token, so every token is a target exactly once. A
+  ``grain.MapDataset`` of window indices is shuffled anew every epoch
+  (grain's index shuffle, seeded by ``seed + epoch``), cut into global
+  batches (an epoch's remainder is dropped), and process ``p`` takes the
+  ``p``-th contiguous slice of every global batch, so the global batch does
+  not depend on the number of processes. A background thread gathers the
+  next batches. The position is the number of batches taken, the same on
+  every process.
+* **Streamed** (:class:`TfdsText`): a ``grain.MapDataset`` of document
+  indices is shuffled anew every epoch, repeated, and sharded by process
+  (process ``p`` takes positions ``p, p + P, ...`` of the shuffled stream);
+  each process reads and encodes its documents, packs them with grain's
+  ``ConcatThenSplitIterDataset`` into windows of ``seq_len + 1`` tokens,
+  batches and prefetches them. With ``workers > 0`` all of that runs in
+  grain worker processes (``mp_prefetch``); with 0, in this process, a
+  background thread reading ahead. The position is grain's iterator state.
 
-The first two are small enough to tokenize once into a NumPy array (cached on
-disk) and are served by :class:`PackedIterator`; TFDS datasets are tokenized
-on the fly by :class:`StreamingIterator`. Both iterators are infinite unless
-``num_epochs`` is set, reshuffle with a seeded permutation every epoch, shard
-the data across processes, and have a small JSON-able state::
+Where the streamed pipeline differs from the hand-written one it replaces:
+
+* Windows do not overlap: the first token of each window is an input only,
+  never a target (1 token in ``seq_len + 1``; before, every token was a
+  target once). grain's packer cuts the stream into independent windows;
+  carrying one token from window to window would need a packer of our own.
+* With ``workers = N > 0`` each worker packs its own share of the documents
+  (positions ``w, w + N, ...`` of the process's stream) and batches are taken
+  from the workers in turn, so the batches depend on ``N`` (they are the
+  same for the same ``N``, and a saved position fits only the same ``N``).
+* Documents whose text is not UTF-8 stop the pipeline with an error naming
+  the document (they were decoded with U+FFFD replacements).
+
+Usage::
 
     it = make_iterator("embedded", ByteTokenizer(), seq_len=128, batch_size=8)
     batch = next(it)                 # {"inputs": ..., "targets": ...}
-    state = it.get_state()           # e.g. {"epoch": 0, "step": 1, ...}
+    state = it.get_state()           # JSON-able
     it2 = make_iterator("embedded", ByteTokenizer(), seq_len=128, batch_size=8)
     it2.set_state(state)             # it2 now yields what it would have
+    it.close(); it2.close()          # Stops prefetch threads and workers.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import grain
 import numpy as np
 
 from subspace_jax.training import cache
@@ -44,156 +76,259 @@ from subspace_jax.training.sources import (DataError, EmbeddedCorpus, Source,
 from subspace_jax.training.tokenizer import ByteTokenizer, Tokenizer
 
 __all__ = ["DataError", "Source", "EmbeddedCorpus", "TextFiles", "TfdsText",
-           "source_from_spec", "tokenize_documents", "PackedIterator",
-           "StreamingIterator", "make_iterator", "ByteTokenizer", "Tokenizer"]
+           "source_from_spec", "TextEncoder", "tokenize_documents",
+           "BatchIterator", "make_iterator", "ByteTokenizer", "Tokenizer"]
 
 Batch = dict[str, np.ndarray]
+Encoder = Callable[[Any], Mapping[str, Any]]
 
 _PROGRESS_EVERY = 10_000
+# Batches gathered ahead by the pre-tokenized pipeline's thread, and by each
+# worker (or the thread) of the streamed one.
+_BATCHES_AHEAD = 2
+# Documents read and encoded ahead (per process or worker) when streaming.
+_DOCS_AHEAD = 64
+# A tokenizer makes at most this many tokens more than a document's UTF-8
+# bytes (one per byte, with byte fallback; a SentencePiece dummy prefix);
+# with the EOS token, the bound on tokens that the too-small check uses.
+_TOKENS_OVER_BYTES = 3
 
 
 # ----------------------------------------------------------------------------
-# Tokenizing and packing
+# Encoding documents
 # ----------------------------------------------------------------------------
 
 
-def tokenize_documents(docs: Sequence[str], tokenizer: Tokenizer, *,
-                       progress_every: int = _PROGRESS_EVERY) -> np.ndarray:
-    """Tokenizes ``docs``, appends EOS to each, and concatenates them.
+class TextEncoder:
+    """The default encoder: a text to ``{"tokens": ids + [EOS]}`` (int32).
+
+    An encoder is any picklable callable from a document to a mapping of
+    per-token arrays with a ``"tokens"`` entry; other entries (of the same
+    length) travel through packing and batching into the batch (see the
+    module docstring). Pickled into grain's worker processes.
+
+    Args:
+        tokenizer: The tokenizer.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, text: str) -> dict[str, np.ndarray]:
+        ids = self.tokenizer.encode(text)
+        return {"tokens": np.asarray([*ids, self.tokenizer.eos_id], np.int32)}
+
+
+def _check_fields(fields: Any, index: int, name: str) -> dict[str, np.ndarray]:
+    """An encoder's output as 1-D arrays of one length, or a DataError."""
+    if not isinstance(fields, Mapping) or "tokens" not in fields:
+        raise DataError(f"the encoder returned {type(fields).__name__} for "
+                        f"document {index} of {name}, not a mapping with "
+                        "'tokens'")
+    out = {k: np.asarray(v) for k, v in fields.items()}
+    length = len(out["tokens"])
+    for key, value in out.items():
+        if value.ndim != 1 or len(value) != length:
+            raise DataError(f"field {key!r} of document {index} of {name} has "
+                            f"shape {value.shape}, not ({length},) like its "
+                            "tokens; give every field one value per token")
+    if length == 0:
+        raise DataError(f"document {index} of {name} encodes to no token; the "
+                        "encoder must give at least one (EOS)")
+    return out
+
+
+def _read_document(docs: Sequence[Any], index: int, name: str) -> Any:
+    """``docs[index]``; a failure is a DataError naming the document."""
+    try:
+        return docs[index]
+    except DataError:
+        raise
+    except Exception as e:  # pylint: disable=broad-except
+        raise DataError(f"cannot read document {index} of {name} "
+                        f"({_brief(e)}); repair or rebuild the data") from None
+
+
+class _ReadAndEncode:
+    """A document index to its checked fields; errors name the document."""
+
+    def __init__(self, docs: Sequence[Any], encoder: Encoder, name: str):
+        self._docs, self._encoder, self._name = docs, encoder, name
+
+    def __call__(self, index: int) -> dict[str, np.ndarray]:
+        index = int(index)
+        doc = _read_document(self._docs, index, self._name)
+        try:
+            fields = self._encoder(doc)
+        except DataError:
+            raise
+        except Exception as e:  # pylint: disable=broad-except
+            raise DataError(f"cannot encode document {index} of {self._name} "
+                            f"({_brief(e)}); fix or remove it") from None
+        return _check_fields(fields, index, self._name)
+
+
+def _brief(error: BaseException, limit: int = 200) -> str:
+    lines = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0] if lines else ''}"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def tokenize_documents(docs: Sequence[Any], encoder: Encoder | Tokenizer, *,
+                       name: str = "data",
+                       progress_every: int = _PROGRESS_EVERY) -> dict[str, np.ndarray]:
+    """Encodes ``docs`` and concatenates each field over them.
 
     Args:
         docs: The documents.
-        tokenizer: The tokenizer.
+        encoder: An encoder, or a tokenizer (then :class:`TextEncoder`).
+        name: The data's name in error messages.
         progress_every: Print progress every this many documents (0: never).
 
     Returns:
-        A 1-D array (uint16 if the vocabulary fits, else int32).
+        ``{"tokens": ..., **extra fields}``, 1-D arrays (tokens uint16 if
+        the vocabulary fits, else int32).
+
+    Raises:
+        DataError: If a document cannot be encoded.
     """
-    dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.int32
-    parts = []
-    for k, doc in enumerate(docs, 1):
-        parts.append(np.asarray(tokenizer.encode(doc) + [tokenizer.eos_id], dtype))
-        if progress_every and k % progress_every == 0:
-            print(f"Tokenized {k}/{len(docs)} documents", flush=True)
-    return np.concatenate(parts) if parts else np.zeros(0, dtype)
+    tokenizer = encoder if isinstance(encoder, Tokenizer) else None
+    encode = _ReadAndEncode(docs, TextEncoder(tokenizer) if tokenizer else encoder,
+                            name)
+    parts: dict[str, list[np.ndarray]] = {}
+    for k in range(len(docs)):
+        for key, value in encode(k).items():
+            parts.setdefault(key, []).append(value)
+        if progress_every and (k + 1) % progress_every == 0:
+            print(f"Tokenized {k + 1}/{len(docs)} documents", flush=True)
+    if not parts:
+        return {"tokens": np.zeros(0, np.int32)}
+    out = {key: np.concatenate(values) for key, values in parts.items()}
+    if tokenizer is not None and tokenizer.vocab_size <= 1 << 16:
+        out["tokens"] = out["tokens"].astype(np.uint16)
+    return out
 
 
-def _cached_tokens(docs: Sequence[str], tokenizer: Tokenizer,
-                   cache_dir: str | os.PathLike[str] | None) -> np.ndarray:
-    """Like :func:`tokenize_documents`, cached on disk by content hash."""
+def _cached_stream(docs: Sequence[str], tokenizer: Tokenizer, name: str,
+                   cache_dir: str | os.PathLike[str] | None) -> dict[str, np.ndarray]:
+    """:func:`tokenize_documents` with the tokenizer, cached on disk by
+    content hash (when the tokenizer has a fingerprint)."""
     fingerprint = getattr(tokenizer, "fingerprint", None)
     if fingerprint is None:  # Unknown tokenizer: we cannot key a cache on it.
-        return tokenize_documents(docs, tokenizer)
+        return tokenize_documents(docs, tokenizer, name=name)
     key = cache.content_key(f"tokens-v1|{fingerprint}", docs)
     path = cache.cache_path(cache_dir, "tokens", f"{key[:24]}.npy")
     if path.is_file():
-        return np.load(path, mmap_mode="r")
-    tokens = tokenize_documents(docs, tokenizer)
+        return {"tokens": np.load(path, mmap_mode="r")}
+    tokens = tokenize_documents(docs, tokenizer, name=name)["tokens"]
     cache.write_atomic(path, lambda f: np.save(f, tokens), suffix=".tmp.npy")
-    return tokens
+    return {"tokens": tokens}
+
+
+# ----------------------------------------------------------------------------
+# Windows and batches
+# ----------------------------------------------------------------------------
+
+
+def _to_batch(windows: Mapping[str, np.ndarray]) -> Batch:
+    """Windows of ``seq_len + 1`` to inputs, targets and the extra fields
+    (aligned with the targets); grain's packing features are dropped."""
+    tokens = np.asarray(windows["tokens"], np.int32)
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+    for key, value in windows.items():
+        if key != "tokens" and not key.endswith(("_segment_ids", "_positions")):
+            batch[key] = np.asarray(value)[:, 1:]
+    return batch
+
+
+class _GatherWindows:
+    """A batch of window indices to its batch (pre-tokenized pipeline)."""
+
+    def __init__(self, stream: Mapping[str, np.ndarray], seq_len: int):
+        self._stream, self._seq_len = stream, seq_len
+        self._offsets = np.arange(seq_len + 1)
+
+    def __call__(self, index: np.ndarray) -> Batch:
+        at = np.asarray(index)[:, None] * self._seq_len + self._offsets
+        return _to_batch({k: v[at] for k, v in self._stream.items()})
+
+
+def _is_full(window: Mapping[str, np.ndarray]) -> bool:
+    """Whether a packed window is not padded (only the last window of a
+    finite stream is)."""
+    return bool(window["tokens_segment_ids"][-1] > 0)
+
+
+def _worker_init(worker_index: int, worker_count: int) -> None:
+    """In each grain worker: signals go to the training process, which
+    stops the workers itself (a Ctrl-C reaches the whole process group, and
+    a worker that died of it would fail the step that the run is finishing
+    before it saves); and the worker ends if the training process is gone
+    (killed, or ended by ``os._exit`` on a second signal)."""
+    del worker_index, worker_count
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)  # pylint: disable=protected-access
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+
+
+def _absl_flags_parsed() -> None:
+    """Marks absl's flags parsed (at their defaults) unless a program did:
+    grain reads one of its absl flags when it starts worker processes, an
+    error in a program that does not parse absl flags (this one)."""
+    from absl import flags  # pylint: disable=import-outside-toplevel
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
 
 def _signature(*parts: Any) -> str:
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:12]
 
 
-def _check_state(state: Any, keys: tuple[str, ...], signature: str) -> None:
-    if not isinstance(state, dict) or any(k not in state for k in keys):
-        raise DataError(f"iterator state must be a dict with keys {list(keys)}, "
-                        f"got {state!r}; pass what get_state() returned")
-    if state["signature"] != signature:
-        raise DataError("iterator state was saved for different data or "
-                        "settings (seq_len, batch_size, seed, shuffle, "
-                        "processes); restore it into an iterator built the "
-                        "same way")
-    for k in keys[:-1]:
-        if not isinstance(state[k], int) or state[k] < 0:
-            raise DataError(f"iterator state {k!r} must be an int >= 0, got "
-                            f"{state[k]!r}; pass what get_state() returned")
+class BatchIterator:
+    """Batches of a grain pipeline, with a JSON-able position.
 
+    Made by :func:`make_iterator`. Close it (or use it as a context
+    manager) to stop its prefetch thread and worker processes.
 
-class PackedIterator:
-    """Batches from a pre-tokenized token stream, in seeded shuffled order.
-
-    Window ``i`` is ``tokens[i * seq_len : i * seq_len + seq_len + 1]``. Each
-    epoch draws a permutation of all windows from ``(seed, epoch)``; global
-    batch ``s`` is permutation entries ``[s * batch_size, (s + 1) *
-    batch_size)`` (the remainder is dropped) and process ``p`` yields the
-    ``p``-th contiguous slice of it, so the processes together see each
-    window once per epoch and the global batch does not depend on the number
-    of processes.
-
-    The state is ``{"epoch", "step", "signature"}``.
-
-    Args:
-        tokens: 1-D token stream (documents with EOS, concatenated).
-        seq_len: Sequence length of ``inputs`` and ``targets``.
-        batch_size: Global batch size (over all processes).
-        seed: Shuffling seed.
-        shuffle: Shuffle windows every epoch (else keep stream order).
-        num_epochs: Stop after this many epochs; ``None`` runs forever.
-        process_index: This process, in ``[0, process_count)``.
-        process_count: Number of processes sharing the data.
-        name: Source name used in error messages.
-
-    Raises:
-        DataError: If the stream holds fewer windows than one global batch.
+    Attributes:
+        seq_len: Length of the rows.
+        batch_size: Global batch size.
+        local_batch_size: Rows this process yields per batch.
+        steps_per_epoch: Batches per epoch (pre-tokenized data), else None.
+        num_tokens: Tokens in the stream (pre-tokenized data), else None.
     """
 
-    def __init__(self, tokens: np.ndarray, *, seq_len: int, batch_size: int,
-                 seed: int = 0, shuffle: bool = True,
-                 num_epochs: int | None = None, process_index: int = 0,
-                 process_count: int = 1, name: str = "data"):
-        _check_settings(seq_len, batch_size, num_epochs, process_index, process_count)
-        self._tokens = tokens
-        self.seq_len = seq_len
-        self.batch_size = batch_size
-        self.local_batch_size = batch_size // process_count
-        self._seed, self._shuffle, self._num_epochs = seed, shuffle, num_epochs
-        self._process_index = process_index
-        self.num_tokens = int(len(tokens))
-        self.num_sequences = max(0, (self.num_tokens - 1) // seq_len)
-        self.steps_per_epoch = self.num_sequences // batch_size
-        if self.steps_per_epoch == 0:
-            raise DataError(
-                f"{name} is too small: {self.num_tokens} tokens make "
-                f"{self.num_sequences} sequences of seq_len {seq_len}, fewer "
-                f"than one batch of {batch_size}; lower batch_size or seq_len, "
-                "or add data")
-        self._sig = _signature("packed", self.num_tokens, seq_len, batch_size,
-                               seed, shuffle)
-        self._epoch, self._step = 0, 0
-        self._order: tuple[int, np.ndarray] | None = None
-        self._offsets = np.arange(seq_len + 1)
+    def __init__(self, start: Callable[[int], grain.IterDataset], *,
+                 signature: str, by_count: bool, seq_len: int,
+                 batch_size: int, local_batch_size: int,
+                 steps_per_epoch: int | None = None,
+                 num_tokens: int | None = None):
+        self._start, self._sig, self._by_count = start, signature, by_count
+        self.seq_len, self.batch_size = seq_len, batch_size
+        self.local_batch_size = local_batch_size
+        self.steps_per_epoch, self.num_tokens = steps_per_epoch, num_tokens
+        self._it = iter(start(0))
+        self._taken = 0
 
-    def __iter__(self) -> PackedIterator:
+    def __iter__(self) -> BatchIterator:
         return self
 
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if self._order is None or self._order[0] != epoch:
-            if self._shuffle:
-                rng = np.random.default_rng([self._seed, epoch])
-                order = rng.permutation(self.num_sequences)
-            else:
-                order = np.arange(self.num_sequences)
-            self._order = (epoch, order)
-        return self._order[1]
-
     def __next__(self) -> Batch:
-        if self._num_epochs is not None and self._epoch >= self._num_epochs:
-            raise StopIteration
-        start = self._step * self.batch_size + self._process_index * self.local_batch_size
-        index = self._permutation(self._epoch)[start:start + self.local_batch_size]
-        windows = np.asarray(self._tokens[index[:, None] * self.seq_len + self._offsets],
-                             dtype=np.int32)
-        self._step += 1
-        if self._step == self.steps_per_epoch:
-            self._epoch, self._step = self._epoch + 1, 0
-        return {"inputs": windows[:, :-1], "targets": windows[:, 1:]}
+        batch = next(self._it)
+        self._taken += 1
+        return batch
 
     def get_state(self) -> dict[str, Any]:
         """Returns the position as a small JSON-able dict."""
-        return {"epoch": self._epoch, "step": self._step, "signature": self._sig}
+        if self._by_count:
+            return {"batch": self._taken, "signature": self._sig}
+        return {"grain": self._it.get_state(), "signature": self._sig}
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Moves to a position returned by :meth:`get_state`.
@@ -201,190 +336,143 @@ class PackedIterator:
         Raises:
             DataError: If the state is malformed or from other settings.
         """
-        _check_state(state, ("epoch", "step", "signature"), self._sig)
-        if state["step"] >= self.steps_per_epoch:
-            raise DataError(f"iterator state step {state['step']} is past the "
-                            f"{self.steps_per_epoch} steps of an epoch; pass "
-                            "what get_state() returned")
-        self._epoch, self._step = state["epoch"], state["step"]
-
-
-class _DocOrder:
-    """A seeded permutation of ``range(n)`` in ``O(n / block)`` memory.
-
-    Contiguous blocks of ``block`` indices are permuted, then the indices
-    inside each block; the permutation of a block is drawn when first used.
-    """
-
-    def __init__(self, n: int, seed: int, epoch: int, shuffle: bool,
-                 block: int = 1 << 16):
-        self._block, self._shuffle = block, shuffle
-        self._key = (seed, epoch)
-        num_blocks = -(-n // block)
-        rng = np.random.default_rng([seed, epoch, 1])
-        self._blocks = rng.permutation(num_blocks) if shuffle else np.arange(num_blocks)
-        # Only the last block may be short; find where it landed.
-        self._short_at = int(np.flatnonzero(self._blocks == num_blocks - 1)[0])
-        self._short_len = n - (num_blocks - 1) * block
-        self._inner: tuple[int, np.ndarray] = (-1, np.zeros(0, np.int64))
-
-    def __getitem__(self, j: int) -> int:
-        if not self._shuffle:
-            return j
-        b, at, short = self._block, self._short_at, self._short_len
-        if j < at * b:
-            pos, off = divmod(j, b)
-        elif j < at * b + short:
-            pos, off = at, j - at * b
-        else:
-            pos, off = divmod(j - at * b - short, b)
-            pos += at + 1
-        block_id = int(self._blocks[pos])
-        if self._inner[0] != block_id:
-            size = short if block_id == len(self._blocks) - 1 else b
-            rng = np.random.default_rng([*self._key, 2, block_id])
-            self._inner = (block_id, rng.permutation(size))
-        return block_id * b + int(self._inner[1][off])
-
-
-class StreamingIterator:
-    """Batches from documents tokenized on the fly (for large datasets).
-
-    Each epoch visits the documents in a seeded permutation drawn from
-    ``(seed, epoch)``; process ``p`` takes permutation positions ``p, p + P,
-    p + 2P, ...`` (``P`` processes, ``len(docs) // P`` documents each), so
-    the processes read disjoint documents that together cover the data once
-    per epoch. Each process packs its own documents (EOS appended) into
-    windows of ``seq_len + 1`` tokens with stride ``seq_len``, the stream
-    running on across epoch boundaries. As processes get different numbers
-    of tokens per epoch, multi-process training should use the default
-    ``num_epochs=None`` (run forever) and stop by step count.
-
-    The state is ``{"epoch", "doc", "offset", "signature"}``: the next window
-    starts at token ``offset`` of this process's document ``doc`` of epoch
-    ``epoch``.
-
-    Args:
-        docs: Random-access documents (a list, or :meth:`TfdsText.open`).
-        tokenizer: The tokenizer.
-        seq_len: Sequence length of ``inputs`` and ``targets``.
-        batch_size: Global batch size (over all processes).
-        seed: Shuffling seed.
-        shuffle: Shuffle documents every epoch (else keep their order).
-        num_epochs: Stop after this many epochs; ``None`` runs forever.
-        process_index: This process, in ``[0, process_count)``.
-        process_count: Number of processes sharing the data.
-        name: Source name used in error messages.
-
-    Raises:
-        DataError: If there are fewer documents than processes; later, from
-            ``next``, if the documents are too few for one batch.
-    """
-
-    def __init__(self, docs: Sequence[str], tokenizer: Tokenizer, *,
-                 seq_len: int, batch_size: int, seed: int = 0,
-                 shuffle: bool = True, num_epochs: int | None = None,
-                 process_index: int = 0, process_count: int = 1,
-                 name: str = "data"):
-        _check_settings(seq_len, batch_size, num_epochs, process_index, process_count)
-        self._docs, self._tokenizer, self._name = docs, tokenizer, name
-        self.seq_len = seq_len
-        self.batch_size = batch_size
-        self.local_batch_size = batch_size // process_count
-        self._seed, self._shuffle, self._num_epochs = seed, shuffle, num_epochs
-        self._p, self._num_p = process_index, process_count
-        self.docs_per_epoch = len(docs) // process_count
-        if self.docs_per_epoch == 0:
-            raise DataError(f"{name} has {len(docs)} document(s), fewer than the "
-                            f"{process_count} processes; add data or use fewer "
-                            "processes")
-        self._sig = _signature("stream", len(docs), seq_len, batch_size, seed,
-                               shuffle, process_index, process_count)
-        self._pos = (0, 0, 0)  # (epoch, doc, offset)
-        self._orders: dict[int, _DocOrder] = {}
-        self._cache: dict[tuple[int, int], np.ndarray] = {}
-
-    def __iter__(self) -> StreamingIterator:
-        return self
-
-    def _doc_tokens(self, epoch: int, doc: int) -> np.ndarray:
-        key = (epoch, doc)
-        if key not in self._cache:
-            if epoch not in self._orders:
-                self._orders = {e: o for e, o in self._orders.items() if e >= self._pos[0]}
-                self._orders[epoch] = _DocOrder(len(self._docs), self._seed,
-                                                epoch, self._shuffle)
-            index = self._orders[epoch][self._p + self._num_p * doc]
-            ids = self._tokenizer.encode(self._docs[index]) + [self._tokenizer.eos_id]
-            self._cache[key] = np.asarray(ids, np.int32)
-        return self._cache[key]
-
-    def _read(self, pos: tuple[int, int, int], count: int,
-              start_epoch: int) -> tuple[list[np.ndarray], tuple[int, int, int]]:
-        """Reads ``count`` tokens from ``pos``; returns them and the end."""
-        epoch, doc, offset = pos
-        parts = []
-        while count > 0:
-            if self._num_epochs is not None and epoch >= self._num_epochs:
-                raise StopIteration
-            if epoch >= start_epoch + 2:
-                raise DataError(
-                    f"{self._name} is too small: one epoch of this process's "
-                    f"{self.docs_per_epoch} documents has fewer tokens than one "
-                    f"batch ({self.local_batch_size} x {self.seq_len}); lower "
-                    "batch_size or seq_len, or add data")
-            tokens = self._doc_tokens(epoch, doc)
-            if offset >= len(tokens):  # Only a hand-made state gets here.
-                raise DataError(f"iterator state offset {offset} is past the end "
-                                "of its document; pass what get_state() returned")
-            part = tokens[offset:offset + count]
-            parts.append(part)
-            count -= len(part)
-            offset += len(part)
-            if offset == len(tokens):
-                epoch, doc, offset = epoch, doc + 1, 0
-                if doc == self.docs_per_epoch:
-                    epoch, doc = epoch + 1, 0
-        return parts, (epoch, doc, offset)
-
-    def __next__(self) -> Batch:
-        pos, rows = self._pos, []
-        start_epoch = pos[0]
+        key = "batch" if self._by_count else "grain"
+        if not isinstance(state, dict) or {key, "signature"} - state.keys():
+            raise DataError(f"iterator state must be a dict with keys "
+                            f"{[key, 'signature']}, got {state!r}; pass what "
+                            "get_state() returned")
+        if state["signature"] != self._sig:
+            raise DataError("iterator state was saved for different data or "
+                            "settings (seq_len, batch_size, seed, shuffle, "
+                            "processes, workers); restore it into an iterator "
+                            "built the same way")
+        if self._by_count:
+            count = state["batch"]
+            if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+                raise DataError(f"iterator state 'batch' must be an int >= 0, "
+                                f"got {count!r}; pass what get_state() returned")
+            self._it.close()
+            self._it, self._taken = iter(self._start(count)), count
+            return
         try:
-            for _ in range(self.local_batch_size):
-                parts, pos = self._read(pos, self.seq_len, start_epoch)
-                last, _ = self._read(pos, 1, start_epoch)
-                rows.append(np.concatenate(parts + last))
-        except StopIteration:
-            if self._pos == (0, 0, 0):
-                raise DataError(
-                    f"{self._name} is too small: {self._num_epochs} epoch(s) "
-                    "hold fewer tokens than one batch; lower batch_size or "
-                    "seq_len, raise num_epochs, or add data") from None
-            raise
-        self._pos = pos
-        self._cache = {k: v for k, v in self._cache.items() if k >= pos[:2]}
-        windows = np.stack(rows)
-        return {"inputs": windows[:, :-1], "targets": windows[:, 1:]}
+            self._it.set_state(state["grain"])
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise DataError(f"iterator state does not fit this pipeline "
+                            f"({_brief(e)}); pass what get_state() returned"
+                            ) from None
 
-    def get_state(self) -> dict[str, Any]:
-        """Returns the position as a small JSON-able dict."""
-        epoch, doc, offset = self._pos
-        return {"epoch": epoch, "doc": doc, "offset": offset, "signature": self._sig}
+    def close(self) -> None:
+        """Stops the prefetch thread and the worker processes."""
+        self._it.close()
 
-    def set_state(self, state: dict[str, Any]) -> None:
-        """Moves to a position returned by :meth:`get_state`.
+    def __enter__(self) -> BatchIterator:
+        return self
 
-        Raises:
-            DataError: If the state is malformed or from other settings.
-        """
-        _check_state(state, ("epoch", "doc", "offset", "signature"), self._sig)
-        if state["doc"] >= self.docs_per_epoch:
-            raise DataError(f"iterator state doc {state['doc']} is past the "
-                            f"{self.docs_per_epoch} documents of an epoch; pass "
-                            "what get_state() returned")
-        self._pos = (state["epoch"], state["doc"], state["offset"])
-        self._cache = {}
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def _window_iterator(stream: Mapping[str, np.ndarray], *, seq_len: int,
+                     batch_size: int, process_index: int, process_count: int,
+                     seed: int, shuffle: bool, num_epochs: int | None,
+                     name: str) -> BatchIterator:
+    """The pre-tokenized pipeline (see the module docstring)."""
+    num_tokens = len(stream["tokens"])
+    num_windows = max(0, (num_tokens - 1) // seq_len)
+    steps = num_windows // batch_size
+    if steps == 0:
+        raise DataError(
+            f"{name} is too small: {num_tokens} tokens make {num_windows} "
+            f"sequences of seq_len {seq_len}, fewer than one batch of "
+            f"{batch_size}; lower batch_size or seq_len, or add data")
+    local = batch_size // process_count
+    windows = grain.MapDataset.range(num_windows)
+    if shuffle:
+        windows = windows.shuffle(seed=seed)
+    # Global batch s is windows [s * B, (s + 1) * B) of its epoch; process p
+    # takes its p-th slice of `local` rows.
+    batches = windows[:steps * batch_size].batch(local)[process_index::process_count]
+    batches = batches.repeat(num_epochs).map(_GatherWindows(stream, seq_len))
+    options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=_BATCHES_AHEAD)
+
+    def start(count: int) -> grain.IterDataset:
+        return batches[count:].to_iter_dataset(options)
+
+    sig = _signature("windows", num_tokens, sorted(stream), seq_len, batch_size,
+                     seed, shuffle)
+    return BatchIterator(start, signature=sig, by_count=True, seq_len=seq_len,
+                         batch_size=batch_size, local_batch_size=local,
+                         steps_per_epoch=steps, num_tokens=num_tokens)
+
+
+def _check_stream_size(docs: Sequence[Any], local: int, seq_len: int,
+                       process_index: int, process_count: int, name: str) -> None:
+    """Refuses texts whose share for this process cannot fill one batch.
+
+    Each document gives at least one token, so only a share of fewer than
+    ``need`` documents is read; its bound on tokens is UTF-8 bytes plus
+    :data:`_TOKENS_OVER_BYTES` per document. Documents that are not text
+    (a custom encoder's) are not checked.
+    """
+    need = local * (seq_len + 1)
+    share = range(process_index, len(docs), process_count)
+    if len(share) >= need:
+        return
+    bound = 0
+    for i in share:
+        doc = _read_document(docs, i, name)
+        if not isinstance(doc, str):
+            return
+        bound += len(doc.encode("utf-8")) + _TOKENS_OVER_BYTES
+    if bound < need:
+        raise DataError(
+            f"{name} is too small: the {len(share)} document(s) of process "
+            f"{process_index} hold at most {bound} tokens, fewer than one "
+            f"batch ({local} x {seq_len + 1}); lower batch_size or "
+            "seq_len, or add data")
+
+
+def _stream_iterator(docs: Sequence[Any], encoder: Encoder, *, seq_len: int,
+                     batch_size: int, process_index: int, process_count: int,
+                     seed: int, shuffle: bool, num_epochs: int | None,
+                     workers: int, name: str) -> BatchIterator:
+    """The streamed pipeline (see the module docstring)."""
+    local = batch_size // process_count
+    if len(docs) < process_count:
+        raise DataError(f"{name} has {len(docs)} document(s), fewer than the "
+                        f"{process_count} processes; add data or use fewer "
+                        "processes")
+    _check_stream_size(docs, local, seq_len, process_index, process_count, name)
+    indices = grain.MapDataset.range(len(docs))
+    if shuffle:
+        indices = indices.shuffle(seed=seed)
+    indices = indices.repeat(num_epochs)[process_index::process_count]
+    read = grain.ReadOptions(num_threads=1, prefetch_buffer_size=_DOCS_AHEAD)
+    fields = indices.map(_ReadAndEncode(docs, encoder, name)).to_iter_dataset(read)
+    # The length of every field: the encoder's fields are only known from
+    # a document, so the first is encoded here.
+    keys = sorted(_ReadAndEncode(docs, encoder, name)(0))
+    packed = grain.experimental.ConcatThenSplitIterDataset(
+        fields, length_struct={k: seq_len + 1 for k in keys})
+    pipeline = packed.filter(_is_full).batch(local, drop_remainder=True).map(_to_batch)
+    if workers:
+        _absl_flags_parsed()
+        pipeline = pipeline.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=workers,
+                                         per_worker_buffer_size=_BATCHES_AHEAD),
+            worker_init_fn=_worker_init)
+    else:
+        pipeline = grain.experimental.ThreadPrefetchIterDataset(
+            pipeline, prefetch_buffer_size=_BATCHES_AHEAD)
+
+    def start(count: int) -> grain.IterDataset:
+        del count  # Positions are grain states.
+        return pipeline
+
+    sig = _signature("stream", len(docs), keys, seq_len, batch_size, seed,
+                     shuffle, num_epochs, process_index, process_count, workers)
+    return BatchIterator(start, signature=sig, by_count=False, seq_len=seq_len,
+                         batch_size=batch_size, local_batch_size=local)
 
 
 # ----------------------------------------------------------------------------
@@ -393,13 +481,15 @@ class StreamingIterator:
 
 
 def _check_settings(seq_len: int, batch_size: int, num_epochs: int | None,
-                    process_index: int, process_count: int) -> None:
+                    process_index: int, process_count: int, workers: int) -> None:
     if not isinstance(seq_len, (int, np.integer)) or seq_len < 1:
         raise DataError(f"seq_len must be an int >= 1, got {seq_len!r}")
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise DataError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if num_epochs is not None and num_epochs < 1:
         raise DataError(f"num_epochs must be >= 1 or None, got {num_epochs!r}")
+    if not isinstance(workers, (int, np.integer)) or workers < 0:
+        raise DataError(f"workers must be an int >= 0, got {workers!r}")
     if process_count < 1 or not 0 <= process_index < process_count:
         raise DataError(f"process_index must be in [0, process_count), got "
                         f"{process_index} of {process_count}")
@@ -420,13 +510,16 @@ def make_iterator(
     num_epochs: int | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
+    workers: int = 0,
+    encoder: Encoder | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
-) -> PackedIterator | StreamingIterator:
+) -> BatchIterator:
     """Builds the batch iterator for a source.
 
     Args:
         source: :class:`EmbeddedCorpus`, :class:`TextFiles`, :class:`TfdsText`
-            or a spec string for :func:`source_from_spec`.
+            (any :class:`Source`) or a spec string for
+            :func:`source_from_spec`.
         tokenizer: Tokenizer; defaults to :class:`ByteTokenizer`.
         seq_len: Length of ``inputs`` and ``targets`` rows.
         batch_size: Global batch size; each process yields
@@ -436,13 +529,17 @@ def make_iterator(
         num_epochs: Stop after this many epochs; ``None`` runs forever.
         process_index: This process; defaults to ``jax.process_index()``.
         process_count: Number of processes; defaults to ``jax.process_count()``.
+        workers: grain worker processes that read, encode, pack and batch a
+            streamed source (0: a thread of this process). Pre-tokenized
+            sources ignore it: their batches are gathered by a thread.
+        encoder: Maps a document to its per-token fields (see
+            :class:`TextEncoder`, the default); extra fields reach the batch.
         cache_dir: Cache for tokenized embedded/local data; defaults to
             :func:`~subspace_jax.training.cache.default_cache_dir`.
 
     Returns:
-        An iterator of ``{"inputs", "targets"}`` int32 arrays of shape
-        ``(batch_size // process_count, seq_len)`` with ``get_state`` and
-        ``set_state``.
+        A :class:`BatchIterator` of ``{"inputs", "targets", ...}`` int32
+        arrays of shape ``(batch_size // process_count, seq_len)``.
 
     Raises:
         DataError: On settings or data that cannot work; the message says
@@ -450,6 +547,9 @@ def make_iterator(
     """
     if isinstance(source, str):
         source = source_from_spec(source)
+    if not isinstance(source, Source):
+        raise DataError(f"unsupported source {source!r}; use EmbeddedCorpus, "
+                        "TextFiles, TfdsText or a spec string")
     tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
     if process_index is None and process_count is None:
         import jax  # pylint: disable=import-outside-toplevel
@@ -457,15 +557,18 @@ def make_iterator(
     elif process_index is None or process_count is None:
         raise DataError("give both process_index and process_count, or neither "
                         "(then jax.process_index()/process_count() are used)")
-    _check_settings(seq_len, batch_size, num_epochs, process_index, process_count)
+    _check_settings(seq_len, batch_size, num_epochs, process_index,
+                    process_count, workers)
     common = dict(seq_len=seq_len, batch_size=batch_size, seed=seed,
                   shuffle=shuffle, num_epochs=num_epochs,
                   process_index=process_index, process_count=process_count,
                   name=source.name)
-    if not isinstance(source, Source):
-        raise DataError(f"unsupported source {source!r}; use EmbeddedCorpus, "
-                        "TextFiles, TfdsText or a spec string")
+    docs = source.open()
     if source.streaming:
-        return StreamingIterator(source.open(), tokenizer, **common)
-    tokens = _cached_tokens(source.open(), tokenizer, cache_dir)
-    return PackedIterator(tokens, **common)
+        return _stream_iterator(docs, encoder or TextEncoder(tokenizer),
+                                workers=int(workers), **common)
+    if encoder is None:
+        stream = _cached_stream(docs, tokenizer, source.name, cache_dir)
+    else:
+        stream = tokenize_documents(docs, encoder, name=source.name)
+    return _window_iterator(stream, **common)

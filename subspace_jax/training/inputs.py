@@ -7,14 +7,13 @@ with the pipeline's argument names replaced by the run's command-line flags.
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from typing import Any, Sequence
 
 import jax
 
 from subspace_jax.training import data as data_lib
 from subspace_jax.training import tokenizer as tok_lib
 from subspace_jax.training.config import RunConfig
-from subspace_jax.training.distributed import allgather_json
 
 __all__ = ["make_tokenizer", "make_iterators", "data_state", "set_data_state"]
 
@@ -25,7 +24,8 @@ _SPM_SAMPLE_DOCS = 20_000
 # Python argument names in the data pipeline's messages, and their flags.
 _DATA_WORDS = ((re.compile(r"split='all'"), "--split all with --eval-split none"),
                (re.compile(r"\bbatch_size\b"), "--batch-size"),
-               (re.compile(r"\bseq_len\b"), "--seq-len"))
+               (re.compile(r"\bseq_len\b"), "--seq-len"),
+               (re.compile(r"\bworkers\b"), "--data-workers"))
 
 
 def _data_error(error: data_lib.DataError) -> data_lib.DataError:
@@ -55,11 +55,15 @@ def make_tokenizer(cfg: RunConfig) -> tok_lib.Tokenizer:
 
 def make_iterators(cfg: RunConfig, tokenizer):
   """The training iterator, and the evaluation iterator with its starting
-  state (None, None without evaluation)."""
+  state (None, None without evaluation). The training data of a streamed
+  source is read in ``--data-workers`` processes; evaluation reads its few
+  batches in this process (restarting workers at every evaluation would
+  cost more)."""
   iter_args = dict(seq_len=cfg.seq_len, batch_size=cfg.batch_size)
   try:
     train_iter = data_lib.make_iterator(_source(cfg, cfg.split), tokenizer,
-                                        seed=cfg.seed, **iter_args)
+                                        seed=cfg.seed, workers=cfg.data_workers,
+                                        **iter_args)
     eval_iter = eval_start = None
     if cfg.eval_every and cfg.eval_split:
       eval_iter = data_lib.make_iterator(_source(cfg, cfg.eval_split),
@@ -76,19 +80,20 @@ def _source(cfg: RunConfig, split: str) -> data_lib.Source:
 
 
 def data_state(iterator) -> dict[str, Any]:
-  """The data position of every process (they differ for streamed data)."""
-  return {"processes": allgather_json(iterator.get_state())}
+  """This process's data position, as the checkpoint saves it (each
+  process saves its own)."""
+  return iterator.get_state()
 
 
-def set_data_state(iterator, saved: Mapping[str, Any] | None) -> None:
-  """Moves ``iterator`` to this process's position in ``saved``.
+def set_data_state(iterator, states: Sequence[Any] | None) -> None:
+  """Moves ``iterator`` to this process's position in ``states`` (every
+  process's, as restored from a checkpoint).
 
   Raises:
-    ValueError: If ``saved`` has no position, or positions of another
-      number of processes that differ.
+    ValueError: If there is no position, or positions of another number
+      of processes that differ.
     DataError: If the position does not fit the iterator's data.
   """
-  states = (saved or {}).get("processes")
   if not states:
     raise ValueError("the checkpoint has no data position; use another "
                      "--checkpoint-dir")

@@ -188,9 +188,9 @@ def _restore_data_state(cfg, iterator, restored) -> str | None:
     if not cfg.allow_changes:
       raise ValueError(
           f"the data position saved at step {restored.step} does not fit the "
-          "data of this run (have the files of --data changed?); use "
-          "--allow-changes to start the data from its beginning, or another "
-          "--checkpoint-dir") from None
+          "data of this run (have the files of --data or --data-workers "
+          "changed?); use --allow-changes to start the data from its "
+          "beginning, or another --checkpoint-dir") from None
     return (f"the data position saved at step {restored.step} does not fit "
             "this run's data: the data starts from its beginning")
   return None
@@ -284,6 +284,9 @@ def _train(cfg: RunConfig, mesh, t_begin: float) -> dict[str, Any]:
       if ckpt is not None:
         ckpt.wait_until_finished()
         ckpt.close()
+      for iterator in (train_iter, eval_iter):
+        if iterator is not None:
+          iterator.close()  # Stops the data's threads and worker processes.
   summary["wall_time_s"] = time.perf_counter() - t_begin
   reporting.print_summary(summary)
   return summary

@@ -213,9 +213,10 @@ def _import_tfds() -> Any:
 class _TextColumn(Sequence):
   """Random access to one text feature of a TFDS data source, as str."""
 
-  def __init__(self, source: Any, key: str):
+  def __init__(self, source: Any, key: str, name: str):
     self._source = source
     self._key = key
+    self._name = name
 
   def __len__(self) -> int:
     return len(self._source)
@@ -223,7 +224,12 @@ class _TextColumn(Sequence):
   def __getitem__(self, index: int) -> str:  # type: ignore[override]
     value = self._source[int(index)][self._key]
     if isinstance(value, bytes):
-      return value.decode("utf-8", errors="replace")
+      try:
+        return value.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise DataError(f"document {int(index)} of {self._name} is not UTF-8 "
+                        f"text (bad byte at offset {e.start}); repair or "
+                        "rebuild the dataset") from None
     return str(value)
 
 
@@ -288,7 +294,7 @@ class TfdsText:
     if len(source) == 0:
       raise DataError(f"split {self.split!r} of TFDS dataset {self.name!r} "
                       "is empty; choose another split")
-    return _TextColumn(source, self.text_key)
+    return _TextColumn(source, self.text_key, f"tfds:{self.name} ({self.split})")
 
 
 def source_from_spec(spec: str, *, split: str | None = None,
