@@ -12,6 +12,7 @@ from flax import nnx
 import subspace_jax as sj
 from subspace_jax import models
 from subspace_jax.models import llama
+from reference_llama import numpy_forward, numpy_rope
 
 
 def _tiny(**overrides) -> llama.LlamaConfig:
@@ -260,23 +261,13 @@ def test_remat_policies_trade_memory_for_recomputation():
 # --------------------------------------------------------------------------
 
 
-def _numpy_rope(x: np.ndarray, positions: np.ndarray,
-                theta: float) -> np.ndarray:
-  """Reference RoPE: the pair (i, i + d/2) as a complex number, rotated."""
-  half = x.shape[-1] // 2
-  freqs = theta ** (-2.0 * np.arange(half) / x.shape[-1])
-  phase = np.exp(1j * np.outer(positions, freqs))  # [seq, half]
-  z = (x[..., :half] + 1j * x[..., half:]) * phase[None, :, None, :]
-  return np.concatenate([z.real, z.imag], axis=-1)
-
-
 def test_rope_matches_numpy_reference():
   rng = np.random.default_rng(0)
   x = rng.standard_normal((2, 7, 3, 16)).astype(np.float32)
   positions = np.array([0, 1, 2, 5, 9, 30, 63])
   cos, sin = llama.rope_cos_sin(jnp.asarray(positions), 16, 10000.0)
   got = llama.apply_rope(jnp.asarray(x), cos, sin)
-  np.testing.assert_allclose(got, _numpy_rope(x, positions, 10000.0),
+  np.testing.assert_allclose(got, numpy_rope(x, positions, 10000.0),
                              rtol=1e-5, atol=1e-5)
 
 
@@ -294,55 +285,6 @@ def test_rope_scores_depend_only_on_relative_position():
   assert score(7, 3) != pytest.approx(score(7, 5), rel=1e-2)
 
 
-def _numpy_forward(params, tokens: np.ndarray, cfg,
-                   segment_ids: np.ndarray | None = None) -> np.ndarray:
-  """Independent float64 NumPy LLaMA forward pass (unscanned or scanned
-  parameters, grouped-query attention, packed segments, tied embeddings)."""
-  if not isinstance(params, dict):
-    params = nnx.to_pure_dict(params)
-  w = jax.tree.map(lambda v: np.asarray(v, np.float64), params)
-
-  def rms_norm(x, scale):
-    return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + cfg.norm_eps) * scale
-
-  seq = tokens.shape[1]
-  heads, hd = cfg.num_heads, cfg.head_dim
-  kv_heads = cfg.num_kv_heads or heads
-  # Query head n reads key/value head n // (heads / kv_heads).
-  kv_of_head = np.arange(heads) // (heads // kv_heads)
-  positions = np.arange(seq)
-  allowed = np.tril(np.ones((seq, seq), bool))[None]
-  if segment_ids is not None:
-    allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
-  x = w["embed"]["embedding"][tokens]
-  for i in range(cfg.num_layers):
-    if cfg.scan_layers:
-      b = jax.tree.map(lambda a: a[i], w["layers"])
-    else:
-      b = w["layers"][i]
-    h = rms_norm(x, b["attn_norm"]["scale"])
-    split = lambda y: y.reshape(*y.shape[:2], -1, hd)
-    q = _numpy_rope(split(h @ b["attn"]["q_proj"]["kernel"]), positions,
-                    cfg.rope_theta)
-    k = _numpy_rope(split(h @ b["attn"]["k_proj"]["kernel"]), positions,
-                    cfg.rope_theta)[:, :, kv_of_head]
-    v = split(h @ b["attn"]["v_proj"]["kernel"])[:, :, kv_of_head]
-    scores = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(hd)
-    scores = np.where(allowed[:, None], scores, -np.inf)
-    probs = np.exp(scores - scores.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    attn = np.einsum("bhqk,bkhd->bqhd", probs, v).reshape(x.shape)
-    x = x + attn @ b["attn"]["o_proj"]["kernel"]
-    h = rms_norm(x, b["mlp_norm"]["scale"])
-    gate = h @ b["mlp"]["gate_proj"]["kernel"]
-    x = x + ((gate / (1 + np.exp(-gate))) * (h @ b["mlp"]["up_proj"]["kernel"])
-             ) @ b["mlp"]["down_proj"]["kernel"]
-  x = rms_norm(x, w["final_norm"]["scale"])
-  if cfg.tie_embeddings:
-    return x @ w["embed"]["embedding"].T
-  return x @ w["lm_head"]["kernel"]
-
-
 def _perturbed(params, seed: int = 9):
   """Random norm scales and larger weights, so that every part matters."""
   keys = iter(jax.random.split(jax.random.key(seed), 64))
@@ -354,7 +296,7 @@ def test_forward_matches_numpy_reference(tiny_split):
   _, params, forward = tiny_split
   params = _perturbed(params)
   tokens = np.asarray(_random_tokens(8, (2, 12), 256))
-  expected = _numpy_forward(params, tokens, _tiny())
+  expected = numpy_forward(params, tokens, _tiny())
   got = forward(params, jnp.asarray(tokens))
   assert float(np.std(expected)) > 0.1
   np.testing.assert_allclose(got, expected, rtol=2e-4, atol=2e-4)
@@ -400,7 +342,7 @@ def _check_against_reference(cfg, params, tolerance):
   tokens = np.asarray(_random_tokens(8, (2, 12), 256))
   got = jax.jit(lambda p, t: llama.forward(cfg, p, t))(params, tokens)
   assert got.dtype == cfg.dtype
-  np.testing.assert_allclose(got, _numpy_forward(params, tokens, cfg),
+  np.testing.assert_allclose(got, numpy_forward(params, tokens, cfg),
                              **tolerance)
 
 
@@ -435,7 +377,7 @@ def _check_packed(cfg, tolerance):
   tokens = np.asarray(_random_tokens(3, segments.shape, 256))
   fwd = jax.jit(lambda p, t, s: llama.forward(cfg, p, t, s))
   got = np.asarray(fwd(params, tokens, segments))
-  np.testing.assert_allclose(got, _numpy_forward(params, tokens, cfg, segments),
+  np.testing.assert_allclose(got, numpy_forward(params, tokens, cfg, segments),
                              **tolerance)
   alone = jax.jit(lambda p, t: llama.forward(cfg, p, t))
   for row in range(2):
@@ -466,7 +408,7 @@ def _check_masked_loss(cfg):
       np.float64)
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
            "segment_ids": segments, "loss_mask": mask}
-  logits = _numpy_forward(params, batch["inputs"], cfg, segments)
+  logits = numpy_forward(params, batch["inputs"], cfg, segments)
   shifted = logits - logits.max(-1, keepdims=True)
   log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
   nll = -np.take_along_axis(log_probs, batch["targets"][..., None], -1)[..., 0]
