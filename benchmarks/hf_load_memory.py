@@ -99,8 +99,7 @@ def main(argv=None) -> None:
   p.add_argument("--param-dtype", default="bfloat16",
                  help="dtype the weights are loaded in")
   p.add_argument("--scan-layers", action="store_true",
-                 help="load into the stacked layout (layers filled one at a "
-                      "time on the device)")
+                 help=argparse.SUPPRESS)  # The child: the stacked layout.
   p.add_argument("--measure", default=None, help=argparse.SUPPRESS)
   common.add_output_flags(p, "hf_load_memory.md")
   args = p.parse_args(argv)
@@ -115,36 +114,40 @@ def main(argv=None) -> None:
       size = write_random_checkpoint(pathlib.Path(d), config)
       print(f"{name}: wrote {size / GiB:.2f} GiB in "
             f"{time.perf_counter() - t0:.0f} s", flush=True)
-      cmd = [sys.executable, "-m", "benchmarks.hf_load_memory", "--measure",
-             d, "--param-dtype", args.param_dtype]
-      if args.scan_layers:
-        cmd.append("--scan-layers")
-      env = dict(os.environ, JAX_PLATFORMS="cpu")
-      out = subprocess.run(cmd, check=True, capture_output=True, text=True,
-                           env=env).stdout
-      row = json.loads(out.strip().splitlines()[-1])
-    row.update(name=name, file=size)
-    print(row, flush=True)
-    rows.append(row)
+      for scan in (False, True):
+        cmd = [sys.executable, "-m", "benchmarks.hf_load_memory", "--measure",
+               d, "--param-dtype", args.param_dtype]
+        if scan:
+          cmd.append("--scan-layers")
+        env = dict(os.environ, JAX_PLATFORMS="cpu")
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True,
+                             env=env).stdout
+        row = json.loads(out.strip().splitlines()[-1])
+        row.update(name=name, file=size, scan=scan)
+        print(row, flush=True)
+        rows.append(row)
   g = lambda b: f"{b / GiB:.2f}"
   lines = [
       "# Host memory of loading a Hugging Face LLaMA checkpoint", "",
       common.machine_line(), "",
-      "Command: `" + " ".join(["python -m benchmarks.hf_load_memory"] + list(
-          sys.argv[1:] if argv is None else argv)) + "`", "",
+      "Command: `python -m benchmarks.hf_load_memory --models "
+      f"{args.models} --param-dtype {args.param_dtype}` (and `--dir` where "
+      "the disk has room)", "",
       f"Random bfloat16 checkpoints (one `model.safetensors` each), loaded by "
       f"`hf.load` in a fresh process onto one CPU device as "
-      f"{args.param_dtype}{', scanned layers' if args.scan_layers else ''}. "
+      f"{args.param_dtype}, per layer (unscanned) and stacked (scanned: each "
+      "stacked leaf filled one layer at a time on the device). "
       "On a CPU the loaded arrays are host memory themselves; the overhead "
       "is what loading needs beyond them (on a GPU or TPU the host peak is "
       "the RSS before loading plus this overhead). GiB:", "",
-      "| shape | parameters | file | RSS before | peak RSS | loaded arrays | "
-      "overhead | largest tensor | load time |",
-      "|---|---|---|---|---|---|---|---|---|",
+      "| shape | layers | parameters | file | RSS before | peak RSS | "
+      "loaded arrays | overhead | largest tensor | load time |",
+      "|---|---|---|---|---|---|---|---|---|---|",
   ]
   for r in rows:
     lines.append(
-        f"| {r['name']} | {r['params'] / 1e9:.2f}B | {g(r['file'])} | "
+        f"| {r['name']} | {'scanned' if r['scan'] else 'unscanned'} | "
+        f"{r['params'] / 1e9:.2f}B | {g(r['file'])} | "
         f"{g(r['before'])} | {g(r['peak'])} | {g(r['arrays'])} | "
         f"{g(r['overhead'])} | {g(r['largest_tensor'])} | "
         f"{r['seconds']:.0f} s |")

@@ -85,3 +85,26 @@ def test_train_from_a_checkpoint_and_export(checkpoint, tmp_path):
   # at these weights (~1e-9 at 0.02): the weights come back within 1e-8.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(
       np.asarray(a), np.asarray(b), rtol=0, atol=1e-8), exported, params)
+
+
+def test_tokenizer_model_sets_the_vocabulary(llama_sp_model):
+  """Pretraining from scratch with an existing tokenizer: its kind is the
+  default --tokenizer and its vocabulary the model's."""
+  run = clirun.run_config(["--tokenizer-model", llama_sp_model])
+  assert (run.tokenizer, run.model) == ("sentencepiece", "tiny")
+  assert run.model_config().vocab_size == 32000
+  with pytest.raises(ValueError, match="is a sentencepiece tokenizer, not "
+                     "--tokenizer huggingface"):
+    clirun.run_config(["--tokenizer-model", llama_sp_model,
+                       "--tokenizer", "huggingface"])
+  with pytest.raises(ValueError, match="--tokenizer huggingface needs "
+                     "--tokenizer-model"):
+    clirun.run_config(["--tokenizer", "huggingface"])
+
+
+def test_a_damaged_tokenizer_model_exits_2_naming_the_flag(tmp_path):
+  (tmp_path / "bad.model").write_bytes(b"\x01" * 64)
+  result = clirun.run(["--tokenizer-model", tmp_path / "bad.model"], tmp_path)
+  assert result.returncode == 2 and result.stderr.count("\n") == 1
+  assert "--tokenizer-model: " in result.stderr
+  assert "is not a SentencePiece model" in result.stderr

@@ -463,7 +463,10 @@ def _check_tokenizer(kind: str, model: str | None) -> None:
       raise ValueError("--tokenizer huggingface needs --tokenizer-model (a "
                        "tokenizer.json or a directory holding one)")
     return
-  found, _ = tok_lib.tokenizer_file(model)
+  try:
+    found, _ = tok_lib.tokenizer_file(model)
+  except ValueError as e:
+    raise ValueError(f"--tokenizer-model: {e}") from None
   if found != kind:
     raise ValueError(f"--tokenizer-model {model} is a {found} tokenizer, not "
                      f"--tokenizer {kind}; use --tokenizer {found} (or leave "
@@ -472,7 +475,10 @@ def _check_tokenizer(kind: str, model: str | None) -> None:
 
 @functools.lru_cache(maxsize=4)
 def _loaded_vocab_size(path: str) -> int:
-  return tok_lib.load_tokenizer(path).vocab_size
+  try:
+    return tok_lib.load_tokenizer(path).vocab_size
+  except (ValueError, ImportError) as e:
+    raise type(e)(f"--tokenizer-model: {e}") from None
 
 
 def flag_name(path: str) -> str:
