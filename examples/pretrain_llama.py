@@ -26,7 +26,9 @@ import signal
 import sys
 
 from subspace_jax import memory, models
+from subspace_jax.models import hf
 from subspace_jax.training import cli, loop, plan
+from subspace_jax.training import tokenizer as tok_lib
 from subspace_jax.training.checkpoint import UnreadableCheckpointError
 
 
@@ -96,7 +98,24 @@ def build_parser() -> argparse.ArgumentParser:
               formatter_class=cli.HelpFormatter)
   add = p.add_argument
 
-  cli.add_model_flags(p.add_argument_group("model"))
+  g = p.add_argument_group("model")
+  cli.add_model_flags(g)
+  # None: tiny, unless --init-from gives the model.
+  p.set_defaults(model=None)
+  model_flag = next(a for a in g._group_actions if a.dest == "model")  # pylint: disable=protected-access
+  model_flag.help += " (default: tiny; not with --init-from)"
+  g.add_argument(
+      "--init-from", default=None, metavar="DIR",
+      help="start from a Hugging Face LLaMA checkpoint (config.json and "
+           "model.safetensors, or an index of several): its config is the "
+           "model and its weights the start (default: random weights); its "
+           "tokenizer.model or tokenizer.json is the tokenizer unless "
+           "--tokenizer-model gives another")
+  g.add_argument(
+      "--export-hf", default=None, metavar="DIR",
+      help="when the run ends, write the trained model there as a Hugging "
+           "Face LLaMA checkpoint that transformers loads (model mode: the "
+           "merged W + P·B), with the tokenizer's files (default: none)")
   cli.add_optimizer_flags(p.add_argument_group("optimizer"))
 
   g = p.add_argument_group("data")
@@ -116,11 +135,19 @@ def build_parser() -> argparse.ArgumentParser:
   add("--eval-split", type=_optional, default="validation",
       help="held-out split to evaluate on ('none': no evaluation); it may "
            "not overlap --split")
-  add("--tokenizer", default="byte",
-      help="byte, or sentencepiece (trained on the training data and cached)")
+  add("--tokenizer", default=None,
+      help="byte, sentencepiece (--tokenizer-model's, else one trained on the "
+           "training data and cached) or huggingface (--tokenizer-model's "
+           "tokenizer.json); default: the kind of --tokenizer-model, else "
+           "byte")
+  add("--tokenizer-model", default=None, metavar="PATH",
+      help="an existing tokenizer: a SentencePiece .model, a Hugging Face "
+           "tokenizer.json or a directory holding one, with BOS/EOS/pad from "
+           "a tokenizer_config.json beside it (default: --init-from's, if it "
+           "has one)")
   add("--vocab-size", type=int, default=8000,
-      help="SentencePiece vocabulary size (the model's vocabulary is the "
-           "tokenizer's)")
+      help="vocabulary size of a SentencePiece model trained here (the "
+           "model's vocabulary is the tokenizer's)")
   add("--batch-size", type=int, default=16,
       help="global batch size, in sequences, over all devices and processes")
   add("--seq-len", type=int, default=64, help="tokens per sequence")
@@ -215,7 +242,15 @@ def run_config(args: argparse.Namespace) -> loop.RunConfig:
     ValueError: On an unknown model or optimizer, or another bad value.
   """
   _check_flags(args)
-  name = args.name or f"{args.model}_{args.optimizer}"
+  model = args.model or "tiny"
+  tokenizer, tokenizer_model = _tokenizer(args)
+  if args.rank is None:  # Hidden size / 4, as in the GaLore paper.
+    hidden = (_hf_config(args.init_from).hidden_size if args.init_from
+              else models.get_config(model).hidden_size)
+    args.rank = max(1, hidden // 4)
+  base = (os.path.basename(os.path.normpath(args.init_from))
+          if args.init_from is not None else model)
+  name = args.name or f"{base}_{args.optimizer}"
   run_dir = os.path.join("runs", name)
 
   def output(value: str | None, leaf: str) -> str | None:
@@ -223,10 +258,11 @@ def run_config(args: argparse.Namespace) -> loop.RunConfig:
 
   optimizer = cli.optimizer_config(args, args.schedule_steps or args.steps)
   return loop.RunConfig(
-      model=args.model, scan_layers=args.scan_layers, remat=args.remat,
+      model=model, init_from=args.init_from, export_hf=args.export_hf,
+      tokenizer_model=tokenizer_model, scan_layers=args.scan_layers, remat=args.remat,
       dtype=args.dtype, param_dtype=args.param_dtype, optimizer=optimizer,
       data=args.data, split=args.split, eval_split=args.eval_split,
-      data_dir=args.data_dir, text_key=args.text_key, tokenizer=args.tokenizer,
+      data_dir=args.data_dir, text_key=args.text_key, tokenizer=tokenizer,
       vocab_size=args.vocab_size, batch_size=args.batch_size,
       seq_len=args.seq_len, data_workers=args.data_workers, steps=args.steps, eval_every=args.eval_every,
       eval_batches=args.eval_batches, log_every=args.log_every,
@@ -248,10 +284,37 @@ def _check_flags(args: argparse.Namespace) -> None:
   Raises:
     ValueError: On the first bad value.
   """
-  if args.model not in models.CONFIGS:
+  if args.init_from is not None and args.model is not None:
+    raise ValueError("--model and --init-from exclude each other: the "
+                     "checkpoint's config.json is the model")
+  if args.model is not None and args.model not in models.CONFIGS:
     raise ValueError(f"--model: unknown model config {args.model!r}; known "
                      f"configs: {', '.join(models.CONFIGS)}")
   cli.check_optimizer_flags(args)
+
+
+def _hf_config(path: str):
+  try:
+    return hf.read_config(path)
+  except ValueError as e:
+    raise ValueError(f"--init-from: {e}") from None
+
+
+def _tokenizer(args: argparse.Namespace) -> tuple[str, str | None]:
+  """``(--tokenizer, --tokenizer-model)`` with their defaults resolved: the
+  kind of the tokenizer file, which --init-from's directory may give."""
+  path = args.tokenizer_model
+  if path is None and args.init_from is not None:
+    if any(os.path.isfile(os.path.join(args.init_from, name))
+           for name, _ in tok_lib.TOKENIZER_FILES):
+      path = args.init_from
+  if path is None:
+    return args.tokenizer or "byte", None
+  try:
+    kind, _ = tok_lib.tokenizer_file(path)
+  except ValueError as e:
+    raise ValueError(f"--tokenizer-model: {e}") from None
+  return args.tokenizer or kind, path
 
 
 def _exit_code(interrupted: str | None) -> int:

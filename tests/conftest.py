@@ -13,3 +13,28 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+
+import importlib.metadata
+import pathlib
+
+import pytest
+
+# The LLaMA SentencePiece model (vocab 32000) that the mistral-common package
+# ships; `pip install --no-deps mistral-common==1.13.1` (CI does) provides it.
+_LLAMA_SP = "mistral_common/data/tokenizer.model.v1"
+
+
+@pytest.fixture(scope="session")
+def llama_sp_model() -> pathlib.Path:
+  """The path of a real LLaMA-family SentencePiece model, found without
+  importing its package; the test is skipped without it."""
+  try:
+    dist = importlib.metadata.distribution("mistral_common")
+  except importlib.metadata.PackageNotFoundError:
+    pytest.skip("needs the LLaMA tokenizer of mistral-common: "
+                "pip install --no-deps mistral-common==1.13.1")
+  path = pathlib.Path(dist.locate_file(_LLAMA_SP))
+  if not path.is_file():
+    pytest.skip(f"mistral-common {dist.version} has no {_LLAMA_SP}")
+  return path

@@ -12,6 +12,7 @@ from flax import nnx
 import subspace_jax as sj
 from subspace_jax import models
 from subspace_jax.models import llama
+from reference_llama import numpy_forward, numpy_rope
 
 
 def _tiny(**overrides) -> llama.LlamaConfig:
@@ -260,23 +261,13 @@ def test_remat_policies_trade_memory_for_recomputation():
 # --------------------------------------------------------------------------
 
 
-def _numpy_rope(x: np.ndarray, positions: np.ndarray,
-                theta: float) -> np.ndarray:
-  """Reference RoPE: the pair (i, i + d/2) as a complex number, rotated."""
-  half = x.shape[-1] // 2
-  freqs = theta ** (-2.0 * np.arange(half) / x.shape[-1])
-  phase = np.exp(1j * np.outer(positions, freqs))  # [seq, half]
-  z = (x[..., :half] + 1j * x[..., half:]) * phase[None, :, None, :]
-  return np.concatenate([z.real, z.imag], axis=-1)
-
-
 def test_rope_matches_numpy_reference():
   rng = np.random.default_rng(0)
   x = rng.standard_normal((2, 7, 3, 16)).astype(np.float32)
   positions = np.array([0, 1, 2, 5, 9, 30, 63])
   cos, sin = llama.rope_cos_sin(jnp.asarray(positions), 16, 10000.0)
   got = llama.apply_rope(jnp.asarray(x), cos, sin)
-  np.testing.assert_allclose(got, _numpy_rope(x, positions, 10000.0),
+  np.testing.assert_allclose(got, numpy_rope(x, positions, 10000.0),
                              rtol=1e-5, atol=1e-5)
 
 
@@ -294,53 +285,141 @@ def test_rope_scores_depend_only_on_relative_position():
   assert score(7, 3) != pytest.approx(score(7, 5), rel=1e-2)
 
 
-def _numpy_forward(params, tokens: np.ndarray, cfg) -> np.ndarray:
-  """Independent float64 NumPy LLaMA forward pass for an unscanned model."""
-  w = jax.tree.map(lambda v: np.asarray(v, np.float64),
-                   nnx.to_pure_dict(params))
-
-  def rms_norm(x, scale):
-    return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + cfg.norm_eps) * scale
-
-  seq = tokens.shape[1]
-  heads, hd = cfg.num_heads, cfg.head_dim
-  positions = np.arange(seq)
-  causal = np.tril(np.ones((seq, seq), bool))
-  x = w["embed"]["embedding"][tokens]
-  for i in range(cfg.num_layers):
-    b = w["layers"][i]
-    h = rms_norm(x, b["attn_norm"]["scale"])
-    split = lambda y: y.reshape(*y.shape[:2], heads, hd)
-    q = _numpy_rope(split(h @ b["attn"]["q_proj"]["kernel"]), positions,
-                    cfg.rope_theta)
-    k = _numpy_rope(split(h @ b["attn"]["k_proj"]["kernel"]), positions,
-                    cfg.rope_theta)
-    v = split(h @ b["attn"]["v_proj"]["kernel"])
-    scores = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(hd)
-    scores = np.where(causal, scores, -np.inf)
-    probs = np.exp(scores - scores.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    attn = np.einsum("bhqk,bkhd->bqhd", probs, v).reshape(x.shape)
-    x = x + attn @ b["attn"]["o_proj"]["kernel"]
-    h = rms_norm(x, b["mlp_norm"]["scale"])
-    gate = h @ b["mlp"]["gate_proj"]["kernel"]
-    x = x + ((gate / (1 + np.exp(-gate))) * (h @ b["mlp"]["up_proj"]["kernel"])
-             ) @ b["mlp"]["down_proj"]["kernel"]
-  x = rms_norm(x, w["final_norm"]["scale"])
-  return x @ w["lm_head"]["kernel"]
+def _perturbed(params, seed: int = 9):
+  """Random norm scales and larger weights, so that every part matters."""
+  keys = iter(jax.random.split(jax.random.key(seed), 64))
+  return jax.tree.map(
+      lambda x: x * 5.0 + 0.3 * jax.random.normal(next(keys), x.shape), params)
 
 
 def test_forward_matches_numpy_reference(tiny_split):
   _, params, forward = tiny_split
-  # Random norm scales and larger weights so every part matters.
-  keys = iter(jax.random.split(jax.random.key(9), 64))
-  params = jax.tree.map(
-      lambda x: x * 5.0 + 0.3 * jax.random.normal(next(keys), x.shape), params)
+  params = _perturbed(params)
   tokens = np.asarray(_random_tokens(8, (2, 12), 256))
-  expected = _numpy_forward(params, tokens, _tiny())
+  expected = numpy_forward(params, tokens, _tiny())
   got = forward(params, jnp.asarray(tokens))
   assert float(np.std(expected)) > 0.1
   np.testing.assert_allclose(got, expected, rtol=2e-4, atol=2e-4)
+
+
+def _f64(**overrides) -> llama.LlamaConfig:
+  """A tiny float64 model: compared with the float64 NumPy reference it
+  agrees to ~1e-12 (logits of std ~10), so 1e-9 checks the computation
+  itself, not float32 rounding. Float64 attention is the model's own
+  einsum path (_attention_f64); the float32 runs check the
+  jax.nn.dot_product_attention path with the tolerance _F32_TOL."""
+  return _tiny(dtype=jnp.float64, param_dtype=jnp.float64, **overrides)
+
+
+# Float32 logits against the float64 reference: GQA's sharper attention on
+# the perturbed weights amplifies float32 rounding to ~1.5e-3 (logits of std
+# ~12); a wrong head grouping or a mask leak is off by O(1).
+_F32_TOL = dict(rtol=0, atol=1e-2)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(num_kv_heads=2),
+    dict(num_kv_heads=1, scan_layers=True, tie_embeddings=True),
+], ids=["gqa", "mqa-scanned-tied"])
+def test_grouped_query_attention_matches_numpy_reference(overrides):
+  with jax.enable_x64(True):
+    cfg = _f64(**overrides)
+    params = _perturbed(llama.ModelDef(cfg).init(0))
+    _check_against_reference(cfg, params, dict(rtol=1e-9, atol=1e-9))
+  cfg = _tiny(**overrides)
+  params = _perturbed(llama.ModelDef(cfg).init(0))
+  _check_against_reference(cfg, params, _F32_TOL)
+
+
+def _check_against_reference(cfg, params, tolerance):
+  shapes = {k: v["kernel"].shape for k, v in (
+      params["layers"][0] if not cfg.scan_layers else params["layers"]
+  )["attn"].items()}
+  kv = cfg.kv_heads * cfg.head_dim
+  assert shapes["k_proj"][-1] == shapes["v_proj"][-1] == kv < cfg.hidden_size
+  assert ("lm_head" in params) != cfg.tie_embeddings
+  assert sum(x.size for x in jax.tree.leaves(params)) == llama.param_count(cfg)
+  tokens = np.asarray(_random_tokens(8, (2, 12), 256))
+  got = jax.jit(lambda p, t: llama.forward(cfg, p, t))(params, tokens)
+  assert got.dtype == cfg.dtype
+  np.testing.assert_allclose(got, numpy_forward(params, tokens, cfg),
+                             **tolerance)
+
+
+def test_config_refuses_kv_heads_that_do_not_divide_heads():
+  with pytest.raises(ValueError, match="num_kv_heads=3 must be a positive "
+                     "int that divides num_heads=4") as info:
+    _tiny(num_kv_heads=3)
+  assert "\n" not in str(info.value)
+
+
+def _packed_segments() -> np.ndarray:
+  """Row 0: examples of 5, 4 and 3 tokens; row 1: one of 7, then padding
+  (its own segment)."""
+  return np.array([[1] * 5 + [2] * 4 + [3] * 3,
+                   [4] * 7 + [0] * 5], np.int32)
+
+
+def test_packed_segments_do_not_attend_across_boundaries():
+  """The logits of each packed example are those of the example alone (an
+  independent check: RoPE depends on relative positions only), and match
+  the NumPy reference with its segment mask (float64, as above)."""
+  # Both layouts (the segment ids pass through the scan as a constant),
+  # one of each dtype to keep the test short.
+  with jax.enable_x64(True):
+    _check_packed(_f64(num_kv_heads=2, scan_layers=True),
+                  dict(rtol=1e-9, atol=1e-9))
+  _check_packed(_tiny(num_kv_heads=2), _F32_TOL)
+
+
+def _check_packed(cfg, tolerance):
+  params = _perturbed(llama.ModelDef(cfg).init(0))
+  segments = _packed_segments()
+  tokens = np.asarray(_random_tokens(3, segments.shape, 256))
+  fwd = jax.jit(lambda p, t, s: llama.forward(cfg, p, t, s))
+  got = np.asarray(fwd(params, tokens, segments))
+  np.testing.assert_allclose(got, numpy_forward(params, tokens, cfg, segments),
+                             **tolerance)
+  alone = jax.jit(lambda p, t: llama.forward(cfg, p, t))
+  for row in range(2):
+    for seg in np.unique(segments[row]):
+      cols = np.flatnonzero(segments[row] == seg)
+      single = np.asarray(alone(params, tokens[row:row + 1, cols]))[0]
+      np.testing.assert_allclose(got[row, cols], single, **tolerance)
+  # Without the segments the later examples do see the earlier ones.
+  unpacked = np.asarray(fwd(params, tokens, np.zeros_like(segments)))
+  assert not np.allclose(unpacked[0, 5:], got[0, 5:], atol=1e-3)
+  np.testing.assert_allclose(unpacked, np.asarray(alone(params, tokens)),
+                             **tolerance)
+
+
+def test_loss_mask_and_segments_in_the_model_loss():
+  """ModelDef.loss with "segment_ids" and "loss_mask": the mean NumPy
+  cross-entropy of the reference logits over the masked targets."""
+  with jax.enable_x64(True):
+    _check_masked_loss(_f64(num_kv_heads=2))
+
+
+def _check_masked_loss(cfg):
+  model = llama.ModelDef(cfg)
+  params = _perturbed(model.init(0))
+  segments = _packed_segments()
+  tokens = np.asarray(_random_tokens(4, (2, 13), 256))
+  mask = (np.random.default_rng(0).random(segments.shape) > 0.5).astype(
+      np.float64)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+           "segment_ids": segments, "loss_mask": mask}
+  logits = numpy_forward(params, batch["inputs"], cfg, segments)
+  shifted = logits - logits.max(-1, keepdims=True)
+  log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+  nll = -np.take_along_axis(log_probs, batch["targets"][..., None], -1)[..., 0]
+  got = jax.jit(model.loss)(params, batch)
+  np.testing.assert_allclose(got, (nll * mask).sum() / mask.sum(), rtol=1e-10)
+  plain = jax.jit(model.loss)(params, {"inputs": batch["inputs"],
+                                       "targets": batch["targets"]})
+  assert not np.isclose(float(plain), float(got), rtol=1e-3)
+  with pytest.raises(ValueError, match="segment_ids shape"):
+    model.loss(params, dict(batch, segment_ids=segments[:, :5]))
 
 
 def test_changing_a_token_does_not_change_earlier_logits(tiny_split):

@@ -13,13 +13,20 @@ with ``nnx.get_partition_spec`` or :func:`param_logical_axes`):
 weight                    shape                 logical axes
 ========================  ====================  =========================
 embed.embedding           (vocab, embed)        ('vocab', 'embed')
-attn.{q,k,v}_proj.kernel  (embed, heads*kv)     ('embed', 'heads')
+attn.q_proj.kernel        (embed, heads*kv)     ('embed', 'heads')
+attn.{k,v}_proj.kernel    (embed, kv_heads*kv)  ('embed', 'heads')
 attn.o_proj.kernel        (heads*kv, embed)     ('heads', 'embed')
 mlp.{gate,up}_proj.kernel (embed, mlp)          ('embed', 'mlp')
 mlp.down_proj.kernel      (mlp, embed)          ('mlp', 'embed')
 *_norm.scale              (embed,)              ('norm',)
 lm_head.kernel            (embed, vocab)        ('embed', 'vocab')
 ========================  ====================  =========================
+
+With ``num_kv_heads < num_heads`` (grouped-query attention) the keys and
+values have fewer heads than the queries, and query head ``n`` reads
+key/value head ``n // (num_heads // num_kv_heads)``, as in the Hugging Face
+LLaMA. With ``tie_embeddings`` there is no lm_head: the logits are
+``x @ embed.embedding.T``.
 
 The attention projections are deliberately plain 2-D matrices (the head axis
 is folded into the 'heads' dimension), so that a low-rank optimizer can treat
@@ -88,6 +95,10 @@ class LlamaConfig:
       :data:`REMAT_POLICIES` (``True`` is ``"full"``, ``False`` ``"none"``).
     init_std: Standard deviation of the normal initializer of every matrix
       (norm scales start at one).
+    num_kv_heads: Number of key/value heads (grouped-query attention); must
+      divide ``num_heads``. None: ``num_heads`` (multi-head attention).
+    tie_embeddings: Compute the logits with the token embedding
+      (``x @ embedding.T``) instead of a separate lm_head.
   """
 
   vocab_size: int
@@ -103,6 +114,8 @@ class LlamaConfig:
   scan_layers: bool = False
   remat: bool | str = "none"
   init_std: float = 0.02
+  num_kv_heads: int | None = None
+  tie_embeddings: bool = False
 
   def __post_init__(self):
     for name in ("vocab_size", "hidden_size", "intermediate_size",
@@ -115,6 +128,11 @@ class LlamaConfig:
       raise ValueError(
           f"LlamaConfig.hidden_size={self.hidden_size} is not divisible by "
           f"num_heads={self.num_heads}")
+    kv = self.num_kv_heads
+    if kv is not None and (not isinstance(kv, int) or isinstance(kv, bool)
+                           or kv <= 0 or self.num_heads % kv):
+      raise ValueError(f"LlamaConfig.num_kv_heads={kv!r} must be a positive "
+                       f"int that divides num_heads={self.num_heads}")
     if (self.hidden_size // self.num_heads) % 2:
       raise ValueError(
           f"head dim {self.hidden_size // self.num_heads} must be even for "
@@ -134,6 +152,11 @@ class LlamaConfig:
   def head_dim(self) -> int:
     """Size of one attention head (the 'kv' axis)."""
     return self.hidden_size // self.num_heads
+
+  @property
+  def kv_heads(self) -> int:
+    """Number of key/value heads (``num_kv_heads``, else ``num_heads``)."""
+    return self.num_kv_heads or self.num_heads
 
 
 # What the backward pass keeps of a block (jax.checkpoint policies); the rest
@@ -204,10 +227,11 @@ def param_count(config: LlamaConfig) -> int:
     Embedding + lm_head + blocks + final norm parameter count.
   """
   d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
-  attention = 4 * d * d
+  attention = 2 * d * d + 2 * d * config.kv_heads * config.head_dim
   mlp = 3 * d * f
   norms = 2 * d
-  return 2 * v * d + config.num_layers * (attention + mlp + norms) + d
+  embeddings = (1 if config.tie_embeddings else 2) * v * d
+  return embeddings + config.num_layers * (attention + mlp + norms) + d
 
 
 # --------------------------------------------------------------------------
@@ -370,45 +394,60 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
 
 
 class Attention(nnx.Module):
-  """Causal multi-head self-attention with RoPE and 2-D projection kernels."""
+  """Causal self-attention with RoPE and 2-D projection kernels; grouped-query
+  when the config has fewer key/value heads than query heads."""
 
   def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
     d = config.hidden_size
+    kv = config.kv_heads * config.head_dim
     self.num_heads = config.num_heads
+    self.kv_heads = config.kv_heads
     self.head_dim = config.head_dim
     self.q_proj = _linear(config, d, d, ("embed", "heads"), rngs)
-    self.k_proj = _linear(config, d, d, ("embed", "heads"), rngs)
-    self.v_proj = _linear(config, d, d, ("embed", "heads"), rngs)
+    self.k_proj = _linear(config, d, kv, ("embed", "heads"), rngs)
+    self.v_proj = _linear(config, d, kv, ("embed", "heads"), rngs)
     self.o_proj = _linear(config, d, d, ("heads", "embed"), rngs)
 
-  def __call__(self, x: Array, cos: Array, sin: Array) -> Array:
+  def __call__(self, x: Array, cos: Array, sin: Array,
+               segment_ids: Array | None = None) -> Array:
     batch, seq, _ = x.shape
-    split = lambda y: constrain(
-        y.reshape(batch, seq, self.num_heads, self.head_dim),
+    split = lambda y, heads: constrain(
+        y.reshape(batch, seq, heads, self.head_dim),
         ("batch", None, "heads", None))
-    q = apply_rope(split(self.q_proj(x)), cos, sin)
-    k = apply_rope(split(self.k_proj(x)), cos, sin)
-    v = split(self.v_proj(x))
+    q = apply_rope(split(self.q_proj(x), self.num_heads), cos, sin)
+    k = apply_rope(split(self.k_proj(x), self.kv_heads), cos, sin)
+    v = split(self.v_proj(x), self.kv_heads)
+    # Packed sequences: a token attends to the earlier tokens of its own
+    # segment only. RoPE scores depend on relative positions alone, so the
+    # positions need not restart at each segment.
+    mask = None
+    if segment_ids is not None:
+      mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
     if q.dtype == jnp.float64:
-      out = _attention_f64(q, k, v)
+      out = _attention_f64(q, k, v, mask)
     else:
-      out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
     out = constrain(checkpoint_name(out, "attention"),
                     ("batch", None, "heads", None))
     return self.o_proj(out.reshape(batch, seq, -1))
 
 
-def _attention_f64(q: Array, k: Array, v: Array) -> Array:
-  """Causal attention entirely in float64.
+def _attention_f64(q: Array, k: Array, v: Array,
+                   mask: Array | None = None) -> Array:
+  """Causal (grouped-query) attention entirely in float64.
 
   ``jax.nn.dot_product_attention`` always takes its softmax in float32; a
   float64 model (used to compare computations without float32 rounding)
   needs every step in float64.
   """
+  groups = q.shape[2] // k.shape[2]
+  k, v = (jnp.repeat(a, groups, axis=2) for a in (k, v))
   logits = jnp.einsum("btnh,bsnh->bnts", q, k) / jnp.sqrt(q.shape[-1])
   seq = q.shape[1]
-  causal = jnp.tril(jnp.ones((seq, seq), bool))
-  logits = jnp.where(causal, logits, -jnp.inf)
+  allowed = jnp.tril(jnp.ones((seq, seq), bool))
+  if mask is not None:
+    allowed = allowed & mask
+  logits = jnp.where(allowed, logits, -jnp.inf)
   return jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(logits, axis=-1), v)
 
 
@@ -439,13 +478,15 @@ class Block(nnx.Module):
     self.mlp_norm = norm()
     self.mlp = MLP(config, rngs=rngs)
 
-  def __call__(self, x: Array, cos: Array, sin: Array) -> Array:
-    x = x + self.attn(self.attn_norm(x), cos, sin)
+  def __call__(self, x: Array, cos: Array, sin: Array,
+               segment_ids: Array | None = None) -> Array:
+    x = x + self.attn(self.attn_norm(x), cos, sin, segment_ids)
     return x + self.mlp(self.mlp_norm(x))
 
 
-def _run_block(block: Block, x: Array, cos: Array, sin: Array) -> Array:
-  return block(x, cos, sin)
+def _run_block(block: Block, x: Array, cos: Array, sin: Array,
+               segment_ids: Array | None) -> Array:
+  return block(x, cos, sin, segment_ids)
 
 
 _SCAN_METADATA = {nnx.PARTITION_NAME: "layers"}
@@ -479,9 +520,10 @@ class Llama(nnx.Module):
     self.final_norm = RMSNorm(config.hidden_size, eps=config.norm_eps,
                               dtype=config.dtype,
                               param_dtype=config.param_dtype)
-    self.lm_head = _linear(config, config.hidden_size, config.vocab_size,
-                           ("embed", "vocab"), rngs,
-                           preferred_element_type=_at_least_f32(config.dtype))
+    if not config.tie_embeddings:
+      self.lm_head = _linear(
+          config, config.hidden_size, config.vocab_size, ("embed", "vocab"),
+          rngs, preferred_element_type=_at_least_f32(config.dtype))
 
   def _check_tokens(self, tokens: Any) -> Array:
     dtype = getattr(tokens, "dtype", None)
@@ -496,21 +538,39 @@ class Llama(nnx.Module):
                        f"max_seq_len={self.config.max_seq_len}")
     return jnp.asarray(tokens)
 
-  def __call__(self, tokens: Array) -> Array:
+  def _check_segments(self, segment_ids: Any, tokens: Array) -> Array | None:
+    if segment_ids is None:
+      return None
+    dtype = getattr(segment_ids, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
+      raise TypeError(f"segment_ids must be an integer array, got "
+                      f"{dtype or type(segment_ids).__name__}")
+    if tuple(segment_ids.shape) != tuple(tokens.shape):
+      raise ValueError(f"segment_ids shape {tuple(segment_ids.shape)} does "
+                       f"not match tokens shape {tuple(tokens.shape)}")
+    return jnp.asarray(segment_ids)
+
+  def __call__(self, tokens: Array, segment_ids: Array | None = None
+               ) -> Array:
     """Computes next-token logits.
 
     Args:
       tokens: int32 token ids, shape ``[batch, seq]``.
+      segment_ids: Optional integer ids, shape ``[batch, seq]``, of the
+        packed examples the tokens belong to: a token attends only to the
+        tokens before it with the same id. None: one sequence per row.
 
     Returns:
       float32 logits (float64 for a float64 model), shape ``[batch, seq, vocab]``.
 
     Raises:
-      TypeError: If ``tokens`` is not an integer array.
-      ValueError: If ``tokens`` is not 2-D or longer than ``max_seq_len``.
+      TypeError: If ``tokens`` (or ``segment_ids``) is not an integer array.
+      ValueError: If ``tokens`` is not 2-D or longer than ``max_seq_len``,
+        or ``segment_ids`` is not of its shape.
     """
     cfg = self.config
     tokens = self._check_tokens(tokens)
+    segment_ids = self._check_segments(segment_ids, tokens)
     x = constrain(self.embed(tokens), _HIDDEN)
     cos, sin = rope_cos_sin(jnp.arange(tokens.shape[1]), cfg.head_dim,
                             cfg.rope_theta, _at_least_f32(cfg.dtype))
@@ -520,18 +580,25 @@ class Llama(nnx.Module):
       block_fn = nnx.remat(_run_block, prevent_cse=not cfg.scan_layers,
                            policy=REMAT_POLICIES[cfg.remat])
     if cfg.scan_layers:
-      def body(block: Block, h: Array, c: Array, s: Array) -> Array:
-        return constrain(block_fn(block, h, c, s), _HIDDEN)
+      def body(block: Block, h: Array, c: Array, s: Array, seg) -> Array:
+        return constrain(block_fn(block, h, c, s, seg), _HIDDEN)
 
-      scan = nnx.scan(body, in_axes=(0, nnx.Carry, None, None),
+      scan = nnx.scan(body, in_axes=(0, nnx.Carry, None, None, None),
                       out_axes=nnx.Carry, transform_metadata=_SCAN_METADATA)
-      x = scan(self.layers, x, cos, sin)
+      x = scan(self.layers, x, cos, sin, segment_ids)
     else:
       for block in self.layers:
-        x = constrain(block_fn(block, x, cos, sin), _HIDDEN)
+        x = constrain(block_fn(block, x, cos, sin, segment_ids), _HIDDEN)
     x = self.final_norm(x)
-    logits = constrain(self.lm_head(x), ("batch", None, "vocab"))
-    return logits.astype(_at_least_f32(cfg.dtype))
+    acc = _at_least_f32(cfg.dtype)
+    if cfg.tie_embeddings:
+      logits = _wide_output_matmul(
+          x.astype(cfg.dtype), self.embed.embedding[...].T.astype(cfg.dtype),
+          acc)
+    else:
+      logits = self.lm_head(x)
+    logits = constrain(logits, ("batch", None, "vocab"))
+    return logits.astype(acc)
 
 
 # --------------------------------------------------------------------------
@@ -547,18 +614,20 @@ def init(config: LlamaConfig, seed: int = 0) -> tuple[nnx.GraphDef, nnx.State]:
   return nnx.split(Llama(config, rngs=nnx.Rngs(seed)), nnx.Param)
 
 
-def apply(graphdef: nnx.GraphDef, params: nnx.State, tokens: Array) -> Array:
+def apply(graphdef: nnx.GraphDef, params: nnx.State, tokens: Array,
+          segment_ids: Array | None = None) -> Array:
   """Pure forward pass: logits of ``nnx.merge(graphdef, params)(tokens)``.
 
   Args:
     graphdef: From ``nnx.split(model, nnx.Param)``.
     params: The matching ``nnx.Param`` state (may be a traced pytree).
     tokens: int32 token ids, shape ``[batch, seq]``.
+    segment_ids: Optional packed-example ids (see :meth:`Llama.__call__`).
 
   Returns:
     float32 logits (float64 for a float64 model), shape ``[batch, seq, vocab]``.
   """
-  return nnx.merge(graphdef, params)(tokens)
+  return nnx.merge(graphdef, params)(tokens, segment_ids)
 
 
 def cross_entropy_loss(logits: Array, targets: Array,
@@ -718,16 +787,54 @@ class ModelDef:
     """Fresh parameters (a plain nested dict)."""
     return nnx.to_pure_dict(init(self.config, seed)[1])
 
-  def apply(self, params: dict, tokens: Array) -> Array:
+  def apply(self, params: dict, tokens: Array,
+            segment_ids: Array | None = None) -> Array:
     """Logits; a leaf of ``params`` may be a
     :class:`~subspace_jax.factored.Factored` kernel (model mode)."""
     leaves = jax.tree.leaves(
         params, is_leaf=lambda x: isinstance(x, factored.Factored))
     state = jax.tree.unflatten(self._treedef, leaves)
-    return apply(self.graphdef, state, tokens)
+    return apply(self.graphdef, state, tokens, segment_ids)
 
   def loss(self, params: dict, batch: dict) -> Array:
     """Mean next-token cross-entropy of ``batch["inputs"]`` against
-    ``batch["targets"]``."""
-    logits = self.apply(params, batch["inputs"])
-    return cross_entropy_loss(logits, batch["targets"])
+    ``batch["targets"]``.
+
+    Optional entries of ``batch`` (all ``[batch, seq]``):
+    ``"segment_ids"`` (packed examples; no attention across them) and
+    ``"loss_mask"`` (weights of the targets, e.g. 1 on response tokens and
+    0 on prompt tokens; the mean is over the masked targets).
+    """
+    logits = self.apply(params, batch["inputs"], batch.get("segment_ids"))
+    return cross_entropy_loss(logits, batch["targets"],
+                              batch.get("loss_mask"))
+
+
+@functools.lru_cache(maxsize=8)
+def _model_def(config: LlamaConfig) -> ModelDef:
+  return ModelDef(config)
+
+
+def forward(config: LlamaConfig, params: Any, tokens: Array,
+            segment_ids: Array | None = None) -> Array:
+  """Logits of the model of ``config`` with the trainer's parameters.
+
+  Args:
+    config: The model's configuration.
+    params: A plain nested dict of arrays, as the trainer holds them (in
+      transform mode; :func:`subspace_jax.models.hf.load` returns one); a
+      leaf may be a :class:`~subspace_jax.factored.Factored` kernel.
+    tokens: int32 token ids, shape ``[batch, seq]``.
+    segment_ids: Optional packed-example ids (see :meth:`Llama.__call__`).
+
+  Returns:
+    float32 logits (float64 for a float64 model), shape
+    ``[batch, seq, vocab]``.
+
+  Example:
+    >>> cfg = get_config("tiny")
+    >>> params = ModelDef(cfg).init(0)
+    >>> forward(cfg, params, jnp.zeros((2, 8), jnp.int32)).shape
+    (2, 8, 256)
+  """
+  return _model_def(config).apply(params, tokens, segment_ids)

@@ -10,6 +10,7 @@ settings with a checkpoint's (:data:`RESUME_SAFE_FIELDS` may change,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from typing import Any, Mapping
@@ -20,6 +21,7 @@ import numpy as np
 
 import subspace_jax as sj
 from subspace_jax import models
+from subspace_jax.models import hf
 from subspace_jax.training import tokenizer as tok_lib
 from subspace_jax.training import train as train_lib
 
@@ -43,12 +45,20 @@ RESUME_SAFE_FIELDS = (
     "steps", "eval_every", "eval_batches", "eval_split", "log_every", "mesh",
     "dtype", "remat", "data_dir", "checkpoint_dir", "checkpoint_every", "keep",
     "resume", "allow_changes", "metrics_path", "tensorboard_dir", "progress",
-    "max_bad_steps", "data_workers",
+    "max_bad_steps", "data_workers", "export_hf",
     "coordinator", "num_processes", "process_id")
 RESUME_ALTERING_FIELDS = (
     "model", "scan_layers", "param_dtype", "model_overrides", "optimizer",
-    "data", "split", "text_key", "tokenizer", "vocab_size", "batch_size",
-    "seq_len", "seed")
+    "data", "split", "text_key", "tokenizer", "tokenizer_model", "vocab_size",
+    "batch_size", "seq_len", "seed", "init_from")
+
+TOKENIZERS = ("byte", "sentencepiece", "huggingface")
+"""Values of :attr:`RunConfig.tokenizer`."""
+
+# LlamaConfig fields that are left out of the checkpoints' model key while
+# they have these values, so checkpoints written before the fields existed
+# still resume.
+_KEY_DEFAULTS = {"num_kv_heads": None, "tie_embeddings": False}
 
 # Command-line flags of the fields whose flag is not "--" + the name with
 # dashes; optimizer fields are "optimizer.NAME". Fields without a flag keep
@@ -102,9 +112,16 @@ class RunConfig:
       no evaluation).
     data_dir: TFDS data directory.
     text_key: TFDS text feature.
-    tokenizer: ``"byte"`` or ``"sentencepiece"`` (trained on the training
-      split, cached).
-    vocab_size: SentencePiece vocabulary size (the byte tokenizer's is 259).
+    tokenizer: ``"byte"``, ``"sentencepiece"`` (``tokenizer_model``, or
+      else one trained on the training split and cached) or
+      ``"huggingface"`` (the ``tokenizer.json`` of ``tokenizer_model``).
+    tokenizer_model: An existing tokenizer: a SentencePiece ``.model``, a
+      Hugging Face ``tokenizer.json`` or a directory holding one
+      (:func:`~subspace_jax.training.tokenizer.load_tokenizer`); ``tokenizer``
+      must be its kind. The model's vocabulary is then its own (or, with
+      ``init_from``, the checkpoint's, which may be larger).
+    vocab_size: SentencePiece vocabulary size when one is trained (the byte
+      tokenizer's is 259).
     batch_size: Global batch size (sequences per step, all processes).
     seq_len: Tokens per sequence.
     data_workers: grain worker processes that read, tokenize and pack a
@@ -132,6 +149,15 @@ class RunConfig:
     max_bad_steps: Stop with :class:`NonFiniteError` after this many
       consecutive steps whose loss or gradient is not finite (each one is
       skipped: it leaves the state unchanged).
+    init_from: A Hugging Face LLaMA checkpoint directory to start from
+      (:func:`subspace_jax.models.hf.load`): its ``config.json`` is the model
+      (``model`` is not used; ``scan_layers``, ``remat``, the dtypes and
+      ``seq_len`` still apply) and its weights the starting point. A
+      resumed run continues from its own checkpoint.
+    export_hf: Directory to write the trained model to, as a Hugging Face
+      checkpoint (:func:`subspace_jax.models.hf.save`), when the run ends
+      (not when a signal stops it); with the tokenizer's files when it was
+      loaded from ``tokenizer_model``.
     coordinator: ``host:port`` of process 0 for multi-process runs.
     num_processes: Number of processes.
     process_id: This process's index.
@@ -183,6 +209,7 @@ class RunConfig:
   data_dir: str | None = None
   text_key: str = "text"
   tokenizer: str = "byte"
+  tokenizer_model: str | None = None
   vocab_size: int = 8000
   batch_size: int = 16
   seq_len: int = 64
@@ -202,6 +229,8 @@ class RunConfig:
   tensorboard_dir: str | None = None
   progress: bool = True
   max_bad_steps: int = 10
+  init_from: str | None = None
+  export_hf: str | None = None
   coordinator: str | None = None
   num_processes: int | None = None
   process_id: int | None = None
@@ -227,9 +256,7 @@ class RunConfig:
     if len(self.mesh) != 3:
       raise ValueError(f"--mesh needs three sizes DATA,FSDP,TENSOR, got "
                        f"{self.mesh}")
-    if self.tokenizer not in ("byte", "sentencepiece"):
-      raise ValueError(f"unknown tokenizer {self.tokenizer!r}; choose byte or "
-                       "sentencepiece")
+    _check_tokenizer(self.tokenizer, self.tokenizer_model)
     own = sorted(set(self.model_overrides) & set(_OWN_FIELDS))
     if own:
       raise ValueError(f"model_overrides may not set {own}: vocab_size comes "
@@ -245,6 +272,8 @@ class RunConfig:
     """The vocabulary size the tokenizer will have (the model's too)."""
     if self.tokenizer == "byte":
       return tok_lib.ByteTokenizer.vocab_size
+    if self.tokenizer_model is not None:
+      return _loaded_vocab_size(self.tokenizer_model)
     return self.vocab_size
 
   def model_config(self) -> Any:
@@ -252,7 +281,18 @@ class RunConfig:
 
     The vocabulary is the tokenizer's, and ``max_seq_len`` is raised to
     ``seq_len`` when shorter (it only bounds the input; RoPE has no table).
+    With ``init_from`` the model is the checkpoint's ``config.json``.
     """
+    if self.init_from is not None:
+      base = hf.read_config(self.init_from)
+      try:
+        return hf.read_config(
+            self.init_from, scan_layers=self.scan_layers, remat=self.remat,
+            dtype=self.dtype, param_dtype=self.param_dtype,
+            max_seq_len=max(base.max_seq_len, self.seq_len),
+            **self.model_overrides)
+      except ValueError as e:
+        raise ValueError(f"--init-from: {e}") from None
     base = models.get_config(self.model)
     try:
       return models.get_config(
@@ -277,6 +317,8 @@ class RunConfig:
     for field in dataclasses.fields(cfg):
       if field.name not in ("dtype", "remat", "max_seq_len"):
         value = getattr(cfg, field.name)
+        if field.name in _KEY_DEFAULTS and value == _KEY_DEFAULTS[field.name]:
+          continue
         key[field.name] = _dtype_name(value) if field.name == "param_dtype" else value
     return key
 
@@ -392,7 +434,8 @@ def _check_run(cfg: RunConfig) -> None:
   if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
     raise ValueError(f"--mesh sizes must be >= 1, or -1 for one of them (the "
                      f"rest of the devices), got {','.join(map(str, sizes))}")
-  if cfg.tokenizer == "sentencepiece" and cfg.vocab_size < _SPM_MIN_VOCAB:
+  if (cfg.tokenizer == "sentencepiece" and cfg.tokenizer_model is None
+      and cfg.vocab_size < _SPM_MIN_VOCAB):
     raise ValueError(f"--vocab-size must be >= {_SPM_MIN_VOCAB} for the "
                      f"SentencePiece tokenizer, got {cfg.vocab_size}")
   evaluates = bool(cfg.eval_every and cfg.eval_split)
@@ -414,6 +457,35 @@ def _check_run(cfg: RunConfig) -> None:
         f"--split and --eval-split are both {cfg.split!r}, so the evaluation "
         "would measure training documents; use another --eval-split, or "
         "--eval-split none")
+
+
+def _check_tokenizer(kind: str, model: str | None) -> None:
+  """Refuses a tokenizer kind that is unknown or not the kind of
+  ``--tokenizer-model``."""
+  if kind not in TOKENIZERS:
+    raise ValueError(f"unknown tokenizer {kind!r}; choose "
+                     f"{', '.join(TOKENIZERS)}")
+  if model is None:
+    if kind == "huggingface":
+      raise ValueError("--tokenizer huggingface needs --tokenizer-model (a "
+                       "tokenizer.json or a directory holding one)")
+    return
+  try:
+    found, _ = tok_lib.tokenizer_file(model)
+  except ValueError as e:
+    raise ValueError(f"--tokenizer-model: {e}") from None
+  if found != kind:
+    raise ValueError(f"--tokenizer-model {model} is a {found} tokenizer, not "
+                     f"--tokenizer {kind}; use --tokenizer {found} (or leave "
+                     "--tokenizer out)")
+
+
+@functools.lru_cache(maxsize=4)
+def _loaded_vocab_size(path: str) -> int:
+  try:
+    return tok_lib.load_tokenizer(path).vocab_size
+  except (ValueError, ImportError) as e:
+    raise type(e)(f"--tokenizer-model: {e}") from None
 
 
 def flag_name(path: str) -> str:
@@ -446,8 +518,8 @@ def _flat_settings(run: Mapping[str, Any]) -> dict[str, Any]:
       flat.update({f"optimizer.{k}": v for k, v in value.items()})
     else:
       flat[key] = value
-  if flat.get("tokenizer") == "byte":
-    flat.pop("vocab_size", None)  # The byte tokenizer has its own.
+  if flat.get("tokenizer") == "byte" or flat.get("tokenizer_model"):
+    flat.pop("vocab_size", None)  # The tokenizer has its own.
   return flat
 
 

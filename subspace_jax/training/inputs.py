@@ -37,8 +37,11 @@ def _data_error(error: data_lib.DataError) -> data_lib.DataError:
 
 
 def make_tokenizer(cfg: RunConfig) -> tok_lib.Tokenizer:
-  """The run's tokenizer; a SentencePiece model is trained (or found in the
-  cache) on the first documents of the training split."""
+  """The run's tokenizer: ``--tokenizer-model``'s, or else a SentencePiece
+  model is trained (or found in the cache) on the first documents of the
+  training split."""
+  if cfg.tokenizer_model is not None:
+    return tok_lib.load_tokenizer(cfg.tokenizer_model)
   if cfg.tokenizer == "byte":
     return tok_lib.ByteTokenizer()
   corpus = None  # The embedded corpus's training split, get_tokenizer's default.

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -53,6 +54,7 @@ import jax
 import numpy as np
 
 from subspace_jax import models
+from subspace_jax.models import hf
 from subspace_jax.training import config as config_lib
 from subspace_jax.training import data as data_lib
 from subspace_jax.training import inputs
@@ -153,6 +155,8 @@ def _restore_or_init(cfg, setup, ckpt, train_iter) -> tuple[Any, int]:
         f"{latest}) and resuming is off; use another --checkpoint-dir or drop "
         "--no-resume")
   if latest is None:
+    if cfg.init_from is not None:
+      return _init_from_hf(cfg, setup), 0
     return setup.init(cfg.seed), 0
   # The settings first, from the newest checkpoint's config alone (quick);
   # another model is left to the checkpointer, which names it as such.
@@ -170,6 +174,40 @@ def _restore_or_init(cfg, setup, ckpt, train_iter) -> tuple[Any, int]:
     if line:
       info(line)
   return restored.state, restored.step
+
+
+def _init_from_hf(cfg: RunConfig, setup) -> Any:
+  """The state that starts from the weights of ``--init-from``, each
+  loaded straight into its sharding."""
+  model_config = cfg.model_config()
+  overrides = {f: getattr(model_config, f) for f in (
+      "scan_layers", "remat", "dtype", "param_dtype", "max_seq_len")}
+  loaded_config, params = hf.load(cfg.init_from, mesh=setup.mesh, **overrides)
+  if loaded_config != model_config:  # config.json changed since the start.
+    raise ValueError(f"--init-from {cfg.init_from}: its config.json changed "
+                     "while the run started; start again")
+  info(f"starting from the weights of {cfg.init_from}")
+  return setup.init_from(params)
+
+
+def _export(cfg: RunConfig, setup, state, tokenizer) -> None:
+  """Writes the trained model to ``--export-hf`` (merged ``W + P·B`` in
+  model mode), with the files of a loaded tokenizer."""
+  extra = {f"{role}_token_id": getattr(tokenizer, f"{role}_id", None)
+           for role in ("bos", "eos", "pad")}
+  hf.save(cfg.export_hf, cfg.model_config(), state.params,
+          subspace=setup.subspace, opt_state=state.opt_state,
+          extra_config={k: v for k, v in extra.items() if v is not None})
+  if cfg.tokenizer_model is not None and jax.process_index() == 0:
+    source = tokenizer.model_path  # Saved under the name loaders expect.
+    copies = {source: "tokenizer.json" if cfg.tokenizer == "huggingface"
+              else "tokenizer.model"}
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+      if (source.parent / name).is_file():
+        copies[source.parent / name] = name
+    for path, name in copies.items():
+      shutil.copyfile(path, os.path.join(cfg.export_hf, name))
+  info(f"exported the model to {cfg.export_hf} (Hugging Face LLaMA)")
 
 
 def _restore_data_state(cfg, iterator, restored) -> str | None:
@@ -247,7 +285,13 @@ def _train(cfg: RunConfig, mesh, t_begin: float) -> dict[str, Any]:
   """:func:`train` once the mesh is made and the run's lock is held."""
   tokenizer = inputs.make_tokenizer(cfg)
   model_config = cfg.model_config()
-  if tokenizer.vocab_size != model_config.vocab_size:
+  if cfg.init_from is not None:
+    if tokenizer.vocab_size > model_config.vocab_size:
+      raise ValueError(
+          f"the tokenizer has {tokenizer.vocab_size} ids, more than the "
+          f"{model_config.vocab_size} of the --init-from model; give its own "
+          "tokenizer with --tokenizer-model")
+  elif tokenizer.vocab_size != model_config.vocab_size:
     raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids, not "
                      f"{model_config.vocab_size}; set --vocab-size "
                      f"{tokenizer.vocab_size}")
@@ -265,7 +309,7 @@ def _train(cfg: RunConfig, mesh, t_begin: float) -> dict[str, Any]:
     try:
       state, start = _restore_or_init(cfg, setup, ckpt, train_iter)
       if start == 0:
-        info(f"{cfg.model}: {models.param_count(model_config) / 1e6:.2f}M parameters, "
+        info(f"{cfg.init_from or cfg.model}: {models.param_count(model_config) / 1e6:.2f}M parameters, "
              f"{cfg.optimizer.name}"
              f"{' (model mode)' if cfg.optimizer.model_mode else ''}, "
              f"mesh {dict(mesh.shape)} on "
@@ -274,8 +318,10 @@ def _train(cfg: RunConfig, mesh, t_begin: float) -> dict[str, Any]:
       sink = reporting.MetricsSink(cfg)
       progress = reporting.Progress(cfg.steps, cfg.progress and jax.process_index() == 0)
       info(f"compiling the train step (step {start + 1}) ...")
-      summary = _run(cfg, setup, state, start, train_iter, eval_iter, eval_start,
-                     ckpt, sink, progress, stop)
+      summary, state = _run(cfg, setup, state, start, train_iter, eval_iter,
+                            eval_start, ckpt, sink, progress, stop)
+      if cfg.export_hf is not None and not summary["interrupted"]:
+        _export(cfg, setup, state, tokenizer)
     finally:
       if progress is not None:
         progress.close()
@@ -330,8 +376,9 @@ class _Health:
 
 
 def _run(cfg, setup, state, start, train_iter, eval_iter, eval_start, ckpt,
-         sink, progress, stop) -> dict[str, Any]:
-  """The step loop proper; returns the summary (without wall time)."""
+         sink, progress, stop) -> tuple[dict[str, Any], Any]:
+  """The step loop proper; returns the summary (without wall time) and the
+  last state."""
   config_dict = cfg.to_dict()
   tokens_per_step = cfg.batch_size * cfg.seq_len
   single = jax.process_count() == 1
@@ -407,7 +454,7 @@ def _run(cfg, setup, state, start, train_iter, eval_iter, eval_start, ckpt,
   summary["tokens_per_s"] = timed.total_rate(tokens_per_step)
   if eval_iter is not None and summary["eval_loss"] is None and not summary["interrupted"]:
     evaluate(step)
-  return summary
+  return summary, state
 
 
 def _finite_state(setup, state, step: int, progress) -> bool:

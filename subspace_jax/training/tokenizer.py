@@ -1,18 +1,28 @@
 """Tokenizers for the training data pipeline.
 
-Two implementations share one small interface (:class:`Tokenizer`):
+Three implementations share one small interface (:class:`Tokenizer`):
 
 * :class:`ByteTokenizer`: UTF-8 bytes plus three special ids; no dependency.
 * :class:`SentencePieceTokenizer`: a SentencePiece model, either loaded from a
-  path or trained locally on a corpus and cached on disk, keyed by a hash of
-  the corpus and the training settings. ``sentencepiece`` is optional and is
-  imported only when this tokenizer is used.
+  path (a LLaMA ``tokenizer.model``, say) or trained locally on a corpus and
+  cached on disk, keyed by a hash of the corpus and the training settings.
+  ``sentencepiece`` is optional and is imported only when this tokenizer is
+  used.
+* :class:`HFTokenizer`: a Hugging Face ``tokenizer.json``, through the
+  ``tokenizers`` package (optional too).
+
+An existing tokenizer is loaded with :func:`load_tokenizer` (a ``.model``
+file, a ``tokenizer.json`` or a checkpoint directory holding one). Its BOS,
+EOS and padding ids are the tokenizer's own: those that a
+``tokenizer_config.json`` (or ``special_tokens_map.json``) beside it names,
+else the SentencePiece model's.
 
 Typical use::
 
     tok = get_tokenizer("byte")
     tok = get_tokenizer("sentencepiece", vocab_size=8000)  # trains on the
                                                            # embedded corpus
+    tok = load_tokenizer("path/to/llama")  # its tokenizer.model or .json
     ids = tok.encode("Hello") + [tok.eos_id]
 """
 
@@ -20,9 +30,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import pathlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from subspace_jax.training import cache, sources
@@ -86,13 +97,20 @@ class SentencePieceTokenizer:
 
     Args:
         model_path: Path to a ``.model`` file.
+        specials: BOS/EOS/pad pieces (``{"bos": "<s>", ...}``, from a
+            ``tokenizer_config.json``) that replace the model's own ids.
+
+    Attributes:
+        pad_id: The padding id, or None if the model has none.
 
     Raises:
         FileNotFoundError: If ``model_path`` does not exist.
-        ValueError: If the model has no EOS piece.
+        ValueError: If the model has no EOS piece, or is not a SentencePiece
+            model.
     """
 
-    def __init__(self, model_path: str | os.PathLike[str]):
+    def __init__(self, model_path: str | os.PathLike[str],
+                 specials: Mapping[str, str | None] | None = None):
         spm = _import_sentencepiece()
         path = pathlib.Path(model_path).expanduser()
         if not path.is_file():
@@ -102,15 +120,25 @@ class SentencePieceTokenizer:
                 "SentencePieceTokenizer.train")
         data = path.read_bytes()
         self.model_path = path
-        self._sp = spm.SentencePieceProcessor(model_proto=data)
+        self._sp = spm.SentencePieceProcessor()
+        try:
+            self._sp.LoadFromSerializedProto(data)
+        except RuntimeError:
+            raise ValueError(f"{path} is not a SentencePiece model (it cannot "
+                             "be parsed)") from None
         self.vocab_size = int(self._sp.vocab_size())
-        self.eos_id = int(self._sp.eos_id())
-        self.bos_id = int(self._sp.bos_id())
-        self.pad_id = int(self._sp.pad_id())
+        ids = {"bos": int(self._sp.bos_id()), "eos": int(self._sp.eos_id()),
+               "pad": int(self._sp.pad_id())}
+        for role, piece in (specials or {}).items():
+            if piece is not None:
+                ids[role] = _piece_id(path, piece, self._sp.piece_to_id(piece),
+                                      self._sp.id_to_piece)
+        self.bos_id, self.eos_id = ids["bos"], ids["eos"]
+        self.pad_id = ids["pad"] if ids["pad"] >= 0 else None
         if self.eos_id < 0:
             raise ValueError(f"SentencePiece model {str(path)!r} has no EOS "
                              "piece; retrain it with eos_id >= 0")
-        self.fingerprint = "sp-" + hashlib.sha256(data).hexdigest()[:16]
+        self.fingerprint = _fingerprint("sp", data, ids)
 
     def encode(self, text: str) -> list[int]:
         """Returns the piece ids of ``text``."""
@@ -172,6 +200,159 @@ class SentencePieceTokenizer:
         if not path.is_file():
             _train_to(path, lines, vocab_size, model_type)
         return cls(path)
+
+
+def _fingerprint(kind: str, data: bytes, ids: Mapping[str, Any]) -> str:
+    digest = hashlib.sha256(data)
+    digest.update(json.dumps(ids, sort_keys=True).encode())
+    return f"{kind}-" + digest.hexdigest()[:16]
+
+
+def _piece_id(path: pathlib.Path, piece: str, found: int | None,
+              id_to_piece: Any) -> int:
+    """The id of a special ``piece`` a config names (``found``: the
+    tokenizer's lookup, which SentencePiece answers with UNK when absent)."""
+    if found is None or found < 0 or id_to_piece(found) != piece:
+        raise ValueError(f"{path}: the special token {piece!r} named by its "
+                         "tokenizer_config.json is not in the vocabulary")
+    return int(found)
+
+
+class HFTokenizer:
+    """A Hugging Face ``tokenizer.json`` behind the :class:`Tokenizer`
+    interface (the ``tokenizers`` package).
+
+    Args:
+        path: The ``tokenizer.json`` file.
+        specials: BOS/EOS/pad tokens (``{"bos": "<s>", ...}``, from a
+            ``tokenizer_config.json``). Without an EOS there, a special token
+            ``</s>``, ``<|endoftext|>`` or ``<|end_of_text|>`` of the
+            vocabulary is the EOS (and ``<s>``/``<|begin_of_text|>`` the BOS).
+
+    Raises:
+        ValueError: If the file cannot be parsed or no EOS token is known.
+    """
+
+    _EOS = ("</s>", "<|endoftext|>", "<|end_of_text|>")
+    _BOS = ("<s>", "<|begin_of_text|>")
+
+    def __init__(self, path: str | os.PathLike[str],
+                 specials: Mapping[str, str | None] | None = None):
+        try:
+            import tokenizers  # pylint: disable=import-outside-toplevel
+        except ImportError:
+            raise ImportError("tokenizer.json files need the tokenizers "
+                              "package: pip install tokenizers") from None
+        path = pathlib.Path(path).expanduser()
+        data = path.read_bytes()
+        try:
+            self._tok = tokenizers.Tokenizer.from_str(data.decode("utf-8"))
+        except Exception as e:  # pylint: disable=broad-except
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"{path} is not a Hugging Face tokenizer.json "
+                             f"({first})") from None
+        self.model_path = path
+        self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
+        specials = dict(specials or {})
+        if "eos" not in specials:  # No config names them: the usual names.
+            for role, names in (("eos", self._EOS), ("bos", self._BOS)):
+                if specials.get(role) is None:
+                    specials[role] = next(
+                        (n for n in names if self._tok.token_to_id(n) is not None),
+                        None)
+        ids = {role: None if token is None else _piece_id(
+                   path, token, self._tok.token_to_id(token),
+                   self._tok.id_to_token)
+               for role, token in specials.items()}
+        if ids.get("eos") is None:
+            raise ValueError(f"{path}: no EOS token is known; put a "
+                             "tokenizer_config.json naming its eos_token "
+                             "beside it")
+        self.eos_id = ids["eos"]
+        self.bos_id = ids.get("bos")
+        self.pad_id = ids.get("pad")
+        self.fingerprint = _fingerprint("hf", data, ids)
+
+    def encode(self, text: str) -> list[int]:
+        """Returns the token ids of ``text`` (no special tokens added)."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Returns the text of ``ids``; special tokens vanish."""
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def __repr__(self) -> str:
+        return (f"HFTokenizer({str(self.model_path)!r}, "
+                f"vocab_size={self.vocab_size})")
+
+
+# File names of a tokenizer in a checkpoint directory, in the order they are
+# preferred, and the kind of each.
+TOKENIZER_FILES = (("tokenizer.model", "sentencepiece"),
+                   ("tokenizer.json", "huggingface"))
+
+
+def tokenizer_file(path: str | os.PathLike[str]) -> tuple[str, pathlib.Path]:
+    """The kind (``"sentencepiece"`` or ``"huggingface"``) and file of the
+    tokenizer at ``path``: a ``.model`` file, a ``.json`` file, or a
+    directory holding ``tokenizer.model`` or ``tokenizer.json``.
+
+    Raises:
+        ValueError: If there is no such file.
+    """
+    path = pathlib.Path(path).expanduser()
+    if path.is_dir():
+        for name, kind in TOKENIZER_FILES:
+            if (path / name).is_file():
+                return kind, path / name
+        raise ValueError(f"{path} holds no tokenizer.model or tokenizer.json")
+    if not path.is_file():
+        raise ValueError(f"tokenizer file {path} not found")
+    kind = "huggingface" if path.suffix == ".json" else "sentencepiece"
+    return kind, path
+
+
+def _token(value: Any) -> str | None:
+    """A special token as a tokenizer config gives it: a string or
+    ``{"content": ...}``."""
+    if isinstance(value, Mapping):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def special_tokens(directory: str | os.PathLike[str]) -> dict[str, str | None]:
+    """The BOS/EOS/pad tokens that ``tokenizer_config.json`` (else
+    ``special_tokens_map.json``) in ``directory`` names: ``{"bos": "<s>",
+    ...}``, only the roles it names (a null entry as None); empty without
+    such a file."""
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = pathlib.Path(directory) / name
+        if not path.is_file():
+            continue
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path} is not valid JSON ({e})") from None
+        return {role: _token(config[f"{role}_token"])
+                for role in ("bos", "eos", "pad") if f"{role}_token" in config}
+    return {}
+
+
+def load_tokenizer(path: str | os.PathLike[str]
+                   ) -> SentencePieceTokenizer | HFTokenizer:
+    """An existing tokenizer: a SentencePiece ``.model``, a Hugging Face
+    ``tokenizer.json``, or a directory holding one (``tokenizer.model``
+    first), with the special tokens of a ``tokenizer_config.json`` beside
+    it.
+
+    Raises:
+        ValueError: If there is no tokenizer there, or it is damaged.
+    """
+    kind, file = tokenizer_file(path)
+    specials = special_tokens(file.parent)
+    if kind == "huggingface":
+        return HFTokenizer(file, specials)
+    return SentencePieceTokenizer(file, specials)
 
 
 def _train_to(path: pathlib.Path, lines: list[str], vocab_size: int,

@@ -244,6 +244,11 @@ class Setup:
     batch_sharding: NamedSharding of a ``(batch, seq)`` array.
     abstract_state: ``ShapeDtypeStruct``\\ s (with shardings) of the state.
     init: ``seed -> TrainState``, created directly in its shardings.
+    init_from: ``params -> TrainState``: the state that starts from these
+      weights (a plain dict, e.g. from :func:`subspace_jax.models.hf.load`;
+      donated), in its shardings.
+    subspace: Model mode's :class:`~subspace_jax.factored.Subspace` (None
+      in transform mode), to merge ``W + P·B`` for an export.
     train_step: ``(state, batch) -> (state, metrics)``, the state donated.
       A step whose loss or gradient norm is not finite returns the state
       unchanged (``step`` included) and ``metrics["finite"] = False``.
@@ -260,6 +265,8 @@ class Setup:
   batch_sharding: Any
   abstract_state: Any
   init: Callable
+  init_from: Callable
+  subspace: Any
   train_step: Callable
   eval_step: Callable
   state_is_finite: Callable
@@ -270,6 +277,7 @@ class _Mode(NamedTuple):
 
   Attributes:
     init: ``seed -> TrainState``.
+    state_of: ``weights -> TrainState``: the state that starts from them.
     loss_and_grads: ``(state, batch) -> (loss, grads, trainable, keys)``;
       ``trainable`` is what the optimizer updates, ``keys`` model mode's
       projection keys (:meth:`subspace_jax.factored.Subspace.keys`).
@@ -281,6 +289,7 @@ class _Mode(NamedTuple):
   """
 
   init: Callable
+  state_of: Callable
   loss_and_grads: Callable
   apply_updates: Callable
   eval_loss: Callable
@@ -290,9 +299,11 @@ class _Mode(NamedTuple):
 def _transform_mode(model: ModelDef, tx, axes, mesh) -> _Mode:
   """The plain step: the optimizer updates the weights themselves."""
 
-  def init(seed):
-    params = model.init(seed)
+  def state_of(params):
     return TrainState(jnp.zeros([], jnp.int32), params, tx.init(params))
+
+  def init(seed):
+    return state_of(model.init(seed))
 
   def loss_and_grads(state, batch):
     loss, grads = jax.value_and_grad(model.loss)(state.params, batch)
@@ -307,7 +318,7 @@ def _transform_mode(model: ModelDef, tx, axes, mesh) -> _Mode:
   def eval_loss(state, batch):
     return model.loss(state.params, batch)
 
-  return _Mode(init, loss_and_grads, apply_updates, eval_loss,
+  return _Mode(init, state_of, loss_and_grads, apply_updates, eval_loss,
                lambda abstract: shd.tree_shardings(abstract, axes, mesh))
 
 
@@ -317,10 +328,13 @@ def _model_mode(model: ModelDef, opt: OptimizerConfig, subspace, weights, tx,
   low_dtype = jnp.dtype(opt.moment_dtype) if opt.moment_dtype else None
   schedule = opt.schedule()
 
-  def init(seed):
-    params = subspace.init(model.init(seed), low_dtype)
+  def state_of(weights):
+    params = subspace.init(weights, low_dtype)
     return TrainState(jnp.zeros([], jnp.int32), params,
                       tx.init(subspace.trainable(params)))
+
+  def init(seed):
+    return state_of(model.init(seed))
 
   def loss_and_grads(state, batch):
     params = state.params
@@ -357,7 +371,7 @@ def _model_mode(model: ModelDef, opt: OptimizerConfig, subspace, weights, tx,
     return shd.state_shardings(abstract, weights, axes, mesh, plans,
                                factored=True)
 
-  return _Mode(init, loss_and_grads, apply_updates, eval_loss,
+  return _Mode(init, state_of, loss_and_grads, apply_updates, eval_loss,
                params_shardings)
 
 
@@ -378,12 +392,14 @@ def setup(
   schedule = opt.schedule()
   axes = model.logical_axes
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  subspace = None
   if opt.model_mode:
-    mode = _model_mode(model, opt, opt.subspace(weights, family.views()),
-                       weights, tx, plans, axes, mesh)
+    subspace = opt.subspace(weights, family.views())
+    mode = _model_mode(model, opt, subspace, weights, tx, plans, axes, mesh)
   else:
     mode = _transform_mode(model, tx, axes, mesh)
-  init, loss_and_grads, apply_updates, eval_loss, params_shardings = mode
+  (init, state_of, loss_and_grads, apply_updates, eval_loss,
+   params_shardings) = mode
 
   def train_step(state: TrainState, batch):
     loss, grads, trainable, keys = loss_and_grads(state, batch)
@@ -429,6 +445,8 @@ def setup(
       batch_sharding=batch_sh,
       abstract_state=abstract_state,
       init=jax.jit(init, static_argnums=0, out_shardings=state_sh),
+      init_from=jax.jit(state_of, out_shardings=state_sh, donate_argnums=0),
+      subspace=subspace,
       train_step=jax.jit(
           _with_activation_sharding(train_step, mesh),
           in_shardings=(state_sh, batch_sh),
