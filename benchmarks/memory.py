@@ -1,26 +1,42 @@
-"""Train-step memory: weights, gradients, optimizer state, temporaries, peak.
+"""Train-step memory per chip on an accelerator's compiler, and collectives.
 
-For each LLaMA size of the GaLore paper this compiles one bf16 train step
-per optimizer on abstract inputs (``jax.ShapeDtypeStruct``: nothing is
-allocated, so 7B is measured on a small machine) and splits XLA's memory
-analysis with :func:`subspace_jax.memory.breakdown`. Next to it: the
-analytic :func:`subspace_jax.memory.estimate` and the papers' published
-figures. A focused table compares Adam, transform-mode RSO and model-level
-RSO at 1B and 7B.
+Every figure comes from a train step compiled on abstract inputs (nothing
+is allocated, so a 175B step is planned on a laptop): by default for TPU
+v5p chips, with libtpu's compile-only devices (``pip install
+"subspace_jax[aot]"``). That compiler decides what a real chip holds, and
+refuses a program that does not fit while naming the bytes it needs. A
+CPU compile of the same step on one device (XLA's CPU backend, loop
+hoisting off) is a secondary column: the CPU upcasts bf16 matmuls and keeps
+float32 copies, so its peaks are upper bounds.
+
+Tables (``--tables``, all by default):
+
+* ``7b``: LLaMA 7B against the targets: ranks, weight decay, 8 sequences
+  per chip, and one card alone;
+* ``175b``: a 175B-shaped LLaMA on 8 chips with FSDP, sequences of 2048;
+* ``comm``: the collective bytes of one 7B step on 8 chips, data parallel
+  and FSDP, for every optimizer;
+* ``sizes``: LLaMA 60M to 7B, every optimizer, one sequence of 256 tokens
+  per chip, one data-parallel replica per chip (optax.contrib.galore on the
+  CPU compiler only: the TPU compiler took over 30 minutes on its 56
+  unrolled SVDs of the 60M model);
+* the papers' published figures against ours (analytic, always).
 
 Writes ``benchmarks/results/memory.md``.
 
 Example:
-  python benchmarks/memory.py --models llama_1b --batches 1 --no-focus
+  python -m benchmarks.memory --tables sizes --models llama_60m --no-cpu
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import json
 import pathlib
-import pickle
 import sys
 import time
+from typing import Any, NamedTuple
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -33,36 +49,41 @@ import subspace_jax as sj
 from benchmarks import common
 from subspace_jax import memory
 from subspace_jax.models import llama
+from subspace_jax.training import plan
 from subspace_jax.training import sharding as shd
 from subspace_jax.training import train
+from subspace_jax.training.config import RunConfig
 
 GiB = memory.GiB
 
 # The GaLore paper's ranks (Table 2; 7B: Table 3 / Section 5).
 RANKS = {
-    "llama_60m": (128,),
-    "llama_130m": (256,),
-    "llama_350m": (256,),
-    "llama_1b": (512, 1024),
-    "llama_7b": (1024,),
+    "llama_60m": 128,
+    "llama_130m": 256,
+    "llama_350m": 256,
+    "llama_1b": 512,
+    "llama_7b": 1024,
 }
-OPTIMIZERS = {
-    "adamw": "optax.adamw",
-    "optax_galore": "optax.contrib.galore",
-    "galore": "sj.galore",
-    "golore": "sj.golore",
-    "rso": "sj.rso (transform)",
-    "rso_model": "RSO (model-level)",
+# Step label -> (optimizer, subspace mode); "optax_*" are optax's own
+# transforms on an unrolled model (optax.contrib.galore cannot treat the
+# stacked layer axis of a scanned model as a batch axis).
+STEPS = {
+    "adamw": ("adamw", "transform"),
+    "optax_adamw": ("optax.adamw", None),
+    "optax_galore": ("optax.contrib.galore", None),
+    "galore": ("galore", "transform"),
+    "golore": ("golore", "transform"),
+    "rso": ("rso", "transform"),
+    "golore_model": ("golore", "model"),
+    "rso_model": ("rso", "model"),
 }
-# Adam through train.setup: the baseline of the focused table, built exactly
-# like the two RSO steps it is compared with.
-SETUP_ADAM = "adamw_setup"
-# optax.adamw on the unrolled model: the baseline of optax.contrib.galore.
-UNROLLED_ADAM = "adamw_unrolled"
-LABELS = dict(OPTIMIZERS, **{SETUP_ADAM: "Adam (train.setup)",
-                             UNROLLED_ADAM: "optax.adamw"})
-LOW_RANK = ("optax_galore", "galore", "golore", "rso", "rso_model")
-
+LABELS = {
+    "adamw": "AdamW", "optax_adamw": "optax.adamw ¹",
+    "optax_galore": "optax.contrib.galore ¹", "galore": "sj.galore",
+    "golore": "sj.golore", "rso": "sj.rso", "golore_model": "GoLore, model mode",
+    "rso_model": "RSO, model mode",
+}
+TPU4, TPU8 = "tpu:v5p:2x2x1", "tpu:v5p:2x2x2"
 # Published figures. GaLore paper (Zhao et al. 2024, arXiv 2403.03507),
 # Table 2: "memory estimate of the total of parameters and optimizer states
 # based on BF16 format", LLaMA on C4, ranks 128/256/256/512.
@@ -77,14 +98,44 @@ GALORE_TABLE2 = {
 RSO_1B_STATES = (4.99, 1.46)
 
 
+class Case(NamedTuple):
+  """One compiled step: what the tables' rows are measured from."""
+
+  target: str
+  model: str
+  step: str
+  rank: int
+  batch: int  # Sequences per step, all devices.
+  seq: int
+  mesh: tuple[int, int, int]
+  weight_decay: float = 0.0
+
+  def key(self) -> str:
+    return json.dumps(self._asdict(), sort_keys=True)
+
+  def on_cpu(self) -> Case:
+    """The same step on one CPU device, with one device's share of the
+    batch."""
+    per = self.batch // max(self.mesh[0] * self.mesh[1], 1)
+    return self._replace(target="cpu", batch=max(per, 1), mesh=(1, 1, 1))
+
+
 def model_config(name: str, scan: bool = True) -> llama.LlamaConfig:
   return llama.get_config(
       name, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, scan_layers=scan)
 
 
-def token_batch(batch: int, seq: int, sharding=None) -> dict:
-  tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=sharding)
-  return {"inputs": tokens, "targets": tokens}
+def run_config(case: Case) -> RunConfig:
+  """The run whose train step ``case`` compiles: bf16 weights and moments,
+  scanned layers, full remat, a 32000-token vocabulary."""
+  name, mode = STEPS[case.step]
+  opt = train.OptimizerConfig(name=name, rank=case.rank, subspace_mode=mode,
+                              weight_decay=case.weight_decay)
+  return RunConfig(
+      model=case.model, scan_layers=True, remat="full", dtype="bfloat16",
+      param_dtype="bfloat16", tokenizer="sentencepiece", vocab_size=32000,
+      batch_size=case.batch, seq_len=case.seq, mesh=case.mesh, optimizer=opt,
+      eval_split=None, checkpoint_dir=None)
 
 
 def _galore_dims(params):
@@ -98,158 +149,224 @@ def _galore_dims(params):
   return jax.tree_util.tree_map_with_path(one, params)
 
 
-def measure(name: str, opt: str, rank: int, batch: int, seq: int,
-            options) -> dict:
-  """Compiles one train step and returns its breakdown and estimate."""
-  clip = optax.clip_by_global_norm(1.0)
-  start = time.perf_counter()
-  projections = 0
-  if opt in ("adamw", "optax_galore", UNROLLED_ADAM):
-    # optax.contrib.galore cannot treat the stacked layer axis of a scanned
-    # model as a batch axis: its model is unrolled (2-D kernels).
-    scan = opt == "adamw"
-    model = train.ModelDef(model_config(name, scan))
-    params = jax.eval_shape(lambda: model.init(0))
-    if opt != "optax_galore":
-      tx = optax.adamw(1e-3, weight_decay=0.1)
-    else:
-      tx = optax.contrib.galore(
-          1e-3, rank=rank, weight_decay=0.1,
-          weight_dimension_numbers=_galore_dims)
-    b = memory.train_step_breakdown(
-        model.loss, params, optax.chain(clip, tx), token_batch(batch, seq),
-        compiler_options=options)
-    est = memory.estimate(params, tx)
+def _optax_report(case: Case, devices, options) -> memory.StepReport:
+  """optax.adamw or optax.contrib.galore on the unrolled model: the plain
+  step (clip, optimizer, apply), weights and state replicated, the batch
+  split over the data-parallel replicas."""
+  mesh = shd.make_mesh(*case.mesh, devices=devices)
+  model = train.ModelDef(model_config(case.model, scan=False))
+  place = lambda tree, sharding: jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+      tree)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  params = place(jax.eval_shape(lambda: model.init(0)), replicated)
+  if case.step == "optax_adamw":
+    tx = optax.adamw(1e-3, weight_decay=case.weight_decay)
   else:
-    scan = True
-    cfg = train.OptimizerConfig(
-        name="adamw" if opt == SETUP_ADAM else opt.removesuffix("_model"),
-        rank=rank,
-        subspace_mode="model" if opt.endswith("_model") else "transform")
-    mesh = shd.make_mesh(devices=jax.devices()[:1])
-    s = train.setup(model_config(name), cfg, mesh)
-    state = s.abstract_state
-    if cfg.model_mode:
-      subspace = cfg.subspace(state.params.weights, llama.views())
-      trainable = subspace.trainable(state.params)
-      plans = [p for p in subspace.plans if p is not None]
-      # float32 projections of one layer: each layer draws its own inside
-      # the scanned loop, so no more than one layer's are needed at once.
-      projections = sum(4 * p.dim * p.rank for p in plans)
-    else:
-      trainable = state.params
-    b = memory.breakdown(s.train_step, state, token_batch(
-        batch, seq, s.batch_sharding), gradients=trainable,
-        compiler_options=options)
-    est = memory.Estimate(
-        weights=memory.tree_bytes(state.params),
-        gradients=memory.tree_bytes(trainable),
-        optimizer_state=memory.tree_bytes(state.opt_state))
-  return {
-      "model": name, "opt": opt, "rank": rank if opt in LOW_RANK else None,
-      "batch": batch, "scan": scan, "b": b, "est": est,
-      "projections": projections,
-      "seconds": time.perf_counter() - start,
-  }
+    tx = optax.contrib.galore(1e-3, rank=case.rank,
+                              weight_decay=case.weight_decay,
+                              weight_dimension_numbers=_galore_dims)
+  tx = optax.chain(optax.clip_by_global_norm(1.0), tx)
+  opt_state = place(jax.eval_shape(tx.init, params), replicated)
+  tokens = jax.ShapeDtypeStruct((case.batch, case.seq), jnp.int32,
+                                sharding=shd.batch_sharding(mesh))
 
+  def step(params, opt_state, batch):
+    loss, grads = jax.value_and_grad(model.loss)(params, batch)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
 
-def g(x: float) -> str:
-  return f"{x / GiB:.2f}"
+  return memory.step_report(
+      jax.jit(step, donate_argnums=(0, 1)), params, opt_state,
+      {"inputs": tokens, "targets": tokens}, devices=devices,
+      target=case.target, weights=params, optimizer_state=opt_state,
+      compiler_options=options)
 
 
 class Runner:
-  """Measures on demand and remembers (one compile per configuration)."""
+  """Compiles each case once; results kept in a JSON file (``--cache``)."""
 
-  def __init__(self, seq: int, cache_file: str | None = None):
-    self.seq = seq
-    self.cache: dict = {}
-    self.used: set = set()
-    self.cache_file = pathlib.Path(cache_file) if cache_file else None
-    if self.cache_file and self.cache_file.exists():
-      self.cache = pickle.loads(self.cache_file.read_bytes())
+  def __init__(self, cache_file: str | None):
+    self.file = pathlib.Path(cache_file) if cache_file else None
+    self.cache: dict[str, Any] = {}
+    if self.file and self.file.exists():
+      self.cache = json.loads(self.file.read_text())
+    self.devices: dict[str, list] = {}
+    self.used: set[str] = set()
 
-  def get(self, name, opt, rank, batch, hoist: bool) -> dict:
-    key = (name, opt, rank if opt in LOW_RANK else None, batch, self.seq,
-           hoist)
+  def _devices(self, case: Case) -> list:
+    if case.target not in self.devices:
+      self.devices[case.target] = memory.target_devices(case.target)
+    n = case.mesh[0] * case.mesh[1] * case.mesh[2]
+    return self.devices[case.target][:n]
+
+  def get(self, case: Case) -> dict[str, Any]:
+    key = case.key()
     self.used.add(key)
     if key not in self.cache:
-      options = None if hoist else memory.NO_LOOP_HOISTING
-      row = measure(name, opt, rank, batch, self.seq, options)
-      b = row["b"]
-      label = LABELS[opt] + ("" if row["scan"] else " (unrolled)")
-      print(f"{name:>10} {label:<22} r={row['rank'] or '-':<5} "
-            f"B={batch:<3} {'xla-default' if hoist else 'no-hoist':<11} "
-            f"weights {g(b.weights)} grads {g(b.gradients)} state "
-            f"{g(b.optimizer_state)} temps {g(b.temporaries)} peak "
-            f"{g(b.peak)} GiB ({row['seconds']:.0f}s)", flush=True)
-      self.cache[key] = row
-      if self.cache_file:
-        self.cache_file.write_bytes(pickle.dumps(self.cache))
+      options = memory.NO_LOOP_HOISTING if case.target == "cpu" else None
+      devices = self._devices(case)
+      start = time.perf_counter()
+      if case.step.startswith("optax_"):
+        report = _optax_report(case, devices, options)
+      else:
+        report = plan.compile_for(run_config(case), case.target,
+                                  devices=devices, compiler_options=options)
+      seconds = time.perf_counter() - start
+      print(f"{case.model} {case.step} r{case.rank} batch {case.batch} "
+            f"mesh {case.mesh} {case.target}: "
+            + " / ".join(report.lines()[1:]) + f" ({seconds:.0f} s)",
+            flush=True)
+      self.cache[key] = {"report": report.to_dict(), "seconds": seconds}
+      if self.file:
+        self.file.write_text(json.dumps(self.cache, indent=0))
     return self.cache[key]
 
+  def compile_seconds(self) -> float:
+    return sum(self.cache[k]["seconds"] for k in self.used)
 
-def main_table(runner, models, batches, opts, hoist) -> str:
+
+def g(x: float | None) -> str:
+  return "–" if x is None else f"{x / GiB:.2f}"
+
+
+def peak(result: dict) -> int:
+  """The bytes one device needs: the peak, or the compiler's figure for a
+  program it refused."""
+  return result["report"]["required"]
+
+
+def memory_cells(result: dict) -> str:
+  """weights | state | temporaries (gradients) | **peak**, or a refusal."""
+  r = result["report"]
+  b = r["breakdown"]
+  if b is None:
+    return (f"– | – | – | **does not fit: needs {g(r['required'])}** "
+            "(the compiler's figure)")
+  return (f"{g(b['weights'])} | {g(b['optimizer_state'])} | "
+          f"{g(b['temporaries'])} ({g(b['gradients'])}) | **{g(b['peak'])}**")
+
+
+def sizes_table(runner: Runner, models, steps, cpu: bool) -> str:
+  """One row per model and optimizer; optax's own transforms (¹) on the
+  CPU compiler only (see the notes)."""
   lines = [
-      "| model | batch | optimizer | rank | weights | gradients | optimizer "
-      "state | temporaries (of which not gradients) | other | **peak** | "
-      "peak / Adam | estimate w+g+s | compile (s) |",
-      "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+      "| model | optimizer | rank | weights | optimizer state | temporaries "
+      "(gradients) | **peak / chip** | peak / AdamW | CPU peak, 1 device "
+      "(/ AdamW) |",
+      "|---|---|---|---|---|---|---|---|---|",
   ]
   for name in models:
-    for batch in batches:
-      base = {}
-      for opt in opts:
-        for rank in (RANKS[name] if opt in LOW_RANK else RANKS[name][:1]):
-          r = runner.get(name, opt, rank, batch, hoist)
-          b, est = r["b"], r["est"]
-          if opt in ("adamw", UNROLLED_ADAM):
-            base[r["scan"]] = b.peak
-          ratio = (f"{b.peak / base[r['scan']]:.2f}×" if r["scan"] in base
-                   else "–")
-          label = LABELS[opt] + ("" if r["scan"] else " ¹")
-          lines.append(
-              f"| {name} | {batch} | {label} | {r['rank'] or '–'} | "
-              f"{g(b.weights)} | {g(b.gradients)} | {g(b.optimizer_state)} | "
-              f"{g(b.temporaries)} ({g(b.activations)}) | {g(b.other)} | "
-              f"**{g(b.peak)}** | {ratio} | {g(est.total)} | "
-              f"{r['seconds']:.0f} |")
+    base, cpu_base = None, {}
+    for step in steps:
+      case = Case(TPU4, name, step, RANKS[name], batch=4, seq=256,
+                  mesh=(4, 1, 1))
+      unrolled = step.startswith("optax_")
+      cells, ratio = "– | – | – | – (CPU only)", "–"
+      if not unrolled:
+        r = runner.get(case)
+        base = peak(r) if step == "adamw" else base
+        cells, ratio = memory_cells(r), f"{peak(r) / base:.2f}×"
+      cpu_cell = "–"
+      if cpu or unrolled:
+        p = peak(runner.get(case.on_cpu()))
+        cpu_base[unrolled] = p if "adamw" in step else cpu_base[unrolled]
+        cpu_cell = f"{g(p)} ({p / cpu_base[unrolled]:.2f}×)"
+      lines.append(
+          f"| {name} | {LABELS[step]} | "
+          f"{'–' if 'adamw' in step else case.rank} | {cells} | {ratio} | "
+          f"{cpu_cell} |")
   return "\n".join(lines) + "\n"
 
 
-def focus_table(runner, models, batches, xla_default) -> tuple[str, list]:
-  """Adam / transform RSO / model-level RSO; ``xla_default``: the batches
-  also compiled with XLA's default passes."""
-  lines = [
-      "| model | batch | step | rank | weights (+B) | gradients | optimizer "
-      "state | temporaries | **peak** | **peak / Adam** |"
-      + (" peak, XLA defaults | / Adam |" if xla_default else ""),
-      "|---|---|---|---|---|---|---|---|---|---|"
-      + ("---|---|" if xla_default else ""),
+def _7b_cases() -> list[tuple[str, Case, Case | None]]:
+  """(setting, case, the AdamW case it is compared with)."""
+  m, s = "llama_7b", 256
+  dp = lambda step, rank=1024, batch=4, **kw: Case(
+      TPU4, m, step, rank, batch, s, (4, 1, 1), **kw)
+  one = lambda step, rank=1024: Case(TPU4, m, step, rank, 1, s, (1, 1, 1))
+  adam, adam8, adam1 = dp("adamw"), dp("adamw", batch=32), one("adamw")
+  return [
+      ("1 sequence / chip, 4 chips", adam, None),
+      ("", dp("galore"), adam), ("", dp("golore"), adam), ("", dp("rso"), adam),
+      ("", dp("golore_model"), adam), ("", dp("rso_model"), adam),
+      ("rank 512", dp("rso_model", 512), adam),
+      ("weight decay 0.1", dp("rso_model", weight_decay=0.1), adam),
+      ("8 sequences / chip", adam8, None),
+      ("8 sequences / chip", dp("rso_model", batch=32), adam8),
+      ("one chip alone (a 24 GB card)", adam1, None),
+      ("one chip alone", one("rso_model"), adam1),
+      ("one chip alone, rank 512", one("rso_model", 512), adam1),
   ]
-  found = []
-  for name in models:
-    rank = RANKS[name][-1]
-    for batch in batches:
-      rows = {o: runner.get(name, o, rank, batch, False)
-              for o in (SETUP_ADAM, "rso", "rso_model")}
-      dflt = ({o: runner.get(name, o, rank, batch, True) for o in rows}
-              if batch in xla_default else None)
-      adam = rows[SETUP_ADAM]["b"].peak
-      for opt, r in rows.items():
-        b = r["b"]
-        extra = " – | – |" if xla_default else ""
-        if dflt:
-          d, d_adam = dflt[opt]["b"].peak, dflt[SETUP_ADAM]["b"].peak
-          extra = f" {g(d)} | {d / d_adam:.2f}× |"
-        lines.append(
-            f"| {name} | {batch} | {LABELS[opt]} | "
-            f"{r['rank'] or '–'} | {g(b.weights)} | {g(b.gradients)} | "
-            f"{g(b.optimizer_state)} | {g(b.temporaries)} | **{g(b.peak)}** | "
-            f"**{b.peak / adam:.2f}×** |" + extra)
-        found.append((name, batch, opt, r, b.peak / adam,
-                      dflt[opt]["b"].peak / dflt[SETUP_ADAM]["b"].peak
-                      if dflt else None))
-  return "\n".join(lines) + "\n", found
+
+
+def llama7b_table(runner: Runner) -> str:
+  lines = [
+      "| optimizer | rank | setting | weights | optimizer state | "
+      "temporaries (gradients) | **peak / chip** | peak / AdamW |",
+      "|---|---|---|---|---|---|---|---|",
+  ]
+  for setting, case, base in _7b_cases():
+    r = runner.get(case)
+    ratio = "1×" if base is None else f"{peak(r) / peak(runner.get(base)):.2f}×"
+    rank = "–" if case.step == "adamw" else case.rank
+    lines.append(f"| {LABELS[case.step]} | {rank} | {setting} | "
+                 f"{memory_cells(r)} | {ratio} |")
+  return "\n".join(lines) + "\n"
+
+
+def _175b_cases() -> list[Case]:
+  return [Case(TPU8, "llama_175b", step, 1024, 8, 2048, (1, 8, 1))
+          for step in ("adamw", "rso", "golore_model", "rso_model")]
+
+
+def llama175b_table(runner: Runner) -> str:
+  lines = [
+      "| optimizer | rank | weights | optimizer state | temporaries "
+      "(gradients) | **peak / chip** | collectives / step |",
+      "|---|---|---|---|---|---|---|",
+  ]
+  for case in _175b_cases():
+    r = runner.get(case)
+    rank = "–" if case.step == "adamw" else case.rank
+    c = r["report"]["collectives"]
+    lines.append(f"| {LABELS[case.step]} | {rank} | {memory_cells(r)} | "
+                 f"{'–' if c is None else g(c['bytes'])} |")
+  return "\n".join(lines) + "\n"
+
+
+COMM_STEPS = ("adamw", "galore", "golore", "rso", "golore_model", "rso_model")
+COMM_KINDS = ("all-reduce", "all-gather", "reduce-scatter")
+
+
+def _comm_case(step: str, mesh) -> Case:
+  return Case(TPU8, "llama_7b", step, 1024, 8, 256, mesh)
+
+
+def comm_table(runner: Runner) -> str:
+  lines = [
+      "| mesh | optimizer | " + " | ".join(COMM_KINDS) + " | **all, GiB** | "
+      "/ AdamW | ring estimate sent / chip | peak / chip |",
+      "|---|---|" + "---|" * len(COMM_KINDS) + "---|---|---|---|",
+  ]
+  for mesh, name in (((8, 1, 1), "data parallel, 8"), ((1, 8, 1), "FSDP, 8")):
+    base = None
+    for step in COMM_STEPS:
+      r = runner.get(_comm_case(step, mesh))
+      c = r["report"]["collectives"]
+      if c is None:
+        lines.append(f"| {name} | {LABELS[step]} | does not fit |")
+        continue
+      kinds = c["by_kind"]
+      cells = " | ".join(
+          f"{g(kinds[k]['bytes'])} ({kinds[k]['count']}×)" if k in kinds
+          and kinds[k]["count"] else "–" for k in COMM_KINDS)
+      base = c["bytes"] if step == "adamw" else base
+      ratio = f"{c['bytes'] / base:.2f}×" if base else "–"
+      lines.append(f"| {name} | {LABELS[step]} | {cells} | "
+                   f"**{g(c['bytes'])}** | {ratio} | {g(c['wire'])} | "
+                   f"{g(peak(r))} |")
+  return "\n".join(lines) + "\n"
 
 
 def paper_table() -> str:
@@ -260,10 +377,9 @@ def paper_table() -> str:
       "(lean) | sj.golore / sj.rso (lean, no P) |",
       "|---|---|---|---|---|---|---|---|---|---|",
   ]
-  for name, ranks in RANKS.items():
+  for name, r in RANKS.items():
     cfg = model_config(name, scan=False)
     params = jax.eval_shape(lambda: train.ModelDef(cfg).init(0))
-    r = ranks[0]
     views = llama.views()
     ws = lambda tx: (lambda e: (e.weights + e.optimizer_state) / GiB)(
         memory.estimate(params, tx))
@@ -303,231 +419,184 @@ def rso_paper_rows() -> str:
       f"{rso_lean:.2f} |\n")
 
 
-def _csv(s: str) -> list[str]:
-  return [x for x in s.split(",") if x]
+def _verdict(ok: bool) -> str:
+  return "**met**" if ok else "**not met**"
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(
-      description=__doc__.splitlines()[0],
-      epilog="Optimizers: " + ", ".join(f"{k} ({v})" for k, v in
-                                        OPTIMIZERS.items()))
+def targets(runner: Runner, tables) -> str:
+  """The targets, each with its figure."""
+  out = ["## Targets\n"]
+  if "7b" in tables:
+    cases = {(c.step, c.rank, c.batch, c.mesh, c.weight_decay): c
+             for _, c, _ in _7b_cases()}
+    get = lambda step, rank=1024: peak(runner.get(
+        cases[(step, rank, 4, (4, 1, 1), 0.0)]))
+    adam = get("adamw")
+    for rank, limit in ((1024, 22), (512, 18)):
+      p = get("rso_model", rank)
+      out.append(f"- 7B, RSO in model mode, rank {rank}, one sequence per "
+                 f"chip: {g(p)} GiB per chip, target ≤ {limit}: "
+                 f"{_verdict(p <= limit * GiB)} (AdamW {g(adam)}).")
+    for step in ("golore", "rso"):
+      ratio = get(step) / adam
+      out.append(f"- 7B, {LABELS[step]} (transform), rank 1024: "
+                 f"{ratio:.2f}× AdamW's peak, target ≤ 0.70×: "
+                 f"{_verdict(ratio <= 0.70)}.")
+  if "175b" in tables:
+    adam, rso = (runner.get(c) for c in (_175b_cases()[0], _175b_cases()[-1]))
+    out.append(f"- 175B, RSO in model mode, rank 1024, 8 chips FSDP: "
+               f"{g(peak(rso))} GiB per chip, target ≤ 80: "
+               f"{_verdict(peak(rso) <= 80 * GiB)} (AdamW needs "
+               f"{g(peak(adam))}).")
+  if "comm" in tables:
+    c = lambda step: runner.get(_comm_case(step, (8, 1, 1)))[
+        "report"]["collectives"]["bytes"]
+    ratio = c("rso_model") / c("adamw")
+    out.append(f"- 7B on 8 chips, data parallel: RSO in model mode moves "
+               f"{ratio:.2f}× AdamW's collective bytes per step, target ≤ "
+               f"0.25×: {_verdict(ratio <= 0.25)}.")
+  return "\n".join(out) + "\n"
+
+
+TABLES = ("7b", "175b", "comm", "sizes")
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--tables", default=",".join(TABLES),
+                      help=f"comma-separated, of {', '.join(TABLES)}")
   parser.add_argument("--models", default=",".join(RANKS),
-                      help="comma-separated models of the main table")
-  parser.add_argument("--batches", default="1,16",
-                      help="micro-batch sizes of the main table")
-  parser.add_argument("--optimizers", default=",".join(OPTIMIZERS),
-                      help="comma-separated optimizers of the main table")
-  parser.add_argument("--seq", type=int, default=256, help="sequence length")
-  parser.add_argument("--focus-models", default="llama_1b,llama_7b",
-                      help="models of the Adam / RSO / model-RSO table")
-  parser.add_argument("--focus-batches", default="1,8",
-                      help="micro-batch sizes of that table")
-  parser.add_argument("--no-focus", action="store_true",
-                      help="skip the Adam / RSO / model-RSO table")
-  parser.add_argument("--no-main", action="store_true",
-                      help="skip the main table")
-  parser.add_argument("--xla-default-batches", default="1",
-                      help="batches of the focused table also compiled with "
-                      "XLA's default passes (loop hoisting on); '' for none")
-  parser.add_argument("--hoist", action="store_true",
-                      help="main table with XLA's default passes instead of "
-                      "subspace_jax.memory.NO_LOOP_HOISTING")
+                      help="models of the sizes table")
+  parser.add_argument("--optimizers", default=",".join(STEPS),
+                      help=f"optimizers of the sizes table, of "
+                      f"{', '.join(STEPS)}")
+  parser.add_argument("--no-cpu", action="store_true",
+                      help="leave out the CPU column of the sizes table")
   parser.add_argument("--cache", default=None,
-                      help="pickle file of measurements: reused when it "
+                      help="JSON file of measurements: reused when it "
                       "exists, extended as the run goes (re-render the "
                       "tables without compiling again)")
   common.add_output_flags(parser, "memory.md", note=False)
-  args = parser.parse_args(argv)
-  for name in _csv(args.models) + _csv(args.focus_models):
-    if name not in RANKS:
-      parser.error(f"unknown model {name!r}; choose from {', '.join(RANKS)}")
-  opts = _csv(args.optimizers)
-  for o in opts:
-    if o not in OPTIMIZERS:
-      parser.error(f"unknown optimizer {o!r}; choose from "
-                   f"{', '.join(OPTIMIZERS)}")
-  if "adamw" in opts:  # the baseline first
-    opts = ["adamw"] + [o for o in opts if o != "adamw"]
-  if "optax_galore" in opts:  # with its own (unrolled) baseline
-    i = opts.index("optax_galore")
-    opts = opts[:i] + [UNROLLED_ADAM] + opts[i:]
+  return parser
 
+
+def main(argv=None):
+  parser = _parser()
+  args = parser.parse_args(argv)
+  tables = [t for t in args.tables.split(",") if t]
+  models = [m for m in args.models.split(",") if m]
+  steps = [s for s in args.optimizers.split(",") if s]
+  for value, known, flag in ((tables, TABLES, "--tables"),
+                             (models, RANKS, "--models"),
+                             (steps, STEPS, "--optimizers")):
+    for v in value:
+      if v not in known:
+        parser.error(f"{flag}: unknown {v!r}; choose from {', '.join(known)}")
+  try:
+    memory.target_devices(TPU8)
+  except ValueError as e:
+    parser.error(f"{e}")
   start = time.perf_counter()
-  runner = Runner(args.seq, args.cache)
-  command = "python benchmarks/memory.py " + " ".join(
+  runner = Runner(args.cache)
+  command = "python -m benchmarks.memory " + " ".join(
       sys.argv[1:] if argv is None else argv)
   parts = [
-      "# Train-step memory: weights, gradients, optimizer state, peak\n",
-      common.machine_line() + "\n",
+      "# Train-step memory per chip, on the TPU compiler\n",
+      common.machine_line() + f" TPU figures: libtpu "
+      f"{importlib.metadata.version('libtpu')}, compile-only devices.\n",
       f"Command: `{command.strip()}`\n",
+      HOW,
   ]
-  focus = None
-  if not args.no_main:
-    table = main_table(runner, _csv(args.models),
-                       [int(b) for b in _csv(args.batches)], opts, args.hoist)
-    parts += [
-        f"## All optimizers (seq {args.seq}, bf16, "
-        f"{'XLA defaults' if args.hoist else 'NO_LOOP_HOISTING'})\n",
-        "GiB per step. weights, optimizer state: the step's inputs, exact; "
-        "gradients: analytic size of the differentiated leaves, a part of "
-        "temporaries; temporaries: XLA's, in brackets what is not "
-        "gradients (saved activations, workspaces, copies); other: batch, "
-        "metrics, XLA's output table; peak = arguments + outputs + "
-        "temporaries − aliased = weights + state + temporaries + other. "
-        "estimate = `memory.estimate` weights + gradients + state, the "
-        "memory without activations. peak / Adam: against optax.adamw on the "
-        "same model. ¹ unrolled model (optax.contrib.galore cannot project "
-        "the stacked layer axis of a scanned model); every other row runs "
-        "the scanned model (`scan_layers=True`).\n",
-        table,
-    ]
-  if not args.no_focus:
-    table, focus = focus_table(
-        runner, _csv(args.focus_models),
-        [int(b) for b in _csv(args.focus_batches)],
-        [int(b) for b in _csv(args.xla_default_batches)])
-    parts += [
-        f"## Adam vs transform RSO vs model-level RSO (seq {args.seq}, bf16)\n",
-        "All three are `train.setup` steps (clip, optimizer, weight decay, "
-        "schedule, loss/grad_norm/lr metrics) on the scanned model, rank = "
-        "the largest of the model's ranks; peaks with NO_LOOP_HOISTING"
-        + ("; the last two columns with XLA's default passes (loop hoisting "
-           "on)" if args.xla_default_batches else "") + ".\n",
-        table,
-    ]
-  parts += [
-      "## Against the papers (analytic, bf16 weights and moments, GiB)\n",
-      "Weights + optimizer state, as GaLore's Table 2 counts it (ranks as "
-      "there):\n",
-      paper_table(),
-      "RSO paper, optimizer states only:\n",
-      rso_paper_rows(),
-  ]
-  elapsed = time.perf_counter() - start
-  compile_s = sum(runner.cache[k]["seconds"] for k in runner.used)
+  sections = {
+      "sizes": ("## By model size (v5p, 4 chips, one sequence of 256 tokens "
+                "per chip)\n", lambda: sizes_table(runner, models, steps,
+                                                    not args.no_cpu)),
+      "7b": ("## LLaMA 7B (v5p, sequences of 256 tokens)\n",
+             lambda: llama7b_table(runner)),
+      "175b": ("## A 175B LLaMA on 8 chips (v5p 2x2x2, FSDP over 8, 8 "
+               "sequences of 2048 tokens)\n", lambda: llama175b_table(runner)),
+      "comm": ("## Collectives of one 7B step on 8 chips (v5p 2x2x2, 8 "
+               "sequences of 256 tokens, rank 1024)\n",
+               lambda: comm_table(runner)),
+  }
+  for name in (t for t in TABLES if t in tables):
+    title, make = sections[name]
+    parts += [title, make()]
+  parts += [targets(runner, tables),
+            "## Against the papers (analytic, bf16 weights and moments, "
+            "GiB)\n",
+            "Weights + optimizer state, as GaLore's Table 2 counts it (ranks "
+            "as there):\n", paper_table(), "RSO paper, optimizer states "
+            "only:\n", rso_paper_rows()]
   parts.append(
-      f"Run time: {len(runner.used)} compiled steps, {compile_s / 60:.1f} min "
-      f"of building and compiling in all (the `compile (s)` column; on a "
-      f"shared 2-core machine); this invocation took {elapsed / 60:.1f} min"
-      + (" (measurements reused from --cache)" if args.cache else "") + ".\n")
-  text = "\n".join(parts)
-  if focus is not None:
-    text += "\n" + summary(focus)
-  text += "\n" + NOTES
-  common.write(args.out, text)
+      f"Run time: {len(runner.used)} compiled steps, "
+      f"{runner.compile_seconds() / 60:.1f} min of building and compiling in "
+      f"all; this invocation took {(time.perf_counter() - start) / 60:.1f} "
+      "min" + (" (measurements reused from --cache)" if args.cache else "")
+      + ".\n")
+  common.write(args.out, "\n".join(parts) + "\n" + NOTES)
 
 
-def summary(found) -> str:
-  out = ["## Targets (NO_LOOP_HOISTING peaks)\n"]
-  transform = {(n, b): ratio for n, b, o, _, ratio, _ in found if o == "rso"}
-  for name, batch, opt, r, ratio, dflt in found:
-    if opt != "rso_model":
-      continue
-    b = r["b"]
-    line = (f"- {name}, batch {batch}: model-level RSO peak {g(b.peak)} GiB "
-            f"= {ratio:.2f}× Adam's (transform RSO "
-            f"{transform[(name, batch)]:.2f}×"
-            + (f"; with XLA defaults {dflt:.2f}×" if dflt is not None else "")
-            + ")")
-    if name == "llama_7b":
-      line += f"; target ≤ 0.65× {'**met**' if ratio <= 0.65 else '**NOT met**'}"
-      if batch == 1:
-        floor = b.weights + b.optimizer_state + b.gradients
-        line += (
-            f"; target < 24 GiB {'**met**' if b.peak < 24 * GiB else '**NOT met**'}: "
-            f"weights {g(b.weights)} (W and B) + optimizer state "
-            f"{g(b.optimizer_state)} + gradients {g(b.gradients)} = "
-            f"{g(floor)} GiB before any activation or workspace; the other "
-            f"{g(b.temporaries - b.gradients)} GiB of temporaries include the "
-            f"float32 projections of one layer ({g(r['projections'])} GiB) "
-            "and their sampling workspaces")
-    out.append(line + ".")
-  return "\n".join(out) + "\n"
+HOW = """Per chip, GiB. Every step is `train.setup`'s (global-norm clip, the
+optimizer, weight decay, schedule, the non-finite guard; `--scan-layers
+--remat`, bf16 weights, activations and moments, vocabulary 32000), except
+¹: optax's own transforms on the unrolled model, with `optax.adamw` on the
+same unrolled model as their baseline, measured on the CPU compiler only
+(libtpu spent over 30 minutes on the 56 unrolled SVDs of
+optax.contrib.galore's 60M step). weights and optimizer state: the
+step's inputs, exact (model mode's weights include `B`). temporaries: the
+compiler's, with the gradients' analytic size in brackets (gradients live
+inside the step). peak = weights + state + temporaries + the batch and
+outputs. A step the compiler refuses is shown with the bytes it says it
+needs. CPU peak: the same step on one CPU device (one chip's share of the
+batch), XLA's CPU backend with loop hoisting off (`memory.NO_LOOP_HOISTING`):
+an upper bound, see the notes.
+"""
 
 
 NOTES = """## Notes
 
-- Precision: weights, activations and gradients bfloat16 (`dtype` =
-  `param_dtype` = bfloat16), and every optimizer moment bfloat16 too: optax
-  keeps Adam's moments in the parameters' dtype, and `moment_dtype=None`
-  keeps the low-rank moments (and model mode's B) in the gradients' /
-  weights' dtype. This is the "BF16 format" of GaLore's Table 2; float32
-  moments would double every optimizer-state figure.
-- "G" in both papers is GiB (2^30 bytes): LLaMA-350M Adam, 368 M params x
-  6 bytes (weights + two moments) = 2.06 GiB (2.21 GB), as published, and
-  the RSO paper's 4.99 for 1B Adam states is 1.339 B x 2 moments x 2 bytes
-  in GiB. Vocabulary 32000; embedding and lm_head (2 x 32000 x d) are not
-  tied.
-- Published figures: the 1B ones (GaLore 7.80 / 4.38, RSO 4.99 / 1.46) as
-  given in the task; 60M-350M from GaLore's Table 2 as recalled (the search
-  corpus here held only the papers' abstracts), consistent with params x 6
-  bytes at 130M and 350M. The papers' 7B rows (8-bit optimizers, GaLore
-  Table 3) are not comparable to a bf16-moment run and are left out.
-- Projected leaves: attention and MLP kernels only; embedding, lm_head and
-  norm scales stay with full Adam (`llama.views()`), as in both
-  papers. Side: sj's default "lean" projects the larger dimension (state
+- The TPU compiler is the witness: it schedules bf16 matmuls natively and
+  refuses what does not fit (v5p: 95.74 GiB per chip, libtpu's own figure).
+  The CPU compiler computes bf16 matmuls in float32 and keeps float32
+  copies of weights and gradients; its peaks are secondary.
+- Model mode at 7B, rank 1024, one sequence per chip: the floor is the
+  weights (12.55), `B` (1.75), `B`'s moments and the full leaves' (4.48),
+  and the gradients of `B` and of the embedding and lm_head (2.24): 21.0
+  GiB. What the compiler adds to it: on 4 data-parallel chips, the
+  all-reduce outputs of the two 32000 x 4096 gradients (0.49) and block
+  activations; on one chip alone, copies of the stacked q/k/v kernels in
+  the layout the backward pass's loop wants.
+- Three things in the step used to hold weight-sized copies and no longer
+  do: the merge `W + P·B` (now a loop over the stacked matrices that
+  rewrites W in place, with a trip count of zero between merges), the
+  non-finite guard (it checked the updates, so the old and the new
+  optimizer state had to live at once: 1.75 GiB at 7B; it now checks the
+  loss and the gradient norm, and the loop never checkpoints a non-finite
+  state) and the lm_head's float32 kernel gradient (its backward now works
+  in the operands' dtype).
+- Collectives are read off the compiled program, a loop body counted once
+  per iteration (`memory.collective_bytes`); the ring estimate is what a
+  ring algorithm sends from each chip. Model mode all-reduces the
+  gradients of `B` and of the leaves kept in full, not those of `W`.
+- Precision: weights, activations, gradients and every optimizer moment in
+  bfloat16 (optax keeps Adam's moments in the parameters' dtype), the
+  "BF16 format" of GaLore's Table 2; float32 moments would double every
+  optimizer-state figure.
+- "G" in both papers is GiB: LLaMA-350M Adam, 368 M params x 6 bytes
+  (weights + two moments) = 2.06 GiB, as published, and the RSO paper's
+  4.99 for 1B Adam states is 1.339 B x 2 moments x 2 bytes. Vocabulary
+  32000; embedding and lm_head are not tied, and stay with full Adam in
+  every subspace method (`llama.views()`), as in both papers.
+- Published figures: the 1B ones (GaLore 7.80 / 4.38, RSO 4.99 / 1.46) and
+  60M-350M from GaLore's Table 2. GaLore's published figures fall between
+  our "embeddings full" and "all matrices" columns; RSO's 1.46 is GaLore's
+  (std) state without the 0.49 GiB of embedding/lm_head moments, and RSO
+  stores no projection, so its own state is smaller.
+- Sides: sj's default "lean" projects the larger dimension (state
   r x min(m, n), like optax.contrib.galore); the GaLore paper projects the
-  smaller one (state r x max(m, n), plus P of m x r). Model-level RSO
-  uses the same lean sides: B is r x min(m, n) (r x 4096 for every 7B
-  kernel; on the output side of gate/up), 0.94 B parameters at 7B,
-  r = 1024 (1.75 GiB in bf16), counted with the weights.
-- Paper gaps: at 350M our Adam figure is the published one; at 60M and 1B
-  the paper's Adam figure is 10 % / 4 % above params x 6 bytes (not
-  explained by the config; the 1B model here has 1.339 B parameters).
-  GaLore's published figures fall between our "embeddings full" and "all
-  matrices" columns. RSO's 1.46 for 1B GaLore/RSO is GaLore's (std) state
-  without the 0.49 GiB of embedding/lm_head moments; RSO stores no
-  projection, so its own state is smaller (see the RSO rows).
-- Measured on CPU; read the absolute temporaries as upper bounds for an
-  accelerator. (1) The CPU backend computes bf16 matmuls in float32, and
-  XLA's loop-invariant code motion then hoists the float32 copy of every
-  stacked weight out of the layer scan: with XLA's defaults the step holds
-  float32 copies of the block weights (2x their bf16 size) that a GPU
-  compile does not make. At 7B, batch 1 (in the run recorded here), that
-  adds 4.8 GiB to Adam's peak, 8.2 GiB to transform RSO's and 29.5 GiB to model-level RSO's (its frozen
-  W is loop-invariant in both the forward and the backward scan), which is
-  why the tables use `memory.NO_LOOP_HOISTING` (same program, conversion
-  kept inside the loop). (2) Even then the gradients' global norm (clipping
-  and the grad_norm metric) is reduced by an XNNPACK fusion that cannot
-  fuse the bf16 to float32 convert, so float32 copies of whole stacked
-  gradients are materialized (three 1B MLP gradients live at once in the
-  Adam step): this is most of Adam's temporaries beyond one gradient at
-  batch 1. A GPU compile fuses that convert into the reduction; how much
-  each row would drop cannot be told from here, so the ratios above are
-  CPU-compile ratios.
-- Scanned vs unrolled (¹): the same optimizer on the unrolled model has a
-  different peak (lower at batch 1 for 1B/7B, much higher at batch 16), so
-  optax.contrib.galore is compared with optax.adamw on the unrolled model;
-  with that baseline its ratio is within 0.07 of sj.galore's (same state
-  size: both project the larger side and store P in bf16).
-- Transform-mode GoLore/RSO keep the full gradient and add float32
-  intermediates of whole stacked leaves: the random projections of all
-  layers of a leaf with their sampling workspaces (uint32 bits, float32
-  samples, orthogonalization), and the back-projection `P·U` (L x m x n
-  float32, 5.4 GiB for a 7B MLP kernel) before its cast to bf16. Their
-  temporaries exceed Adam's; at 1B, r = 1024 the peak is no lower than
-  Adam's although the state is 2.8x smaller. GaLore's stored projections
-  avoid the sampling cost.
-- Model-level RSO: no full gradient (gradients = B and the full-rank
-  leaves), smaller saved activations (x·P instead of x for the B path).
-  What remains at 7B, batch 1: W 12.55 GiB + B 2.60 + optimizer state 6.17
-  (B's Adam moments 5.20, embedding/lm_head 0.98) = 21.3 GiB of state
-  before any temporary, so 24 GiB is out of reach by construction at
-  r = 1024 with bf16 Adam moments (the gradients of B, embedding and
-  lm_head add 3.1 GiB). In
-  the temporaries: the float32 projections of all 32 layers of every leaf,
-  drawn before the scan and kept for the backward pass, with their
-  sampling workspaces; float32 gradient copies for the norm; and the merge
-  branch `W + P·B` (float32 `P·B` of a whole stacked leaf, 5.4 GiB; a
-  `cond` branch counts even though it runs once per subproblem). Measured
-  separately (same step, patched): bf16 projections lower the 7B batch-1
-  peak from 38.3 to 35.0 GiB; removing the merge branch to 37.6 GiB;
-  rank 512 gives 28.3 GiB. Reaching 24 GiB needs a smaller persistent
-  state (8-bit moments, a lower rank), and projections drawn per layer
-  inside the scan; at batch 8 the saved activations (attention
-  probabilities in float32, MLP intermediates) dominate instead, which
-  remat (`LlamaConfig.remat`) would trade for compute.
+  smaller one (state r x max(m, n), plus P of m x r). Model mode puts `B`
+  on the same lean side: r x 4096 for every 7B kernel.
 """
 
 
