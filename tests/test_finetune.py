@@ -1,6 +1,7 @@
 """Fine-tuning: JSONL records, the example encoder, packing with segment ids
 and a loss mask, and examples/finetune_llama.py end to end."""
 
+import dataclasses
 import json
 import pathlib
 import shutil
@@ -14,7 +15,7 @@ import pytest
 import clirun
 from reference_llama import numpy_forward
 from subspace_jax.models import hf, llama
-from subspace_jax.training import checkpoint, data, sources, train
+from subspace_jax.training import checkpoint, data, plan, sources, train
 from subspace_jax.training import sharding as shd
 from subspace_jax.training import tokenizer as tok_lib
 
@@ -285,6 +286,27 @@ def _final_state(run_dir, argv):
 def demo_cache(tmp_path, monkeypatch):
   monkeypatch.setenv("SUBSPACE_JAX_CACHE_DIR", str(tmp_path / "cache"))
   return tmp_path / "cache"
+
+
+def test_defaults_demo_model_and_learning_rate(demo_cache, tmp_path):
+  parse = lambda *a: finetune_llama.run_config(
+      finetune_llama.build_parser().parse_args(list(a)))
+  demo = parse()
+  assert demo.init_from == str(demo_cache / "finetune" / finetune_llama.DEMO_NAME)
+  assert (demo.data, demo.tokenizer, demo.optimizer.learning_rate) == (
+      "instructions", "byte", finetune_llama.DEMO_LR)
+  assert demo.model_config() == dataclasses.replace(
+      finetune_llama.DEMO_CONFIG, max_seq_len=demo.seq_len)
+  pretrained = parse("--init-from", demo.init_from)
+  assert pretrained.optimizer.learning_rate == finetune_llama.PRETRAINED_LR
+  assert parse("--model", "tiny").init_from is None
+  with pytest.raises(ValueError, match="--tokenizer-model needs --init-from"):
+    parse("--tokenizer-model", str(tmp_path))
+  # --compile-for plans the step with the batch the run will have.
+  keys = plan._abstract_batch(demo, None)  # pylint: disable=protected-access
+  assert sorted(keys) == ["inputs", "loss_mask", "segment_ids", "targets"]
+  assert sorted(plan._abstract_batch(  # pylint: disable=protected-access
+      dataclasses.replace(demo, data="embedded"), None)) == ["inputs", "targets"]
 
 
 def test_resume_is_bit_exact(tmp_path, demo_cache):
