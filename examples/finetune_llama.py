@@ -52,8 +52,10 @@ DEMO_NAME = "tiny-random-llama-v1"
 PRETRAINED_LR = 2e-5
 DEMO_LR = 0.01
 
-DEFAULTS = {"data": "instructions", "lr": None, "steps": 300,
-            "seq_len": 256, "batch_size": 16, "update_gap": 100,
+# The defaults that differ from pretrain_llama.py's: those of the offline
+# demo (a 7B run gives its own, see the README).
+DEFAULTS = {"data": "instructions", "lr": None, "steps": 200,
+            "seq_len": 256, "batch_size": 8, "update_gap": 50,
             "eval_every": 100, "eval_batches": 4, "checkpoint_every": 100}
 
 HELPS = {
