@@ -24,6 +24,7 @@ import os
 import re
 import signal
 import sys
+from typing import Any, Callable, Mapping
 
 from subspace_jax import memory, models
 from subspace_jax.models import hf
@@ -92,9 +93,19 @@ def _attach_negative_values(argv: list[str]) -> list[str]:
   return out
 
 
-def build_parser() -> argparse.ArgumentParser:
-  """The command line; every option has a help line."""
-  p = _Parser(description=__doc__.splitlines()[0],
+def build_parser(*, description: str | None = None,
+                 defaults: Mapping[str, Any] | None = None,
+                 helps: Mapping[str, str] | None = None
+                 ) -> argparse.ArgumentParser:
+  """The command line; every option has a help line.
+
+  Args:
+    description: The first line of ``--help`` (default: this script's).
+    defaults: Defaults to change, by argparse dest (``{"lr": 2e-5}``), for
+      a command built on this one (``examples/finetune_llama.py``).
+    helps: Help lines to replace, by dest.
+  """
+  p = _Parser(description=description or __doc__.splitlines()[0],
               formatter_class=cli.HelpFormatter)
   add = p.add_argument
 
@@ -123,15 +134,20 @@ def build_parser() -> argparse.ArgumentParser:
   add("--data", default="embedded",
       help="embedded (the corpus shipped with the package), files:GLOB (local "
            "UTF-8 text files, one document per file), paragraphs:GLOB (the "
-           "same files, one document per blank-line separated block) or "
+           "same files, one document per blank-line separated block), "
            "tfds:NAME (a TFDS text dataset prepared as array_record, e.g. "
-           "tfds:c4/en; needs tensorflow-datasets)")
+           "tfds:c4/en; needs tensorflow-datasets), jsonl:PATH (fine-tuning "
+           "examples, one JSON object per line: {\"prompt\": ..., "
+           "\"response\": ...}, learning the response, or {\"text\": ...}, "
+           "learning all of it; each example is BOS + tokens + EOS, packed "
+           "whole beside others that it cannot attend to) or instructions "
+           "(an instruction set made from the embedded corpus, in that form)")
   add("--data-dir", default=None, help="TFDS data directory")
   add("--text-key", default="text", help="TFDS text feature")
   add("--split", default="train",
       help="training split: train, validation (the last 5%% of the "
-           "documents) or all for embedded and files, any TFDS split "
-           "otherwise; all needs --eval-split none")
+           "documents or examples) or all for every source but TFDS, any "
+           "TFDS split there; all needs --eval-split none")
   add("--eval-split", type=_optional, default="validation",
       help="held-out split to evaluate on ('none': no evaluation); it may "
            "not overlap --split")
@@ -226,13 +242,18 @@ def build_parser() -> argparse.ArgumentParser:
       help="HOST:PORT of process 0 (else $JAX_COORDINATOR_ADDRESS)")
   add("--num-processes", type=int, default=None, help="number of processes")
   add("--process-id", type=int, default=None, help="index of this process")
+  p.set_defaults(**(defaults or {}))
+  for action in p._actions:  # pylint: disable=protected-access
+    action.help = (helps or {}).get(action.dest, action.help)
   return p
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-  """Parses ``argv`` (default: the command line)."""
+def parse_args(argv: list[str] | None = None,
+               parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+  """Parses ``argv`` (default: the command line) with ``parser`` (default:
+  :func:`build_parser`'s)."""
   argv = sys.argv[1:] if argv is None else argv
-  return build_parser().parse_args(_attach_negative_values(argv))
+  return (parser or build_parser()).parse_args(_attach_negative_values(argv))
 
 
 def run_config(args: argparse.Namespace) -> loop.RunConfig:
@@ -326,8 +347,17 @@ def _exit_code(interrupted: str | None) -> int:
     return 128 + signal.SIGTERM
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None, *,
+         parser: argparse.ArgumentParser | None = None,
+         configure: Callable[[argparse.Namespace], loop.RunConfig] = run_config
+         ) -> dict:
   """Parses ``argv``, trains, and returns the run's summary.
+
+  Args:
+    argv: The arguments (default: the command line's).
+    parser: The parser (default: :func:`build_parser`'s).
+    configure: Makes the run's config of the parsed arguments (default:
+      :func:`run_config`).
 
   Raises:
     SystemExit: 2 after a one-line error message on bad input; 1 after one
@@ -335,11 +365,11 @@ def main(argv: list[str] | None = None) -> dict:
       (SIGTERM) after a signal stopped the run, once its checkpoint is
       saved, so that ``train && next`` does not go on.
   """
-  args = parse_args(argv)
+  args = parse_args(argv, parser)
   if args.compile_for is not None:
-    raise SystemExit(_compile_for(args))
+    raise SystemExit(_compile_for(args, configure))
   try:
-    summary = loop.train(run_config(args))
+    summary = loop.train(configure(args))
   except (ValueError, ImportError, OSError, UnreadableCheckpointError) as e:
     _fail(str(e) or type(e).__name__)
   except loop.NonFiniteError as e:
@@ -349,7 +379,7 @@ def main(argv: list[str] | None = None) -> dict:
   return summary
 
 
-def _compile_for(args: argparse.Namespace) -> int:
+def _compile_for(args: argparse.Namespace, configure) -> int:
   """--compile-for: prints (and with --memory-json writes) the report of the
   step compiled for the target; returns the exit code (0 fits, 3 not)."""
   if args.memory_limit is not None and not args.memory_limit > 0:
@@ -357,8 +387,8 @@ def _compile_for(args: argparse.Namespace) -> int:
   capacity = (None if args.memory_limit is None
               else int(args.memory_limit * memory.GiB))
   try:
-    cfg = run_config(args)
-  except ValueError as e:
+    cfg = configure(args)
+  except (ValueError, OSError) as e:
     _fail(str(e))
   try:
     devices = memory.target_devices(args.compile_for)
@@ -378,7 +408,7 @@ def _compile_for(args: argparse.Namespace) -> int:
   return 3 if report.fits is False else 0
 
 
-def _stdout_for_the_summary_only() -> None:
+def stdout_for_the_summary_only() -> None:
   """Sends what native libraries print on file descriptor 1 (Gloo's
   connection lines in multi-process runs) to stderr, and keeps Python's
   ``sys.stdout`` on the real standard output."""
@@ -389,5 +419,5 @@ def _stdout_for_the_summary_only() -> None:
 
 
 if __name__ == "__main__":
-  _stdout_for_the_summary_only()
+  stdout_for_the_summary_only()
   main()

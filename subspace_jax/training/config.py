@@ -106,7 +106,9 @@ class RunConfig:
     model_overrides: Other :class:`~subspace_jax.models.llama.LlamaConfig`
       fields to change (JSON values), e.g. ``{"num_layers": 4}``.
     optimizer: The optimizer; its ``total_steps`` is the schedule length.
-    data: Source spec: ``"embedded"``, ``"files:GLOB"``, ``"tfds:NAME"``.
+    data: Source spec: ``"embedded"``, ``"files:GLOB"``, ``"tfds:NAME"``,
+      or fine-tuning examples ``"jsonl:PATH"``, ``"instructions"``
+      (:func:`~subspace_jax.training.sources.source_from_spec`).
     split: Training split.
     eval_split: Held-out split evaluated every ``eval_every`` steps (None:
       no evaluation).

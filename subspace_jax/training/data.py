@@ -11,6 +11,21 @@ with ``targets`` (a loss mask applies to the tokens being predicted).
 Windows run across document boundaries; the EOS tokens mark them and the
 model attends across them.
 
+Fine-tuning sources (``source.examples``: :class:`~subspace_jax.training.sources.Record`
+examples) are packed otherwise, example by example (see
+:func:`pack_examples`): :class:`ExampleEncoder` makes each one
+``[BOS] + prompt + response + [EOS]`` with a ``"loss_mask"`` on the response,
+an example of ``n`` tokens gives ``n - 1`` (input, target) pairs, and whole
+examples share a row side by side with ``"segment_ids"`` 1, 2, ... (0 and a
+zero loss mask on the padding at the end of the row), so that the model
+attends within each example only. An example is never split, unless it is
+longer than a row (more than ``seq_len + 1`` tokens: the encoder refuses
+such a prompt/response pair, naming its file and line; a longer text is
+cut into pieces of ``seq_len + 1`` tokens that share one token, so each of
+its tokens is a target once, and each piece is packed as an example). The
+examples are packed once; the rows are shuffled anew every epoch and
+batched as the windows of the pre-tokenized pipeline below.
+
 Two grain pipelines, chosen by the source's ``streaming``:
 
 * **Pre-tokenized** (:class:`EmbeddedCorpus`, :class:`TextFiles`): the whole
@@ -58,26 +73,30 @@ Usage::
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import os
 import signal
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import grain
 import numpy as np
 
 from subspace_jax.training import cache
-from subspace_jax.training.sources import (DataError, EmbeddedCorpus, Source,
-                                           TextFiles, TfdsText,
+from subspace_jax.training.sources import (DataError, EmbeddedCorpus,
+                                           Instructions, JsonlRecords, Record,
+                                           Source, TextFiles, TfdsText,
                                            source_from_spec)
 from subspace_jax.training.tokenizer import ByteTokenizer, Tokenizer
 
 __all__ = ["DataError", "Source", "EmbeddedCorpus", "TextFiles", "TfdsText",
-           "source_from_spec", "TextEncoder", "tokenize_documents",
-           "BatchIterator", "make_iterator", "ByteTokenizer", "Tokenizer"]
+           "Record", "JsonlRecords", "Instructions", "source_from_spec",
+           "TextEncoder", "ExampleEncoder", "tokenize_documents",
+           "pack_examples", "PackingStats", "BatchIterator", "make_iterator",
+           "ByteTokenizer", "Tokenizer"]
 
 Batch = dict[str, np.ndarray]
 Encoder = Callable[[Any], Mapping[str, Any]]
@@ -117,6 +136,50 @@ class TextEncoder:
     def __call__(self, text: str) -> dict[str, np.ndarray]:
         ids = self.tokenizer.encode(text)
         return {"tokens": np.asarray([*ids, self.tokenizer.eos_id], np.int32)}
+
+
+class ExampleEncoder:
+    """A fine-tuning :class:`~subspace_jax.training.sources.Record` to
+    ``{"tokens", "loss_mask"}`` (int32 arrays), as LLaMA checkpoints expect
+    their input.
+
+    A prompt/response pair is ``[BOS] + prompt + response + [EOS]``, its
+    ``loss_mask`` 1 on the response and EOS and 0 on BOS and the prompt; a
+    text is ``[BOS] + text + [EOS]``, every token but BOS masked in. BOS and
+    EOS are the tokenizer's own ids (no BOS if it has none). The prompt and
+    the response are tokenized apart, so the response starts on a token
+    boundary (a SentencePiece tokenizer then starts it with a word, as it
+    starts the prompt).
+
+    Args:
+        tokenizer: The tokenizer.
+        max_tokens: Refuse a prompt/response pair of more tokens than this
+            with a DataError naming its record (None: no limit; the pipeline
+            gives ``seq_len + 1``, the most a row holds). Texts may be
+            longer: the pipeline cuts them.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, max_tokens: int | None = None):
+        self.tokenizer, self.max_tokens = tokenizer, max_tokens
+
+    def __call__(self, record: Record) -> dict[str, np.ndarray]:
+        tok = self.tokenizer
+        bos = [] if getattr(tok, "bos_id", None) is None else [tok.bos_id]
+        if record.text is not None:
+            read, learned = bos, [*tok.encode(record.text), tok.eos_id]
+        else:
+            read = [*bos, *tok.encode(record.prompt)]
+            learned = [*tok.encode(record.response), tok.eos_id]
+            n = len(read) + len(learned)
+            if self.max_tokens is not None and n > self.max_tokens:
+                raise DataError(
+                    f"{record.where}: the example is {n} tokens long (BOS and "
+                    f"EOS included), more than the {self.max_tokens} of a row "
+                    f"(seq_len + 1); raise seq_len to {n - 1} or more, or "
+                    "shorten or drop the example")
+        return {"tokens": np.asarray([*read, *learned], np.int32),
+                "loss_mask": np.asarray([0] * len(read) + [1] * len(learned),
+                                        np.int32)}
 
 
 def _check_fields(fields: Any, index: int, name: str) -> dict[str, np.ndarray]:
@@ -290,6 +353,23 @@ def _signature(*parts: Any) -> str:
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:12]
 
 
+class PackingStats(NamedTuple):
+    """How a fine-tuning source's examples were packed.
+
+    Attributes:
+        examples: Examples read.
+        pieces: Pieces packed (an example longer than a row gives several).
+        rows: Rows of ``seq_len`` they fill.
+        fill: Fraction of the rows' positions that hold a (input, target)
+            pair of an example rather than padding.
+    """
+
+    examples: int
+    pieces: int
+    rows: int
+    fill: float
+
+
 class BatchIterator:
     """Batches of a grain pipeline, with a JSON-able position.
 
@@ -302,7 +382,11 @@ class BatchIterator:
         local_batch_size: Rows this process yields per batch.
         steps_per_epoch: Batches per epoch (pre-tokenized data), else None.
         num_tokens: Tokens in the stream (pre-tokenized data), else None.
+        packing: How the examples were packed (fine-tuning sources), else
+            None.
     """
+
+    packing: PackingStats | None = None
 
     def __init__(self, start: Callable[[int], grain.IterDataset], *,
                  signature: str, by_count: bool, seq_len: int,
@@ -372,37 +456,175 @@ class BatchIterator:
         self.close()
 
 
-def _window_iterator(stream: Mapping[str, np.ndarray], *, seq_len: int,
-                     batch_size: int, process_index: int, process_count: int,
-                     seed: int, shuffle: bool, num_epochs: int | None,
-                     name: str) -> BatchIterator:
-    """The pre-tokenized pipeline (see the module docstring)."""
-    num_tokens = len(stream["tokens"])
-    num_windows = max(0, (num_tokens - 1) // seq_len)
-    steps = num_windows // batch_size
-    if steps == 0:
-        raise DataError(
-            f"{name} is too small: {num_tokens} tokens make {num_windows} "
-            f"sequences of seq_len {seq_len}, fewer than one batch of "
-            f"{batch_size}; lower batch_size or seq_len, or add data")
+def _row_batches(num_rows: int, gather: Callable[[np.ndarray], Batch],
+                 signature: tuple[Any, ...], *, seq_len: int, batch_size: int,
+                 process_index: int, process_count: int, seed: int,
+                 shuffle: bool, num_epochs: int | None, num_tokens: int
+                 ) -> BatchIterator:
+    """Rows ``0 .. num_rows - 1`` (``gather`` makes a batch of them),
+    shuffled anew every epoch and cut into global batches (an epoch's
+    remainder dropped); process ``p`` takes the ``p``-th slice of every
+    global batch. The position is the number of batches taken."""
+    steps = num_rows // batch_size
     local = batch_size // process_count
-    windows = grain.MapDataset.range(num_windows)
+    rows = grain.MapDataset.range(num_rows)
     if shuffle:
-        windows = windows.shuffle(seed=seed)
-    # Global batch s is windows [s * B, (s + 1) * B) of its epoch; process p
+        rows = rows.shuffle(seed=seed)
+    # Global batch s is rows [s * B, (s + 1) * B) of its epoch; process p
     # takes its p-th slice of `local` rows.
-    batches = windows[:steps * batch_size].batch(local)[process_index::process_count]
-    batches = batches.repeat(num_epochs).map(_GatherWindows(stream, seq_len))
+    batches = rows[:steps * batch_size].batch(local)[process_index::process_count]
+    batches = batches.repeat(num_epochs).map(gather)
     options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=_BATCHES_AHEAD)
 
     def start(count: int) -> grain.IterDataset:
         return batches[count:].to_iter_dataset(options)
 
-    sig = _signature("windows", num_tokens, sorted(stream), seq_len, batch_size,
-                     seed, shuffle)
+    sig = _signature(*signature, seq_len, batch_size, seed, shuffle)
     return BatchIterator(start, signature=sig, by_count=True, seq_len=seq_len,
                          batch_size=batch_size, local_batch_size=local,
                          steps_per_epoch=steps, num_tokens=num_tokens)
+
+
+def _window_iterator(stream: Mapping[str, np.ndarray], *, seq_len: int,
+                     batch_size: int, name: str, **common) -> BatchIterator:
+    """The pre-tokenized pipeline (see the module docstring)."""
+    num_tokens = len(stream["tokens"])
+    num_windows = max(0, (num_tokens - 1) // seq_len)
+    if num_windows < batch_size:
+        raise DataError(
+            f"{name} is too small: {num_tokens} tokens make {num_windows} "
+            f"sequences of seq_len {seq_len}, fewer than one batch of "
+            f"{batch_size}; lower batch_size or seq_len, or add data")
+    return _row_batches(num_windows, _GatherWindows(stream, seq_len),
+                        ("windows", num_tokens, sorted(stream)),
+                        seq_len=seq_len, batch_size=batch_size,
+                        num_tokens=num_tokens, **common)
+
+
+# ----------------------------------------------------------------------------
+# Packed examples
+# ----------------------------------------------------------------------------
+
+
+def pack_examples(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Packs items of the given lengths into as few rows as it can.
+
+    Best-fit decreasing: the items, longest first (ties by index), each go
+    to the fullest row that still has room, or to a new row. Every item is
+    in exactly one row, whole; rows are ordered by their smallest item
+    index, items in a row by index.
+
+    Args:
+        lengths: Each item's length, ``0 < length <= capacity``.
+        capacity: The length of a row.
+
+    Returns:
+        The item indices of every row.
+
+    Raises:
+        ValueError: If an item does not fit a row.
+    """
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, row), sorted.
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        n = int(lengths[i])
+        if not 0 < n <= capacity:
+            raise ValueError(f"item {i} has length {n}, not in [1, {capacity}]")
+        k = bisect.bisect_left(free, (n, -1))
+        if k < len(free):
+            room, row = free.pop(k)
+            rows[row].append(i)
+        else:
+            room, row = capacity, len(rows)
+            rows.append([i])
+        if room > n:
+            bisect.insort(free, (room - n, row))
+    return sorted((sorted(row) for row in rows), key=lambda row: row[0])
+
+
+def _pieces(lengths: Sequence[int], seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """The pieces examples of these token counts are packed as: an example
+    of at most ``seq_len + 1`` tokens is one piece; a longer one is cut into
+    pieces of ``seq_len + 1`` tokens that share one token with the next (so
+    each of its targets is in one piece), the last one shorter. Pieces of one
+    token (no target) are left out.
+
+    Returns:
+        The pieces' first tokens (offsets in the concatenated examples) and
+        their token counts, in example order.
+    """
+    starts, sizes, offset = [], [], 0
+    for n in lengths:
+        for first in range(0, max(n - 1, 0), seq_len):
+            starts.append(offset + first)
+            sizes.append(min(seq_len + 1, n - first))
+        offset += n
+    return np.asarray(starts, np.int64), np.asarray(sizes, np.int64)
+
+
+class _GatherRows:
+    """A batch of row indices to its batch of packed examples."""
+
+    def __init__(self, stream: Mapping[str, np.ndarray], starts: np.ndarray,
+                 sizes: np.ndarray, rows: list[list[int]], seq_len: int,
+                 pad_id: int):
+        self._stream, self._starts, self._sizes = stream, starts, sizes
+        self._offsets = np.cumsum([0] + [len(r) for r in rows])
+        self._pieces = np.asarray([p for r in rows for p in r], np.int64)
+        self._seq_len, self._pad_id = seq_len, pad_id
+
+    def __call__(self, index: np.ndarray) -> Batch:
+        shape = (len(index), self._seq_len)
+        tokens = self._stream["tokens"]
+        extra = {k: v for k, v in self._stream.items() if k != "tokens"}
+        batch = {"inputs": np.full(shape, self._pad_id, np.int32),
+                 "targets": np.full(shape, self._pad_id, np.int32),
+                 "segment_ids": np.zeros(shape, np.int32),
+                 **{k: np.zeros(shape, v.dtype) for k, v in extra.items()}}
+        for b, row in enumerate(np.asarray(index)):
+            at = 0
+            pieces = self._pieces[self._offsets[row]:self._offsets[row + 1]]
+            for segment, piece in enumerate(pieces, 1):
+                start, pairs = self._starts[piece], self._sizes[piece] - 1
+                span = slice(at, at + pairs)
+                batch["inputs"][b, span] = tokens[start:start + pairs]
+                batch["targets"][b, span] = tokens[start + 1:start + 1 + pairs]
+                batch["segment_ids"][b, span] = segment
+                for key, value in extra.items():
+                    batch[key][b, span] = value[start + 1:start + 1 + pairs]
+                at += pairs
+        return batch
+
+
+def _example_iterator(docs: Sequence[Any], encoder: Encoder, *, seq_len: int,
+                      batch_size: int, pad_id: int, name: str, **common
+                      ) -> BatchIterator:
+    """The packed-examples pipeline (see the module docstring)."""
+    encode = _ReadAndEncode(docs, encoder, name)
+    fields = [encode(i) for i in range(len(docs))]
+    keys = sorted(fields[0]) if fields else ["tokens"]
+    if any(sorted(f) != keys for f in fields):
+        raise DataError(f"the encoder gave the examples of {name} different "
+                        f"fields (not all {keys}); give every example the same")
+    stream = {k: np.concatenate([f[k] for f in fields]) if fields
+              else np.zeros(0, np.int32) for k in keys}
+    starts, sizes = _pieces([len(f["tokens"]) for f in fields], seq_len)
+    rows = pack_examples(sizes - 1, seq_len) if len(sizes) else []
+    if len(rows) < batch_size:
+        raise DataError(
+            f"{name} is too small: its {len(docs)} examples pack into "
+            f"{len(rows)} rows of seq_len {seq_len}, fewer than one batch of "
+            f"{batch_size}; lower batch_size, or add data")
+    it = _row_batches(len(rows), _GatherRows(stream, starts, sizes, rows,
+                                             seq_len, pad_id),
+                      ("examples", len(docs), len(sizes), len(rows),
+                       len(stream["tokens"]), keys),
+                      seq_len=seq_len, batch_size=batch_size,
+                      num_tokens=len(stream["tokens"]), **common)
+    it.packing = PackingStats(examples=len(docs), pieces=len(sizes),
+                              rows=len(rows),
+                              fill=float(np.sum(sizes - 1)) / (len(rows) * seq_len))
+    return it
 
 
 def _check_stream_size(docs: Sequence[Any], local: int, seq_len: int,
@@ -517,9 +739,9 @@ def make_iterator(
     """Builds the batch iterator for a source.
 
     Args:
-        source: :class:`EmbeddedCorpus`, :class:`TextFiles`, :class:`TfdsText`
-            (any :class:`Source`) or a spec string for
-            :func:`source_from_spec`.
+        source: :class:`EmbeddedCorpus`, :class:`TextFiles`, :class:`TfdsText`,
+            :class:`JsonlRecords`, :class:`Instructions` (any
+            :class:`Source`) or a spec string for :func:`source_from_spec`.
         tokenizer: Tokenizer; defaults to :class:`ByteTokenizer`.
         seq_len: Length of ``inputs`` and ``targets`` rows.
         batch_size: Global batch size; each process yields
@@ -533,13 +755,15 @@ def make_iterator(
             streamed source (0: a thread of this process). Pre-tokenized
             sources ignore it: their batches are gathered by a thread.
         encoder: Maps a document to its per-token fields (see
-            :class:`TextEncoder`, the default); extra fields reach the batch.
+            :class:`TextEncoder`, the default, and :class:`ExampleEncoder`,
+            that of fine-tuning sources); extra fields reach the batch.
         cache_dir: Cache for tokenized embedded/local data; defaults to
             :func:`~subspace_jax.training.cache.default_cache_dir`.
 
     Returns:
         A :class:`BatchIterator` of ``{"inputs", "targets", ...}`` int32
-        arrays of shape ``(batch_size // process_count, seq_len)``.
+        arrays of shape ``(batch_size // process_count, seq_len)``; those of
+        a fine-tuning source also hold ``"segment_ids"`` and ``"loss_mask"``.
 
     Raises:
         DataError: On settings or data that cannot work; the message says
@@ -564,6 +788,11 @@ def make_iterator(
                   process_index=process_index, process_count=process_count,
                   name=source.name)
     docs = source.open()
+    if getattr(source, "examples", False):
+        pad_id = getattr(tokenizer, "pad_id", None)
+        return _example_iterator(
+            docs, encoder or ExampleEncoder(tokenizer, max_tokens=seq_len + 1),
+            pad_id=tokenizer.eos_id if pad_id is None else pad_id, **common)
     if source.streaming:
         return _stream_iterator(docs, encoder or TextEncoder(tokenizer),
                                 workers=int(workers), **common)

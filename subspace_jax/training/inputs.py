@@ -14,6 +14,7 @@ import jax
 from subspace_jax.training import data as data_lib
 from subspace_jax.training import tokenizer as tok_lib
 from subspace_jax.training.config import RunConfig
+from subspace_jax.training.reporting import info
 
 __all__ = ["make_tokenizer", "make_iterators", "data_state", "set_data_state"]
 
@@ -49,11 +50,16 @@ def make_tokenizer(cfg: RunConfig) -> tok_lib.Tokenizer:
     source = _source(cfg, cfg.split)
     if not isinstance(source, data_lib.EmbeddedCorpus):
       docs = source.open()
-      corpus = [docs[i] for i in range(min(len(docs), _SPM_SAMPLE_DOCS))]
+      corpus = [_text(docs[i]) for i in range(min(len(docs), _SPM_SAMPLE_DOCS))]
   except data_lib.DataError as e:
     raise _data_error(e) from None
   return tok_lib.get_tokenizer("sentencepiece", vocab_size=cfg.vocab_size,
                                corpus=corpus)
+
+
+def _text(doc) -> str:
+  """A document's text (a fine-tuning record's prompt and response)."""
+  return doc.joined if isinstance(doc, data_lib.Record) else doc
 
 
 def make_iterators(cfg: RunConfig, tokenizer):
@@ -74,6 +80,12 @@ def make_iterators(cfg: RunConfig, tokenizer):
       eval_start = eval_iter.get_state()
   except data_lib.DataError as e:
     raise _data_error(e) from None
+  if train_iter.packing is not None:
+    pack = train_iter.packing
+    cut = (f" (texts longer than a row cut into {pack.pieces:,} pieces)"
+           if pack.pieces != pack.examples else "")
+    info(f"packed {pack.examples:,} examples{cut} into {pack.rows:,} rows of "
+         f"{cfg.seq_len} tokens, {pack.fill:.0%} of the positions filled")
   return train_iter, eval_iter, eval_start
 
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from subspace_jax import memory, models
 from subspace_jax.training import config as config_lib
 from subspace_jax.training import sharding as shd
+from subspace_jax.training import sources
 from subspace_jax.training import train as train_lib
 from subspace_jax.training.config import RunConfig
 
@@ -45,6 +46,16 @@ def _first(devices: list, sizes) -> list:
   plans a single chip, a 24 GB card's setting: no collectives)."""
   n = math.prod(sizes)
   return devices if -1 in sizes or n <= 0 else devices[:n]
+
+
+def _abstract_batch(cfg: RunConfig, sharding) -> dict[str, jax.ShapeDtypeStruct]:
+  """The run's batch on abstract arrays: inputs and targets, and the
+  segment ids and loss mask of a fine-tuning source's packed examples."""
+  keys = ["inputs", "targets"]
+  if getattr(sources.source_from_spec(cfg.data), "examples", False):
+    keys += ["segment_ids", "loss_mask"]
+  return {k: jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), jnp.int32,
+                                  sharding=sharding) for k in keys}
 
 
 def compile_for(cfg: RunConfig, target: str, *, devices=None,
@@ -76,11 +87,9 @@ def compile_for(cfg: RunConfig, target: str, *, devices=None,
   model_config = cfg.model_config()
   s = train_lib.setup(model_config, cfg.optimizer, mesh)
   config_lib.check_rank(s, cfg.optimizer)
-  tokens = jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), jnp.int32,
-                                sharding=s.batch_sharding)
   state = s.abstract_state
   return memory.step_report(
-      s.train_step, state, {"inputs": tokens, "targets": tokens},
+      s.train_step, state, _abstract_batch(cfg, s.batch_sharding),
       devices=devices, target=target, weights=state.params,
       optimizer_state=state.opt_state,
       gradients=_gradients(cfg, model_config, s), capacity=capacity,

@@ -6,6 +6,17 @@
 * :class:`TfdsText`: any TFDS text dataset (e.g. ``c4/en``), read through
   ``tfds`` random-access data sources (array_record; TensorFlow not needed).
 
+Fine-tuning sources give :class:`Record` examples (a prompt and its
+response, or a text) instead of documents, and set ``examples = True``: the
+data pipeline packs them whole, apart from each other (see
+:mod:`~subspace_jax.training.data`).
+
+* :class:`JsonlRecords`: a JSON Lines file of ``{"prompt": ..., "response":
+  ...}`` or ``{"text": ...}`` objects; a bad line is refused naming the file
+  and the line.
+* :class:`Instructions`: a small instruction set made from the embedded
+  corpus (no download).
+
 Each is a :class:`Source`: ``open()`` returns its documents as a sequence,
 and ``streaming`` says whether they are tokenized as they are read (TFDS)
 or once, whole. :func:`source_from_spec` builds one from a string such as
@@ -22,11 +33,13 @@ import importlib.resources
 import json
 import os
 import pathlib
+import random
 import re
 from collections.abc import Sequence
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
 
 __all__ = ["DataError", "Source", "EmbeddedCorpus", "TextFiles", "TfdsText",
+           "Record", "read_jsonl", "JsonlRecords", "Instructions",
            "source_from_spec"]
 
 _CORPUS_FILE = "gutenberg_en.jsonl.gz"
@@ -45,6 +58,10 @@ class Source(Protocol):
     streaming: Whether the documents are too many to tokenize at once:
       then the data pipeline tokenizes them as it reads them, else once,
       whole, and caches the tokens.
+
+  A source may also set ``examples = True``: its documents are
+  :class:`Record` examples, which the pipeline packs whole (without it,
+  False: texts packed into windows).
   """
 
   name: str
@@ -82,10 +99,15 @@ def _split_documents(docs: list[str], split: str, holdout_fraction: float,
 
 
 @functools.lru_cache(maxsize=1)
-def _embedded_documents() -> tuple[str, ...]:
+def _embedded_records() -> tuple[dict[str, str], ...]:
+  """The embedded corpus's ``{"source": book, "text": document}`` lines."""
   path = importlib.resources.files("subspace_jax") / "data" / _CORPUS_FILE
   with path.open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as f:
-    return tuple(json.loads(line)["text"] for line in f if line.strip())
+    return tuple(json.loads(line) for line in f if line.strip())
+
+
+def _embedded_documents() -> tuple[str, ...]:
+  return tuple(r["text"] for r in _embedded_records())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,17 +319,236 @@ class TfdsText:
     return _TextColumn(source, self.text_key, f"tfds:{self.name} ({self.split})")
 
 
+# ----------------------------------------------------------------------------
+# Fine-tuning examples
+# ----------------------------------------------------------------------------
+
+
+class Record(NamedTuple):
+  """One fine-tuning example: a prompt and its response, or a text.
+
+  Attributes:
+    where: Where it comes from, for messages (``"train.jsonl:12"``).
+    prompt: The prompt, which the model reads but is not trained to write
+      (None for a text).
+    response: The response, which the model is trained to write (None for
+      a text).
+    text: A text the model is trained on whole, as in pretraining (None for
+      a prompt/response pair).
+  """
+
+  where: str
+  prompt: str | None = None
+  response: str | None = None
+  text: str | None = None
+
+  @property
+  def joined(self) -> str:
+    """The whole text: the prompt then the response, or the text."""
+    return self.text if self.text is not None else self.prompt + self.response
+
+
+_RECORD_FORMS = '{"prompt": ..., "response": ...} or {"text": ...}'
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string",
+               int: "a number", float: "a number", bool: "a boolean",
+               type(None): "null"}
+
+
+def _json_type(value: Any) -> str:
+  return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def _parse_record(line: bytes, where: str) -> Record | None:
+  """The record of one JSONL line (None for a blank line).
+
+  Raises:
+    DataError: Naming ``where`` (the file and line) and what is wrong.
+  """
+  try:
+    text = line.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise DataError(f"{where}: not UTF-8 text (bad byte at column "
+                    f"{e.start + 1}); convert the file to UTF-8") from None
+  if not text.strip():
+    return None
+  try:
+    obj = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); "
+                    f"write one object per line, {_RECORD_FORMS}") from None
+  if not isinstance(obj, dict):
+    raise DataError(f"{where}: {_json_type(obj)}, not a JSON object; write "
+                    f"one object per line, {_RECORD_FORMS}")
+  pair = [k for k in ("prompt", "response") if k in obj]
+  if pair and "text" in obj:
+    raise DataError(f"{where}: both 'text' and {pair[0]!r}; give either a "
+                    "prompt and a response or a text")
+  if not pair and "text" not in obj:
+    keys = ", ".join(map(repr, obj)) or "none"
+    raise DataError(f"{where}: no 'prompt' and 'response' nor 'text' field "
+                    f"(keys: {keys}); each line needs {_RECORD_FORMS}")
+  if len(pair) == 1:
+    other = "response" if pair[0] == "prompt" else "prompt"
+    raise DataError(f"{where}: {pair[0]!r} without {other!r}; each line "
+                    f"needs {_RECORD_FORMS}")
+  fields = {k: obj[k] for k in (pair or ["text"])}
+  for key, value in fields.items():
+    if not isinstance(value, str):
+      raise DataError(f"{where}: {key!r} is {_json_type(value)}, not a string")
+  return Record(where, **fields)
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> list[Record]:
+  """Reads a JSON Lines file of fine-tuning records.
+
+  Each non-blank line is one JSON object: ``{"prompt": str, "response":
+  str}`` (the response is learned, the prompt only read) or ``{"text":
+  str}`` (learned whole); other keys are ignored.
+
+  Args:
+    path: The file.
+
+  Returns:
+    Its records, in file order.
+
+  Raises:
+    DataError: If the file cannot be read or holds no record, or a line is
+      not one of the forms above (the message names the file and line).
+  """
+  name = os.fspath(path)
+  try:
+    with open(os.path.expanduser(name), "rb") as f:
+      lines = f.read().split(b"\n")
+  except OSError as e:
+    raise DataError(f"cannot read {name} ({e.strerror or e}); give a JSON "
+                    "Lines file") from None
+  records = [r for number, line in enumerate(lines, 1)
+             if (r := _parse_record(line, f"{name}:{number}")) is not None]
+  if not records:
+    raise DataError(f"{name} holds no record (it is empty); write one JSON "
+                    f"object per line, {_RECORD_FORMS}")
+  return records
+
+
+@dataclasses.dataclass(frozen=True)
+class JsonlRecords:
+  """Fine-tuning records from a JSON Lines file (see :func:`read_jsonl`).
+
+  The last ``holdout_fraction`` of the records (in file order) form the
+  ``"validation"`` split, the rest ``"train"``.
+
+  Attributes:
+    path: The file; ``~`` is expanded.
+    split: ``"all"`` (default), ``"train"`` or ``"validation"``.
+    holdout_fraction: Fraction of records held out for validation.
+  """
+
+  path: str
+  split: str = "all"
+  holdout_fraction: float = 0.05
+  streaming: ClassVar[bool] = False
+  examples: ClassVar[bool] = True
+
+  @property
+  def name(self) -> str:
+    return f"jsonl:{self.path}"
+
+  def open(self) -> list[Record]:
+    """Returns the records of the chosen split.
+
+    Raises:
+      DataError: As :func:`read_jsonl`, or if the split is empty.
+    """
+    return _split_documents(read_jsonl(self.path), self.split,
+                            self.holdout_fraction, self.path)
+
+
+# Instructions made from the embedded corpus: each passage of at most this
+# many characters (whole words of one paragraph) is one example, so that an
+# example is at most 127 bytes (it fits --seq-len 128 with the byte
+# tokenizer's BOS and EOS).
+_PASSAGE_CHARS = 48
+
+
+def _passages(paragraph: str) -> list[str]:
+  """``paragraph`` cut at spaces into passages of at most
+  :data:`_PASSAGE_CHARS` characters (a longer word is one passage)."""
+  out, words = [], []
+  for word in paragraph.split():
+    if words and len(" ".join([*words, word])) > _PASSAGE_CHARS:
+      out.append(" ".join(words))
+      words = []
+    words.append(word)
+  return out + [" ".join(words)] if words else out
+
+
+@functools.lru_cache(maxsize=1)
+def _instruction_records() -> tuple[Record, ...]:
+  """Every example of :class:`Instructions`, in its shuffled order."""
+  pairs = []
+  for doc in _embedded_records():
+    book = doc["source"].split(", by ")[0]
+    for paragraph in doc["text"].split("\n\n"):
+      passages = _passages(paragraph)
+      for i, passage in enumerate(passages):
+        task = len(pairs) % 3
+        if task == 1:
+          pairs.append((f"Which book is this from?\n{passage}\n", book))
+        elif task == 2 and i + 1 < len(passages):
+          pairs.append((f"Continue the text:\n{passage}\n", passages[i + 1]))
+        else:
+          pairs.append((f"Write in capital letters:\n{passage}\n",
+                        passage.upper()))
+  random.Random(0).shuffle(pairs)  # Mixes the books before the split.
+  return tuple(Record(f"instructions record {i}", prompt, response)
+               for i, (prompt, response) in enumerate(pairs))
+
+
+@dataclasses.dataclass(frozen=True)
+class Instructions:
+  """A small instruction set made from the embedded corpus (no download).
+
+  Every passage of the corpus (whole words of a paragraph, at most 48
+  characters) gives one prompt/response example, of three kinds in turn:
+  write the passage in capital letters, name the book it is from
+  (``Alice's Adventures in Wonderland`` or ``Botchan (Master Darling)``),
+  or continue it with the paragraph's next passage. About 9,000 examples,
+  shuffled with a fixed seed; the last ``holdout_fraction`` of them form
+  the ``"validation"`` split. Each is at most 127 UTF-8 bytes.
+
+  Attributes:
+    split: ``"train"``, ``"validation"`` or ``"all"``.
+    holdout_fraction: Fraction of the examples held out for validation.
+  """
+
+  split: str = "train"
+  holdout_fraction: float = 0.05
+  streaming: ClassVar[bool] = False
+  examples: ClassVar[bool] = True
+
+  @property
+  def name(self) -> str:
+    return f"instructions:{self.split}"
+
+  def open(self) -> list[Record]:
+    """Returns the examples of the chosen split."""
+    return _split_documents(list(_instruction_records()), self.split,
+                            self.holdout_fraction, "the instruction set")
+
+
 def source_from_spec(spec: str, *, split: str | None = None,
-                     data_dir: str | None = None,
-                     text_key: str = "text") -> EmbeddedCorpus | TextFiles | TfdsText:
+                     data_dir: str | None = None, text_key: str = "text"
+                     ) -> EmbeddedCorpus | TextFiles | TfdsText | JsonlRecords | Instructions:
   """Parses a source string, handy for command lines and configs.
 
   Args:
     spec: ``"embedded"``, ``"files:GLOB"`` (one document per file),
       ``"paragraphs:GLOB"`` (one document per blank-line separated
-      block) or ``"tfds:NAME"`` (e.g. ``"tfds:c4/en"``).
-    split: Split; defaults to ``"train"`` for embedded and TFDS sources
-      and ``"all"`` for files.
+      block), ``"tfds:NAME"`` (e.g. ``"tfds:c4/en"``), ``"jsonl:PATH"``
+      (fine-tuning records, :class:`JsonlRecords`) or ``"instructions"``
+      (the built-in instruction set, :class:`Instructions`).
+    split: Split; defaults to ``"train"`` for embedded, instructions and
+      TFDS sources and ``"all"`` for files.
     data_dir: TFDS data directory.
     text_key: TFDS text feature name.
 
@@ -325,5 +566,10 @@ def source_from_spec(spec: str, *, split: str | None = None,
   if kind == "tfds" and arg:
     return TfdsText(arg, data_dir=data_dir, split=split or "train",
                     text_key=text_key)
+  if kind == "jsonl" and arg:
+    return JsonlRecords(arg, split=split or "all")
+  if kind == "instructions" and not arg:
+    return Instructions(split=split or "train")
   raise DataError(f"unknown data source {spec!r}; use 'embedded', "
-                  "'files:GLOB', 'paragraphs:GLOB' or 'tfds:NAME'")
+                  "'files:GLOB', 'paragraphs:GLOB', 'tfds:NAME', "
+                  "'jsonl:PATH' or 'instructions'")
