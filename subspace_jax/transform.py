@@ -235,8 +235,11 @@ def _regenerated(sampler: proj.Sampler, key, plan: mv.LeafPlan, dtype):
   one = lambda k: draw(sampler, k, plan.dim, plan.rank, dtype)
   if not plan.batch_shape:
     return one(key)
+  # One matrix at a time (``lax.map``, not ``vmap``): a stacked leaf's
+  # sampling temporaries (random bits, float32 Gaussians, the QR) are then
+  # one matrix's, not every layer's at once.
   keys = matrix_keys(key, plan).reshape(-1)
-  return jax.vmap(one)(keys).reshape(plan.projection_shape)
+  return jax.lax.map(one, keys).reshape(plan.projection_shape)
 
 
 def random_projection(

@@ -226,6 +226,36 @@ def test_stacked_leaf_each_slice_gets_its_own_projection():
   assert float(jnp.max(jnp.abs(p[0] - p[1]))) > 0.1
 
 
+def _largest_of_dtype(jaxpr, dtype) -> int:
+  """Size of the largest array of ``dtype`` made anywhere in ``jaxpr``,
+  inside loops and branches too."""
+  largest = 0
+  for eqn in jaxpr.eqns:
+    for v in eqn.outvars:
+      aval = v.aval
+      if getattr(aval, "dtype", None) == dtype:
+        largest = max(largest, int(np.prod(aval.shape)))
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          largest = max(largest, _largest_of_dtype(inner, dtype))
+  return largest
+
+
+@pytest.mark.parametrize("make", [sj.golore, sj.rso])
+def test_stacked_leaf_projections_are_drawn_one_matrix_at_a_time(make):
+  """The random bits of a stacked leaf's projections are one matrix's at a
+  time (a loop over the matrices), never every layer's at once: drawn
+  batched, a 7B step held all 32 layers' bits, Gaussians and QR in float32
+  (12.6 GiB of its temporaries on the TPU compiler)."""
+  layers, m, n, r = 6, 40, 24, 4
+  tx = make(rank=r, update_gap=3)
+  grads = {"w": jnp.ones((layers, m, n), jnp.bfloat16)}
+  jaxpr = jax.make_jaxpr(tx.update)(grads, tx.init(grads)).jaxpr
+  assert 0 < _largest_of_dtype(jaxpr, jnp.dtype(jnp.uint32)) <= m * r
+
+
 def test_nd_attention_leaves_through_matrix_views():
   q = jax.random.normal(jax.random.key(2), (16, 4, 5))   # (embed, heads, hd)
   o = jax.random.normal(jax.random.key(3), (4, 5, 16))   # (heads, hd, embed)
