@@ -15,7 +15,7 @@ import pytest
 import clirun
 from reference_llama import numpy_forward
 from subspace_jax.models import hf, llama
-from subspace_jax.training import checkpoint, data, plan, sources, train
+from subspace_jax.training import checkpoint, data, encoding, plan, sources, train
 from subspace_jax.training import sharding as shd
 from subspace_jax.training import tokenizer as tok_lib
 
@@ -96,7 +96,7 @@ def test_records_and_splits(tmp_path):
 
 
 def test_encoder_adds_bos_and_eos_and_masks_the_prompt():
-  encode = data.ExampleEncoder(BYTE)
+  encode = encoding.ExampleEncoder(BYTE)
   pair = {"prompt": "Name a colour.\n", "response": "Blue"}
   out = encode(sources.Record("x:1", **pair))
   tokens, mask = _encoded(pair)
@@ -109,14 +109,14 @@ def test_encoder_adds_bos_and_eos_and_masks_the_prompt():
   with pytest.raises(data.DataError, match=r"^f\.jsonl:7: the example is 12 "
                      r"tokens long .* more than the 10 of a row \(seq_len \+ 1\); "
                      "raise seq_len to 11 or more"):
-    data.ExampleEncoder(BYTE, max_tokens=10)(
+    encoding.ExampleEncoder(BYTE, max_tokens=10)(
         sources.Record("f.jsonl:7", "abcdef", "ghij"))
 
 
 def test_encoder_uses_the_llama_tokenizers_own_ids(llama_sp_model):
   sp = tok_lib.load_tokenizer(llama_sp_model)
   pair = {"prompt": "What is the capital of France?\n", "response": "Paris."}
-  out = data.ExampleEncoder(sp)(sources.Record("x:1", **pair))
+  out = encoding.ExampleEncoder(sp)(sources.Record("x:1", **pair))
   tokens, mask = _encoded(pair, sp)
   assert (tokens[0], tokens[-1]) == (1, 2)  # LLaMA's <s> and </s>.
   assert out["tokens"].tolist() == tokens and out["loss_mask"].tolist() == mask
