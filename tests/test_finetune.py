@@ -15,7 +15,8 @@ import pytest
 import clirun
 from reference_llama import numpy_forward
 from subspace_jax.models import hf, llama
-from subspace_jax.training import checkpoint, data, encoding, plan, sources, train
+from subspace_jax.training import checkpoint, data, encoding, packing, plan
+from subspace_jax.training import sources, train
 from subspace_jax.training import sharding as shd
 from subspace_jax.training import tokenizer as tok_lib
 
@@ -131,14 +132,14 @@ def test_pack_examples_is_best_fit_decreasing():
   # Worked by hand: 6 opens row A (2 left), 4 row B, 4 fills B, 3 opens C,
   # 3 goes to C (2 left); the 2s go to the fullest rows with room, A then
   # C. Next-fit in order would need 4 rows.
-  assert data.pack_examples([6, 4, 4, 3, 3, 2, 2], 8) == [[0, 5], [1, 2], [3, 4, 6]]
+  assert packing.pack_examples([6, 4, 4, 3, 3, 2, 2], 8) == [[0, 5], [1, 2], [3, 4, 6]]
   lengths = np.random.default_rng(0).integers(1, 60, 500)
-  rows = data.pack_examples(lengths, 64)
+  rows = packing.pack_examples(lengths, 64)
   assert sorted(i for row in rows for i in row) == list(range(500))
   assert all(sum(lengths[row]) <= 64 for row in rows)
   assert len(rows) <= 1.05 * np.ceil(sum(lengths) / 64) + 1
   with pytest.raises(ValueError, match="item 1 has length 9"):
-    data.pack_examples([3, 9], 8)
+    packing.pack_examples([3, 9], 8)
 
 
 def _rows(batch):
