@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from subspace_jax.training import data, sources, tokenizer
+from subspace_jax.training import data, encoding, sources, tokenizer
 from subspace_jax.training.data import (DataError, EmbeddedCorpus, TextFiles, TfdsText,
                                         make_iterator)
 from subspace_jax.training.tokenizer import ByteTokenizer
@@ -161,7 +161,7 @@ def test_embedded_corpus_is_english_prose_with_held_out_split():
 
 def test_batches_are_shifted_windows_of_the_token_stream(tmp_path):
     docs = EmbeddedCorpus(split="train").documents()
-    stream = data.tokenize_documents(docs, BYTE)["tokens"]
+    stream = encoding.tokenize_documents(docs, BYTE)["tokens"]
     assert np.count_nonzero(stream == BYTE.eos_id) == len(docs)
     it = make_iterator("embedded", BYTE, seq_len=64, batch_size=4, shuffle=False,
                        process_index=0, process_count=1, cache_dir=tmp_path)
@@ -247,7 +247,7 @@ def test_tokens_are_cached_on_disk(tmp_path, monkeypatch):
 
     def no_tokenizing(*args, **kwargs):
         raise AssertionError("tokenized again instead of using the cache")
-    monkeypatch.setattr(data, "tokenize_documents", no_tokenizing)
+    monkeypatch.setattr(encoding, "tokenize_documents", no_tokenizing)
     _assert_same_batches([next(make_iterator("embedded", BYTE, **kwargs))], [first])
     with pytest.raises(AssertionError, match="cache"):  # Other data: a miss.
         make_iterator(EmbeddedCorpus("validation"), BYTE, **kwargs)

@@ -15,7 +15,8 @@ import pytest
 import clirun
 from reference_llama import numpy_forward
 from subspace_jax.models import hf, llama
-from subspace_jax.training import checkpoint, data, plan, sources, train
+from subspace_jax.training import checkpoint, data, encoding, packing, plan
+from subspace_jax.training import sources, train
 from subspace_jax.training import sharding as shd
 from subspace_jax.training import tokenizer as tok_lib
 
@@ -96,7 +97,7 @@ def test_records_and_splits(tmp_path):
 
 
 def test_encoder_adds_bos_and_eos_and_masks_the_prompt():
-  encode = data.ExampleEncoder(BYTE)
+  encode = encoding.ExampleEncoder(BYTE)
   pair = {"prompt": "Name a colour.\n", "response": "Blue"}
   out = encode(sources.Record("x:1", **pair))
   tokens, mask = _encoded(pair)
@@ -109,14 +110,14 @@ def test_encoder_adds_bos_and_eos_and_masks_the_prompt():
   with pytest.raises(data.DataError, match=r"^f\.jsonl:7: the example is 12 "
                      r"tokens long .* more than the 10 of a row \(seq_len \+ 1\); "
                      "raise seq_len to 11 or more"):
-    data.ExampleEncoder(BYTE, max_tokens=10)(
+    encoding.ExampleEncoder(BYTE, max_tokens=10)(
         sources.Record("f.jsonl:7", "abcdef", "ghij"))
 
 
 def test_encoder_uses_the_llama_tokenizers_own_ids(llama_sp_model):
   sp = tok_lib.load_tokenizer(llama_sp_model)
   pair = {"prompt": "What is the capital of France?\n", "response": "Paris."}
-  out = data.ExampleEncoder(sp)(sources.Record("x:1", **pair))
+  out = encoding.ExampleEncoder(sp)(sources.Record("x:1", **pair))
   tokens, mask = _encoded(pair, sp)
   assert (tokens[0], tokens[-1]) == (1, 2)  # LLaMA's <s> and </s>.
   assert out["tokens"].tolist() == tokens and out["loss_mask"].tolist() == mask
@@ -131,14 +132,14 @@ def test_pack_examples_is_best_fit_decreasing():
   # Worked by hand: 6 opens row A (2 left), 4 row B, 4 fills B, 3 opens C,
   # 3 goes to C (2 left); the 2s go to the fullest rows with room, A then
   # C. Next-fit in order would need 4 rows.
-  assert data.pack_examples([6, 4, 4, 3, 3, 2, 2], 8) == [[0, 5], [1, 2], [3, 4, 6]]
+  assert packing.pack_examples([6, 4, 4, 3, 3, 2, 2], 8) == [[0, 5], [1, 2], [3, 4, 6]]
   lengths = np.random.default_rng(0).integers(1, 60, 500)
-  rows = data.pack_examples(lengths, 64)
+  rows = packing.pack_examples(lengths, 64)
   assert sorted(i for row in rows for i in row) == list(range(500))
   assert all(sum(lengths[row]) <= 64 for row in rows)
   assert len(rows) <= 1.05 * np.ceil(sum(lengths) / 64) + 1
   with pytest.raises(ValueError, match="item 1 has length 9"):
-    data.pack_examples([3, 9], 8)
+    packing.pack_examples([3, 9], 8)
 
 
 def _rows(batch):

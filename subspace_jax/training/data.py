@@ -1,30 +1,22 @@
-"""Training data pipeline on grain: documents -> tokens -> packed batches.
+"""Training data pipelines on grain: documents -> tokens -> packed batches.
 
 Every source goes through the same steps: each document is encoded into
-per-token arrays (``"tokens"``: its token ids with EOS appended, plus any
-extra per-token field an encoder adds, such as a loss mask), the documents
-are concatenated, the stream is cut into windows of ``seq_len + 1`` tokens,
-and the windows are batched as ``inputs = window[:-1]`` and
-``targets = window[1:]``, int32 of shape ``(batch_size // process_count,
-seq_len)``. An extra field ``f`` comes out as ``f = window_f[1:]``, aligned
-with ``targets`` (a loss mask applies to the tokens being predicted).
-Windows run across document boundaries; the EOS tokens mark them and the
-model attends across them.
+per-token arrays (:mod:`~subspace_jax.training.encoding`: ``"tokens"``, its
+token ids with EOS appended, plus any extra per-token field an encoder
+adds, such as a loss mask), the documents are concatenated, the stream is
+cut into windows of ``seq_len + 1`` tokens, and the windows are batched as
+``inputs = window[:-1]`` and ``targets = window[1:]``, int32 of shape
+``(batch_size // process_count, seq_len)``. An extra field ``f`` comes out
+as ``f = window_f[1:]``, aligned with ``targets`` (a loss mask applies to
+the tokens being predicted). Windows run across document boundaries; the
+EOS tokens mark them and the model attends across them.
 
 Fine-tuning sources (``source.examples``: :class:`~subspace_jax.training.sources.Record`
-examples) are packed otherwise, example by example (see
-:func:`pack_examples`): :class:`ExampleEncoder` makes each one
-``[BOS] + prompt + response + [EOS]`` with a ``"loss_mask"`` on the response,
-an example of ``n`` tokens gives ``n - 1`` (input, target) pairs, and whole
-examples share a row side by side with ``"segment_ids"`` 1, 2, ... (0 and a
-zero loss mask on the padding at the end of the row), so that the model
-attends within each example only. An example is never split, unless it is
-longer than a row (more than ``seq_len + 1`` tokens: the encoder refuses
-such a prompt/response pair, naming its file and line; a longer text is
-cut into pieces of ``seq_len + 1`` tokens that share one token, so each of
-its tokens is a target once, and each piece is packed as an example). The
-examples are packed once; the rows are shuffled anew every epoch and
-batched as the windows of the pre-tokenized pipeline below.
+examples) are packed otherwise, example by example, into rows of whole
+examples that the model attends within (see
+:mod:`~subspace_jax.training.packing`). The examples are packed once; the
+rows are shuffled anew every epoch and batched as the windows of the
+pre-tokenized pipeline below.
 
 Two grain pipelines, chosen by the source's ``streaming``:
 
@@ -73,19 +65,23 @@ Usage::
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import os
 import signal
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import grain
 import numpy as np
 
-from subspace_jax.training import cache
+from subspace_jax.training.encoding import (Encoder, ExampleEncoder,
+                                            TextEncoder, _brief,
+                                            _cached_stream, _read_document,
+                                            _ReadAndEncode, tokenize_documents)
+from subspace_jax.training.packing import (PackingStats, _GatherRows, _pieces,
+                                           pack_examples)
 from subspace_jax.training.sources import (DataError, EmbeddedCorpus,
                                            Instructions, JsonlRecords, Record,
                                            Source, TextFiles, TfdsText,
@@ -94,14 +90,10 @@ from subspace_jax.training.tokenizer import ByteTokenizer, Tokenizer
 
 __all__ = ["DataError", "Source", "EmbeddedCorpus", "TextFiles", "TfdsText",
            "Record", "JsonlRecords", "Instructions", "source_from_spec",
-           "TextEncoder", "ExampleEncoder", "tokenize_documents",
-           "pack_examples", "PackingStats", "BatchIterator", "make_iterator",
-           "ByteTokenizer", "Tokenizer"]
+           "BatchIterator", "make_iterator", "ByteTokenizer", "Tokenizer"]
 
 Batch = dict[str, np.ndarray]
-Encoder = Callable[[Any], Mapping[str, Any]]
 
-_PROGRESS_EVERY = 10_000
 # Batches gathered ahead by the pre-tokenized pipeline's thread, and by each
 # worker (or the thread) of the streamed one.
 _BATCHES_AHEAD = 2
@@ -111,181 +103,6 @@ _DOCS_AHEAD = 64
 # bytes (one per byte, with byte fallback; a SentencePiece dummy prefix);
 # with the EOS token, the bound on tokens that the too-small check uses.
 _TOKENS_OVER_BYTES = 3
-
-
-# ----------------------------------------------------------------------------
-# Encoding documents
-# ----------------------------------------------------------------------------
-
-
-class TextEncoder:
-    """The default encoder: a text to ``{"tokens": ids + [EOS]}`` (int32).
-
-    An encoder is any picklable callable from a document to a mapping of
-    per-token arrays with a ``"tokens"`` entry; other entries (of the same
-    length) travel through packing and batching into the batch (see the
-    module docstring). Pickled into grain's worker processes.
-
-    Args:
-        tokenizer: The tokenizer.
-    """
-
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer = tokenizer
-
-    def __call__(self, text: str) -> dict[str, np.ndarray]:
-        ids = self.tokenizer.encode(text)
-        return {"tokens": np.asarray([*ids, self.tokenizer.eos_id], np.int32)}
-
-
-class ExampleEncoder:
-    """A fine-tuning :class:`~subspace_jax.training.sources.Record` to
-    ``{"tokens", "loss_mask"}`` (int32 arrays), as LLaMA checkpoints expect
-    their input.
-
-    A prompt/response pair is ``[BOS] + prompt + response + [EOS]``, its
-    ``loss_mask`` 1 on the response and EOS and 0 on BOS and the prompt; a
-    text is ``[BOS] + text + [EOS]``, every token but BOS masked in. BOS and
-    EOS are the tokenizer's own ids (no BOS if it has none). The prompt and
-    the response are tokenized apart, so the response starts on a token
-    boundary (a SentencePiece tokenizer then starts it with a word, as it
-    starts the prompt).
-
-    Args:
-        tokenizer: The tokenizer.
-        max_tokens: Refuse a prompt/response pair of more tokens than this
-            with a DataError naming its record (None: no limit; the pipeline
-            gives ``seq_len + 1``, the most a row holds). Texts may be
-            longer: the pipeline cuts them.
-    """
-
-    def __init__(self, tokenizer: Tokenizer, max_tokens: int | None = None):
-        self.tokenizer, self.max_tokens = tokenizer, max_tokens
-
-    def __call__(self, record: Record) -> dict[str, np.ndarray]:
-        tok = self.tokenizer
-        bos = [] if getattr(tok, "bos_id", None) is None else [tok.bos_id]
-        if record.text is not None:
-            read, learned = bos, [*tok.encode(record.text), tok.eos_id]
-        else:
-            read = [*bos, *tok.encode(record.prompt)]
-            learned = [*tok.encode(record.response), tok.eos_id]
-            n = len(read) + len(learned)
-            if self.max_tokens is not None and n > self.max_tokens:
-                raise DataError(
-                    f"{record.where}: the example is {n} tokens long (BOS and "
-                    f"EOS included), more than the {self.max_tokens} of a row "
-                    f"(seq_len + 1); raise seq_len to {n - 1} or more, or "
-                    "shorten or drop the example")
-        return {"tokens": np.asarray([*read, *learned], np.int32),
-                "loss_mask": np.asarray([0] * len(read) + [1] * len(learned),
-                                        np.int32)}
-
-
-def _check_fields(fields: Any, index: int, name: str) -> dict[str, np.ndarray]:
-    """An encoder's output as 1-D arrays of one length, or a DataError."""
-    if not isinstance(fields, Mapping) or "tokens" not in fields:
-        raise DataError(f"the encoder returned {type(fields).__name__} for "
-                        f"document {index} of {name}, not a mapping with "
-                        "'tokens'")
-    out = {k: np.asarray(v) for k, v in fields.items()}
-    length = len(out["tokens"])
-    for key, value in out.items():
-        if value.ndim != 1 or len(value) != length:
-            raise DataError(f"field {key!r} of document {index} of {name} has "
-                            f"shape {value.shape}, not ({length},) like its "
-                            "tokens; give every field one value per token")
-    if length == 0:
-        raise DataError(f"document {index} of {name} encodes to no token; the "
-                        "encoder must give at least one (EOS)")
-    return out
-
-
-def _read_document(docs: Sequence[Any], index: int, name: str) -> Any:
-    """``docs[index]``; a failure is a DataError naming the document."""
-    try:
-        return docs[index]
-    except DataError:
-        raise
-    except Exception as e:  # pylint: disable=broad-except
-        raise DataError(f"cannot read document {index} of {name} "
-                        f"({_brief(e)}); repair or rebuild the data") from None
-
-
-class _ReadAndEncode:
-    """A document index to its checked fields; errors name the document."""
-
-    def __init__(self, docs: Sequence[Any], encoder: Encoder, name: str):
-        self._docs, self._encoder, self._name = docs, encoder, name
-
-    def __call__(self, index: int) -> dict[str, np.ndarray]:
-        index = int(index)
-        doc = _read_document(self._docs, index, self._name)
-        try:
-            fields = self._encoder(doc)
-        except DataError:
-            raise
-        except Exception as e:  # pylint: disable=broad-except
-            raise DataError(f"cannot encode document {index} of {self._name} "
-                            f"({_brief(e)}); fix or remove it") from None
-        return _check_fields(fields, index, self._name)
-
-
-def _brief(error: BaseException, limit: int = 200) -> str:
-    lines = str(error).strip().splitlines()
-    text = f"{type(error).__name__}: {lines[0] if lines else ''}"
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def tokenize_documents(docs: Sequence[Any], encoder: Encoder | Tokenizer, *,
-                       name: str = "data",
-                       progress_every: int = _PROGRESS_EVERY) -> dict[str, np.ndarray]:
-    """Encodes ``docs`` and concatenates each field over them.
-
-    Args:
-        docs: The documents.
-        encoder: An encoder, or a tokenizer (then :class:`TextEncoder`).
-        name: The data's name in error messages.
-        progress_every: Print progress every this many documents (0: never).
-
-    Returns:
-        ``{"tokens": ..., **extra fields}``, 1-D arrays (tokens uint16 if
-        the vocabulary fits, else int32).
-
-    Raises:
-        DataError: If a document cannot be encoded.
-    """
-    tokenizer = encoder if isinstance(encoder, Tokenizer) else None
-    encode = _ReadAndEncode(docs, TextEncoder(tokenizer) if tokenizer else encoder,
-                            name)
-    parts: dict[str, list[np.ndarray]] = {}
-    for k in range(len(docs)):
-        for key, value in encode(k).items():
-            parts.setdefault(key, []).append(value)
-        if progress_every and (k + 1) % progress_every == 0:
-            print(f"Tokenized {k + 1}/{len(docs)} documents", flush=True)
-    if not parts:
-        return {"tokens": np.zeros(0, np.int32)}
-    out = {key: np.concatenate(values) for key, values in parts.items()}
-    if tokenizer is not None and tokenizer.vocab_size <= 1 << 16:
-        out["tokens"] = out["tokens"].astype(np.uint16)
-    return out
-
-
-def _cached_stream(docs: Sequence[str], tokenizer: Tokenizer, name: str,
-                   cache_dir: str | os.PathLike[str] | None) -> dict[str, np.ndarray]:
-    """:func:`tokenize_documents` with the tokenizer, cached on disk by
-    content hash (when the tokenizer has a fingerprint)."""
-    fingerprint = getattr(tokenizer, "fingerprint", None)
-    if fingerprint is None:  # Unknown tokenizer: we cannot key a cache on it.
-        return tokenize_documents(docs, tokenizer, name=name)
-    key = cache.content_key(f"tokens-v1|{fingerprint}", docs)
-    path = cache.cache_path(cache_dir, "tokens", f"{key[:24]}.npy")
-    if path.is_file():
-        return {"tokens": np.load(path, mmap_mode="r")}
-    tokens = tokenize_documents(docs, tokenizer, name=name)["tokens"]
-    cache.write_atomic(path, lambda f: np.save(f, tokens), suffix=".tmp.npy")
-    return {"tokens": tokens}
 
 
 # ----------------------------------------------------------------------------
@@ -353,23 +170,6 @@ def _signature(*parts: Any) -> str:
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:12]
 
 
-class PackingStats(NamedTuple):
-    """How a fine-tuning source's examples were packed.
-
-    Attributes:
-        examples: Examples read.
-        pieces: Pieces packed (an example longer than a row gives several).
-        rows: Rows of ``seq_len`` they fill.
-        fill: Fraction of the rows' positions that hold a (input, target)
-            pair of an example rather than padding.
-    """
-
-    examples: int
-    pieces: int
-    rows: int
-    fill: float
-
-
 class BatchIterator:
     """Batches of a grain pipeline, with a JSON-able position.
 
@@ -382,7 +182,8 @@ class BatchIterator:
         local_batch_size: Rows this process yields per batch.
         steps_per_epoch: Batches per epoch (pre-tokenized data), else None.
         num_tokens: Tokens in the stream (pre-tokenized data), else None.
-        packing: How the examples were packed (fine-tuning sources), else
+        packing: How the examples were packed (fine-tuning sources:
+            :class:`~subspace_jax.training.packing.PackingStats`), else
             None.
     """
 
@@ -506,100 +307,11 @@ def _window_iterator(stream: Mapping[str, np.ndarray], *, seq_len: int,
 # ----------------------------------------------------------------------------
 
 
-def pack_examples(lengths: Sequence[int], capacity: int) -> list[list[int]]:
-    """Packs items of the given lengths into as few rows as it can.
-
-    Best-fit decreasing: the items, longest first (ties by index), each go
-    to the fullest row that still has room, or to a new row. Every item is
-    in exactly one row, whole; rows are ordered by their smallest item
-    index, items in a row by index.
-
-    Args:
-        lengths: Each item's length, ``0 < length <= capacity``.
-        capacity: The length of a row.
-
-    Returns:
-        The item indices of every row.
-
-    Raises:
-        ValueError: If an item does not fit a row.
-    """
-    rows: list[list[int]] = []
-    free: list[tuple[int, int]] = []  # (room left, row), sorted.
-    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        n = int(lengths[i])
-        if not 0 < n <= capacity:
-            raise ValueError(f"item {i} has length {n}, not in [1, {capacity}]")
-        k = bisect.bisect_left(free, (n, -1))
-        if k < len(free):
-            room, row = free.pop(k)
-            rows[row].append(i)
-        else:
-            room, row = capacity, len(rows)
-            rows.append([i])
-        if room > n:
-            bisect.insort(free, (room - n, row))
-    return sorted((sorted(row) for row in rows), key=lambda row: row[0])
-
-
-def _pieces(lengths: Sequence[int], seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """The pieces examples of these token counts are packed as: an example
-    of at most ``seq_len + 1`` tokens is one piece; a longer one is cut into
-    pieces of ``seq_len + 1`` tokens that share one token with the next (so
-    each of its targets is in one piece), the last one shorter. Pieces of one
-    token (no target) are left out.
-
-    Returns:
-        The pieces' first tokens (offsets in the concatenated examples) and
-        their token counts, in example order.
-    """
-    starts, sizes, offset = [], [], 0
-    for n in lengths:
-        for first in range(0, max(n - 1, 0), seq_len):
-            starts.append(offset + first)
-            sizes.append(min(seq_len + 1, n - first))
-        offset += n
-    return np.asarray(starts, np.int64), np.asarray(sizes, np.int64)
-
-
-class _GatherRows:
-    """A batch of row indices to its batch of packed examples."""
-
-    def __init__(self, stream: Mapping[str, np.ndarray], starts: np.ndarray,
-                 sizes: np.ndarray, rows: list[list[int]], seq_len: int,
-                 pad_id: int):
-        self._stream, self._starts, self._sizes = stream, starts, sizes
-        self._offsets = np.cumsum([0] + [len(r) for r in rows])
-        self._pieces = np.asarray([p for r in rows for p in r], np.int64)
-        self._seq_len, self._pad_id = seq_len, pad_id
-
-    def __call__(self, index: np.ndarray) -> Batch:
-        shape = (len(index), self._seq_len)
-        tokens = self._stream["tokens"]
-        extra = {k: v for k, v in self._stream.items() if k != "tokens"}
-        batch = {"inputs": np.full(shape, self._pad_id, np.int32),
-                 "targets": np.full(shape, self._pad_id, np.int32),
-                 "segment_ids": np.zeros(shape, np.int32),
-                 **{k: np.zeros(shape, v.dtype) for k, v in extra.items()}}
-        for b, row in enumerate(np.asarray(index)):
-            at = 0
-            pieces = self._pieces[self._offsets[row]:self._offsets[row + 1]]
-            for segment, piece in enumerate(pieces, 1):
-                start, pairs = self._starts[piece], self._sizes[piece] - 1
-                span = slice(at, at + pairs)
-                batch["inputs"][b, span] = tokens[start:start + pairs]
-                batch["targets"][b, span] = tokens[start + 1:start + 1 + pairs]
-                batch["segment_ids"][b, span] = segment
-                for key, value in extra.items():
-                    batch[key][b, span] = value[start + 1:start + 1 + pairs]
-                at += pairs
-        return batch
-
-
 def _example_iterator(docs: Sequence[Any], encoder: Encoder, *, seq_len: int,
                       batch_size: int, pad_id: int, name: str, **common
                       ) -> BatchIterator:
-    """The packed-examples pipeline (see the module docstring)."""
+    """The packed-examples pipeline (see the module docstring and
+    :mod:`~subspace_jax.training.packing`)."""
     encode = _ReadAndEncode(docs, encoder, name)
     fields = [encode(i) for i in range(len(docs))]
     keys = sorted(fields[0]) if fields else ["tokens"]
@@ -625,6 +337,11 @@ def _example_iterator(docs: Sequence[Any], encoder: Encoder, *, seq_len: int,
                               rows=len(rows),
                               fill=float(np.sum(sizes - 1)) / (len(rows) * seq_len))
     return it
+
+
+# ----------------------------------------------------------------------------
+# Streamed documents
+# ----------------------------------------------------------------------------
 
 
 def _check_stream_size(docs: Sequence[Any], local: int, seq_len: int,
@@ -755,8 +472,9 @@ def make_iterator(
             streamed source (0: a thread of this process). Pre-tokenized
             sources ignore it: their batches are gathered by a thread.
         encoder: Maps a document to its per-token fields (see
-            :class:`TextEncoder`, the default, and :class:`ExampleEncoder`,
-            that of fine-tuning sources); extra fields reach the batch.
+            :mod:`~subspace_jax.training.encoding`: :class:`TextEncoder`,
+            the default, and :class:`ExampleEncoder`, that of fine-tuning
+            sources); extra fields reach the batch.
         cache_dir: Cache for tokenized embedded/local data; defaults to
             :func:`~subspace_jax.training.cache.default_cache_dir`.
 

@@ -9,7 +9,7 @@
 Fine-tuning sources give :class:`Record` examples (a prompt and its
 response, or a text) instead of documents, and set ``examples = True``: the
 data pipeline packs them whole, apart from each other (see
-:mod:`~subspace_jax.training.data`).
+:mod:`~subspace_jax.training.packing`).
 
 * :class:`JsonlRecords`: a JSON Lines file of ``{"prompt": ..., "response":
   ...}`` or ``{"text": ...}`` objects; a bad line is refused naming the file

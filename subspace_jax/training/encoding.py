@@ -1,0 +1,211 @@
+"""Documents encoded into per-token arrays: the first step of the pipelines.
+
+An encoder is any picklable callable from a document to a mapping of 1-D
+arrays of one length, one value per token, with a ``"tokens"`` entry:
+:class:`TextEncoder` (the default) makes a text its token ids with EOS
+appended; :class:`ExampleEncoder` makes a fine-tuning
+:class:`~subspace_jax.training.sources.Record`
+``[BOS] + prompt + response + [EOS]`` with a ``"loss_mask"`` on the
+response. Every extra field travels through packing and batching into the
+batch (see :mod:`~subspace_jax.training.data`).
+
+:func:`tokenize_documents` encodes a whole source and concatenates each
+field over its documents (the pre-tokenized pipeline's stream, cached on
+disk by :func:`_cached_stream`); :class:`_ReadAndEncode` encodes one
+document by its index, as the streamed pipeline's grain workers do. Both
+check what the encoder returns, and a document that cannot be read or
+encoded is a DataError naming it.
+
+Usage::
+
+    stream = tokenize_documents(["Hello.", "World."], ByteTokenizer())
+    stream["tokens"]                 # Both documents' ids, EOS after each.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from subspace_jax.training import cache
+from subspace_jax.training.sources import DataError, Record
+from subspace_jax.training.tokenizer import Tokenizer
+
+__all__ = ["Encoder", "TextEncoder", "ExampleEncoder", "tokenize_documents"]
+
+Encoder = Callable[[Any], Mapping[str, Any]]
+
+_PROGRESS_EVERY = 10_000
+
+
+class TextEncoder:
+    """The default encoder: a text to ``{"tokens": ids + [EOS]}`` (int32).
+
+    An encoder is any picklable callable from a document to a mapping of
+    per-token arrays with a ``"tokens"`` entry; other entries (of the same
+    length) travel through packing and batching into the batch (see the
+    module docstring). Pickled into grain's worker processes.
+
+    Args:
+        tokenizer: The tokenizer.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, text: str) -> dict[str, np.ndarray]:
+        ids = self.tokenizer.encode(text)
+        return {"tokens": np.asarray([*ids, self.tokenizer.eos_id], np.int32)}
+
+
+class ExampleEncoder:
+    """A fine-tuning :class:`~subspace_jax.training.sources.Record` to
+    ``{"tokens", "loss_mask"}`` (int32 arrays), as LLaMA checkpoints expect
+    their input.
+
+    A prompt/response pair is ``[BOS] + prompt + response + [EOS]``, its
+    ``loss_mask`` 1 on the response and EOS and 0 on BOS and the prompt; a
+    text is ``[BOS] + text + [EOS]``, every token but BOS masked in. BOS and
+    EOS are the tokenizer's own ids (no BOS if it has none). The prompt and
+    the response are tokenized apart, so the response starts on a token
+    boundary (a SentencePiece tokenizer then starts it with a word, as it
+    starts the prompt).
+
+    Args:
+        tokenizer: The tokenizer.
+        max_tokens: Refuse a prompt/response pair of more tokens than this
+            with a DataError naming its record (None: no limit; the pipeline
+            gives ``seq_len + 1``, the most a row holds). Texts may be
+            longer: the pipeline cuts them.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, max_tokens: int | None = None):
+        self.tokenizer, self.max_tokens = tokenizer, max_tokens
+
+    def __call__(self, record: Record) -> dict[str, np.ndarray]:
+        tok = self.tokenizer
+        bos = [] if getattr(tok, "bos_id", None) is None else [tok.bos_id]
+        if record.text is not None:
+            read, learned = bos, [*tok.encode(record.text), tok.eos_id]
+        else:
+            read = [*bos, *tok.encode(record.prompt)]
+            learned = [*tok.encode(record.response), tok.eos_id]
+            n = len(read) + len(learned)
+            if self.max_tokens is not None and n > self.max_tokens:
+                raise DataError(
+                    f"{record.where}: the example is {n} tokens long (BOS and "
+                    f"EOS included), more than the {self.max_tokens} of a row "
+                    f"(seq_len + 1); raise seq_len to {n - 1} or more, or "
+                    "shorten or drop the example")
+        return {"tokens": np.asarray([*read, *learned], np.int32),
+                "loss_mask": np.asarray([0] * len(read) + [1] * len(learned),
+                                        np.int32)}
+
+
+def _check_fields(fields: Any, index: int, name: str) -> dict[str, np.ndarray]:
+    """An encoder's output as 1-D arrays of one length, or a DataError."""
+    if not isinstance(fields, Mapping) or "tokens" not in fields:
+        raise DataError(f"the encoder returned {type(fields).__name__} for "
+                        f"document {index} of {name}, not a mapping with "
+                        "'tokens'")
+    out = {k: np.asarray(v) for k, v in fields.items()}
+    length = len(out["tokens"])
+    for key, value in out.items():
+        if value.ndim != 1 or len(value) != length:
+            raise DataError(f"field {key!r} of document {index} of {name} has "
+                            f"shape {value.shape}, not ({length},) like its "
+                            "tokens; give every field one value per token")
+    if length == 0:
+        raise DataError(f"document {index} of {name} encodes to no token; the "
+                        "encoder must give at least one (EOS)")
+    return out
+
+
+def _read_document(docs: Sequence[Any], index: int, name: str) -> Any:
+    """``docs[index]``; a failure is a DataError naming the document."""
+    try:
+        return docs[index]
+    except DataError:
+        raise
+    except Exception as e:  # pylint: disable=broad-except
+        raise DataError(f"cannot read document {index} of {name} "
+                        f"({_brief(e)}); repair or rebuild the data") from None
+
+
+class _ReadAndEncode:
+    """A document index to its checked fields; errors name the document."""
+
+    def __init__(self, docs: Sequence[Any], encoder: Encoder, name: str):
+        self._docs, self._encoder, self._name = docs, encoder, name
+
+    def __call__(self, index: int) -> dict[str, np.ndarray]:
+        index = int(index)
+        doc = _read_document(self._docs, index, self._name)
+        try:
+            fields = self._encoder(doc)
+        except DataError:
+            raise
+        except Exception as e:  # pylint: disable=broad-except
+            raise DataError(f"cannot encode document {index} of {self._name} "
+                            f"({_brief(e)}); fix or remove it") from None
+        return _check_fields(fields, index, self._name)
+
+
+def _brief(error: BaseException, limit: int = 200) -> str:
+    lines = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0] if lines else ''}"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def tokenize_documents(docs: Sequence[Any], encoder: Encoder | Tokenizer, *,
+                       name: str = "data",
+                       progress_every: int = _PROGRESS_EVERY) -> dict[str, np.ndarray]:
+    """Encodes ``docs`` and concatenates each field over them.
+
+    Args:
+        docs: The documents.
+        encoder: An encoder, or a tokenizer (then :class:`TextEncoder`).
+        name: The data's name in error messages.
+        progress_every: Print progress every this many documents (0: never).
+
+    Returns:
+        ``{"tokens": ..., **extra fields}``, 1-D arrays (tokens uint16 if
+        the vocabulary fits, else int32).
+
+    Raises:
+        DataError: If a document cannot be encoded.
+    """
+    tokenizer = encoder if isinstance(encoder, Tokenizer) else None
+    encode = _ReadAndEncode(docs, TextEncoder(tokenizer) if tokenizer else encoder,
+                            name)
+    parts: dict[str, list[np.ndarray]] = {}
+    for k in range(len(docs)):
+        for key, value in encode(k).items():
+            parts.setdefault(key, []).append(value)
+        if progress_every and (k + 1) % progress_every == 0:
+            print(f"Tokenized {k + 1}/{len(docs)} documents", flush=True)
+    if not parts:
+        return {"tokens": np.zeros(0, np.int32)}
+    out = {key: np.concatenate(values) for key, values in parts.items()}
+    if tokenizer is not None and tokenizer.vocab_size <= 1 << 16:
+        out["tokens"] = out["tokens"].astype(np.uint16)
+    return out
+
+
+def _cached_stream(docs: Sequence[str], tokenizer: Tokenizer, name: str,
+                   cache_dir: str | os.PathLike[str] | None) -> dict[str, np.ndarray]:
+    """:func:`tokenize_documents` with the tokenizer, cached on disk by
+    content hash (when the tokenizer has a fingerprint)."""
+    fingerprint = getattr(tokenizer, "fingerprint", None)
+    if fingerprint is None:  # Unknown tokenizer: we cannot key a cache on it.
+        return tokenize_documents(docs, tokenizer, name=name)
+    key = cache.content_key(f"tokens-v1|{fingerprint}", docs)
+    path = cache.cache_path(cache_dir, "tokens", f"{key[:24]}.npy")
+    if path.is_file():
+        return {"tokens": np.load(path, mmap_mode="r")}
+    tokens = tokenize_documents(docs, tokenizer, name=name)["tokens"]
+    cache.write_atomic(path, lambda f: np.save(f, tokens), suffix=".tmp.npy")
+    return {"tokens": tokens}
