@@ -250,15 +250,26 @@ def run_task(task: Mapping[str, Any]) -> dict[str, Any]:
   """Trains one run (in this process) and returns its record."""
   from subspace_jax.training import loop  # pylint: disable=import-outside-toplevel
   opt = _optimizer_config(task)
+  cfg = loop.RunConfig(
+      model=task["model"], seq_len=task["seq_len"],
+      batch_size=task["batch_size"], steps=task["steps"], seed=task["seed"],
+      optimizer=opt, data="embedded", eval_every=max(1, task["steps"] // 6),
+      eval_batches=eval_batches(task), log_every=max(1, task["steps"] // 60),
+      checkpoint_dir=None, tensorboard_dir=None, progress=False)
+  return dict(task, **train_and_measure(cfg), lr_used=opt.learning_rate,
+              scale_used=opt.scale, side_used=opt.effective_side,
+              gap_used=opt.update_gap, rank_used=opt.rank)
+
+
+def train_and_measure(cfg) -> dict[str, Any]:
+  """Trains the :class:`RunConfig` ``cfg`` (its output silenced) and
+  returns its figures: the final held-out loss and perplexity (inf for a
+  run that diverged), the last train loss, the curves, wall time and
+  tokens/s."""
+  from subspace_jax.training import loop  # pylint: disable=import-outside-toplevel
   with tempfile.TemporaryDirectory(prefix="quality_") as tmp:
     metrics = pathlib.Path(tmp) / "metrics.jsonl"
-    cfg = loop.RunConfig(
-        model=task["model"], seq_len=task["seq_len"],
-        batch_size=task["batch_size"], steps=task["steps"], seed=task["seed"],
-        optimizer=opt, data="embedded", eval_every=max(1, task["steps"] // 6),
-        eval_batches=eval_batches(task), log_every=max(1, task["steps"] // 60),
-        checkpoint_dir=None, metrics_path=str(metrics), tensorboard_dir=None,
-        progress=False)
+    cfg = dataclasses.replace(cfg, metrics_path=str(metrics))
     quiet = io.StringIO()
     t0 = time.perf_counter()
     try:
@@ -269,18 +280,16 @@ def run_task(task: Mapping[str, Any]) -> dict[str, Any]:
       summary, error = {}, str(e)
     wall = time.perf_counter() - t0
     curve = [json.loads(line) for line in metrics.read_text().splitlines()]
-  evals = [(r["step"], r["eval_loss"]) for r in curve if "eval_loss" in r]
-  train = [(r["step"], r["loss"]) for r in curve if r.get("loss") is not None]
   loss = summary.get("eval_loss")
   if loss is None or not math.isfinite(loss):
     loss = math.inf  # Diverged: the worst result, never the best.
-  return dict(task, eval_loss=loss, eval_ppl=math.exp(min(loss, 700.0)),
-              train_loss=summary.get("train_loss"), error=error,
-              eval_curve=evals, train_curve=train,
-              lr_used=opt.learning_rate, scale_used=opt.scale,
-              side_used=opt.effective_side, gap_used=opt.update_gap,
-              rank_used=opt.rank, wall_s=round(wall, 1),
-              tokens_per_s=summary.get("tokens_per_s"))
+  return dict(
+      eval_loss=loss, eval_ppl=math.exp(min(loss, 700.0)),
+      train_loss=summary.get("train_loss"), error=error,
+      eval_curve=[(r["step"], r["eval_loss"]) for r in curve if "eval_loss" in r],
+      train_curve=[(r["step"], r["loss"]) for r in curve
+                   if r.get("loss") is not None],
+      wall_s=round(wall, 1), tokens_per_s=summary.get("tokens_per_s"))
 
 
 def _pin(cores) -> None:
