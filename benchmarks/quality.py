@@ -46,6 +46,7 @@ import json
 import math
 import os
 import pathlib
+import signal
 import sys
 import tempfile
 import time
@@ -293,28 +294,44 @@ def train_and_measure(cfg) -> dict[str, Any]:
 
 
 def _pin(cores) -> None:
-  """Pool initializer: this worker runs on one core of its own."""
+  """Pool initializer: this worker runs on one core of its own, and leaves
+  Ctrl-C to the parent (which stops the pool)."""
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
   core = cores.get()
   if hasattr(os, "sched_setaffinity"):
     os.sched_setaffinity(0, {core})
 
 
-def _run_pool(tasks: list[dict], workers: int, on_done) -> None:
-  """Runs ``tasks`` on ``workers`` processes (each pinned to a core, one
-  compute thread each), calling ``on_done(record)`` as each finishes."""
+def run_all(next_tasks, workers: int, on_done) -> None:
+  """Runs what ``next_tasks()`` asks for, on ``workers`` processes (each
+  pinned to a core), calling ``on_done(record)`` as each run finishes and
+  asking again after each: a run is started as soon as its inputs are
+  known (the seeds of a sweep that is complete), in the order asked."""
   if workers <= 1:
-    for t in tasks:
-      on_done(run_task(t))
+    while todo := next_tasks():
+      on_done(run_task(todo[0]))
     return
   import multiprocessing as mp  # pylint: disable=import-outside-toplevel
   ctx = mp.get_context("spawn")
   cores = ctx.Queue()
-  available = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+  available = (sorted(os.sched_getaffinity(0))
+               if hasattr(os, "sched_getaffinity") else [])
   for i in range(workers):
     cores.put(available[i % len(available)] if available else i)
   with ctx.Pool(workers, initializer=_pin, initargs=(cores,)) as pool:
-    for record in pool.imap_unordered(run_task, tasks):
-      on_done(record)
+    running: dict[str, Any] = {}  # key -> AsyncResult
+    while True:
+      for t in next_tasks():
+        if len(running) >= workers:
+          break
+        if _key(t) not in running:
+          running[_key(t)] = pool.apply_async(run_task, (t,))
+      if not running:
+        return
+      while not any(r.ready() for r in running.values()):
+        time.sleep(0.5)
+      for key in [k for k, r in running.items() if r.ready()]:
+        on_done(running.pop(key).get())
 
 
 # ----------------------------------------------------------------------------
@@ -910,9 +927,12 @@ def main(argv: list[str] | None = None) -> None:
             f"{rec['eval_ppl']:.3f} ({rec['wall_s']:.0f} s)", flush=True)
 
     t0 = time.perf_counter()
-    while todo := plan(records, settings, stages):
-      print(f"quality: {len(todo)} run(s) to do now", flush=True)
-      _run_pool(todo, args.workers, done)
+    try:
+      run_all(lambda: plan(records, settings, stages), args.workers, done)
+    except KeyboardInterrupt:
+      raise SystemExit(f"quality: interrupted; the {len(records.by_key)} "
+                       f"finished runs are in {records.path}: the same "
+                       "command resumes") from None
     print(f"quality: {total[0]} run(s) in {time.perf_counter() - t0:.0f} s")
   report(records, settings, command, out)
 
