@@ -214,12 +214,13 @@ def _summary(final, inners, sigmas, initial, args, png) -> str:
   galore = [final[i, s, "galore"] for i in inners for s in noisy]
   rnd = [initial / final[i, s, m] for i in inners for s in noisy
          for m in ("golore", "rso")]
+  span = lambda lo, hi, f: f"{lo:{f}}" if f"{lo:{f}}" == f"{hi:{f}}" else f"{lo:{f}}–{hi:{f}}"
   return (
       f"On the noisy quadratic of the GoLore paper (n = {args.cx_n}, r = "
       f"{args.cx_rank}, {args.cx_steps:,} steps, Adam and MSGD inside) GaLore "
-      f"stalls at {min(galore):.3g}–{max(galore):.3g} (its starting gradient "
-      f"norm is {initial:.3g}) for σ ≥ {min(noisy):g}, while GoLore and RSO "
-      f"fall {min(rnd):.0f}–{max(rnd):.0f}× below it:\n\n"
+      f"stalls at {span(min(galore), max(galore), '.3g')} (its starting "
+      f"gradient norm is {initial:.3g}) for σ ≥ {min(noisy):g}, while GoLore "
+      f"and RSO fall {span(min(rnd), max(rnd), '.0f')}× below it:\n\n"
       f"![counter-example]({png.name})")
 
 

@@ -279,6 +279,8 @@ def train_and_measure(cfg) -> dict[str, Any]:
       error = None
     except loop.NonFiniteError as e:
       summary, error = {}, str(e)
+    if summary.get("interrupted"):  # A signal stopped it: not a result.
+      raise KeyboardInterrupt(f"run stopped by {summary['interrupted']}")
     wall = time.perf_counter() - t0
     curve = [json.loads(line) for line in metrics.read_text().splitlines()]
   loss = summary.get("eval_loss")
