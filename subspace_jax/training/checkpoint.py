@@ -455,7 +455,7 @@ class _QuietSaves(logging.Filter):
   def __init__(self):
     super().__init__()
     self.first_error: str | None = None
-    self._policy = None
+    self._policy = self._mine = None
     self._started = False
 
   def filter(self, record: logging.LogRecord) -> bool:
@@ -471,7 +471,8 @@ class _QuietSaves(logging.Filter):
     draining = _draining_policy_class()
     if draining is not None:
       self._policy = asyncio.get_event_loop_policy()
-      asyncio.set_event_loop_policy(draining(self._policy))
+      self._mine = draining(self._policy)
+      asyncio.set_event_loop_policy(self._mine)
     self._started = True
 
   def stop(self) -> None:
@@ -479,9 +480,11 @@ class _QuietSaves(logging.Filter):
       return
     self._started = False
     logging.getLogger("absl").removeFilter(self)
-    if self._policy is not None:
+    # Put back only if no one has set another policy since (two
+    # Checkpointers closed out of order leave the first one's).
+    if self._policy is not None and asyncio.get_event_loop_policy() is self._mine:
       asyncio.set_event_loop_policy(self._policy)
-      self._policy = None
+    self._policy = self._mine = None
 
 
 # What to do about a failed save, by the errno it failed with.
