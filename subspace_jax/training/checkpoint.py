@@ -8,7 +8,9 @@ save (committed together or not at all):
 * ``data``: the data position of every process (its data iterator's
   ``get_state()``, JSON), each written by its process to its own file
   ``process_I-of-N.json``, so that saving exchanges nothing between
-  processes; restored as the list of all of them, in process order;
+  processes, with the step, the process and a SHA-256 of them (an edited
+  position, or one of another step, is a corrupt checkpoint); restored as
+  the list of all of them, in process order;
 * ``config``: the run configuration (JSON), checked on resume so that a run
   never continues from a checkpoint of another model;
 * ``checksums``: the dtype and a 64-bit hash of every array of the state
@@ -16,10 +18,14 @@ save (committed together or not at all):
   starts, and compared with the restored arrays' on restore. Orbax and
   TensorStore do not check array contents (Zarr v2 chunks carry no
   checksum, and zstd frames with flipped bytes can still decode), so
-  without it a damaged file loads as garbage weights;
+  without it a damaged file loads as garbage weights; and a SHA-256 of the
+  config item;
 * ``version``: ``{"format": FORMAT}`` (JSON), the layout of the checkpoint
   (its items and the state's tree). A checkpoint of another format is
   refused in one line; one without the item is of format 1.
+
+Every JSON item is read bounded in size and depth
+(:mod:`subspace_jax.jsonio`).
 
 The state is restored *into* an abstract state (``ShapeDtypeStruct``\\ s with
 shardings, :attr:`Setup.abstract_state <subspace_jax.training.train.Setup>`),
@@ -40,10 +46,17 @@ and the target shardings, so a run saved on one mesh resumes on another::
 If the newest checkpoint is corrupt (a checksum mismatch, a file lost,
 truncated or overwritten, a step directory only half written),
 :meth:`Checkpointer.restore` warns in one line and falls back to the newest
-intact one; it never deletes anything. What a failed TensorStore read
+intact one; it never deletes anything then, but the corrupt step is
+replaced when the run saves that step again. What a failed TensorStore read
 prints (tracebacks from its threads, absl logs) is silenced meanwhile. A
 checkpoint saved without checksums (an older version of this module) is
 restored unverified, with a warning.
+
+A save that cannot be written (a full disk, a read-only or forbidden
+directory) raises one :class:`CheckpointSaveError` (at the next save, or
+when waiting for it) saying what to do; the steps saved before are intact.
+Steps beyond ``max_to_keep`` are deleted only once a newer one is
+committed, and one that cannot be deleted is a one-line note.
 """
 
 from __future__ import annotations
