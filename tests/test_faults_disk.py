@@ -182,3 +182,18 @@ def test_out_of_memory_in_a_step_is_one_line(copy_10, tmp_path):
   assert "smaller --batch-size" in line and "--remat" in line, line
   assert "the newest checkpoint, step 10, is intact" in line, line
   assert _steps(cwd) == [10] and _restores(cwd, 10)
+
+
+def test_metrics_lines_stay_whole_after_a_cut_short_one(tmp_path):
+  """A record cut short (the disk filled while it was appended): the next
+  record starts a line of its own instead of gluing onto it."""
+  from subspace_jax.training import config as config_lib  # pylint: disable=import-outside-toplevel
+  from subspace_jax.training import reporting  # pylint: disable=import-outside-toplevel
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 5, "loss": 1.0}\n{"step": 10, "lo')
+  sink = reporting.MetricsSink(config_lib.RunConfig(
+      metrics_path=str(path), tensorboard_dir=None))
+  sink.write({"step": 15, "loss": 0.5})
+  sink.close()
+  assert path.read_text().splitlines() == [
+      '{"step": 5, "loss": 1.0}', '{"step": 10, "lo', '{"step": 15, "loss": 0.5}']
