@@ -24,6 +24,7 @@ import os
 import re
 import signal
 import sys
+import tempfile
 from typing import Any, Callable, Mapping
 
 from subspace_jax import memory, models
@@ -272,6 +273,7 @@ def run_config(args: argparse.Namespace) -> loop.RunConfig:
   base = (os.path.basename(os.path.normpath(args.init_from))
           if args.init_from is not None else model)
   name = args.name or f"{base}_{args.optimizer}"
+  _check_name(name, "--name" if args.name else "the run name")
   run_dir = os.path.join("runs", name)
 
   def output(value: str | None, leaf: str) -> str | None:
@@ -296,6 +298,18 @@ def run_config(args: argparse.Namespace) -> loop.RunConfig:
       progress=not args.no_progress, max_bad_steps=args.max_bad_steps,
       allow_changes=args.allow_changes, coordinator=args.coordinator,
       num_processes=args.num_processes, process_id=args.process_id)
+
+
+def _check_name(name: str, what: str) -> None:
+  """Refuses a run name that is not a plain name: outputs go to
+  runs/NAME, which must stay inside runs/."""
+  if (not name or name in (".", "..") or "/" in name or "\0" in name
+      or (os.sep != "/" and os.sep in name)
+      or (os.altsep and os.altsep in name)
+      or any(not c.isprintable() for c in name)):
+    raise ValueError(f"{what} {name!r} is not a plain name (outputs go to "
+                     "runs/NAME); use letters, digits and '.', '_' or '-', "
+                     "without '/'")
 
 
 def _check_flags(args: argparse.Namespace) -> None:
@@ -361,7 +375,8 @@ def main(argv: list[str] | None = None, *,
 
   Raises:
     SystemExit: 2 after a one-line error message on bad input; 1 after one
-      when training stopped on non-finite steps; 130 (SIGINT) or 143
+      when training stopped on non-finite steps, ran out of device memory
+      or could not save a checkpoint or the export; 130 (SIGINT) or 143
       (SIGTERM) after a signal stopped the run, once its checkpoint is
       saved, so that ``train && next`` does not go on.
   """
@@ -372,7 +387,8 @@ def main(argv: list[str] | None = None, *,
     summary = loop.train(configure(args))
   except (ValueError, ImportError, OSError, UnreadableCheckpointError) as e:
     _fail(str(e) or type(e).__name__)
-  except loop.NonFiniteError as e:
+  except (loop.NonFiniteError, loop.OutOfMemoryError, loop.ExportError,
+          loop.CheckpointSaveError) as e:
     _fail(str(e), code=1)
   if summary["interrupted"]:
     raise SystemExit(_exit_code(summary["interrupted"]))
@@ -402,10 +418,24 @@ def _compile_for(args: argparse.Namespace, configure) -> int:
   for line in report.lines():
     print(line)
   if args.memory_json:
-    with open(args.memory_json, "w", encoding="utf-8") as f:
-      json.dump(report.to_dict(), f, indent=1)
-      f.write("\n")
+    _write_atomic(args.memory_json,
+                  json.dumps(report.to_dict(), indent=1) + "\n")
   return 3 if report.fits is False else 0
+
+
+def _write_atomic(path: str, text: str) -> None:
+  """Writes ``text`` to a temporary file beside ``path``, then renames it."""
+  folder = os.path.dirname(path) or "."
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.",
+                             suffix=".tmp")
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
 
 
 def stdout_for_the_summary_only() -> None:

@@ -2,7 +2,9 @@
 
 import json
 import multiprocessing
+import os
 import pathlib
+import subprocess
 import sys
 
 import numpy as np
@@ -583,3 +585,97 @@ def test_tfds_missing_names_the_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)
     with pytest.raises(ImportError, match="pip install tensorflow-datasets"):
         TfdsText("c4/en").open()
+
+
+# ----------------------------------------------------------------------------
+# The token cache is verified before use (issue 20)
+# ----------------------------------------------------------------------------
+
+
+def _corpus(directory):
+    """Twelve documents of the embedded corpus as text files."""
+    folder = directory / "corpus"
+    folder.mkdir()
+    for i, doc in enumerate(EmbeddedCorpus(split="all").documents()[:12]):
+        (folder / f"doc{i:02d}.txt").write_text(doc[:3000])
+    return folder
+
+
+def _flip_middle(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # One id becomes ~65000: not a byte id.
+    path.write_bytes(bytes(data))
+
+
+def _truncate_half(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damage", [_flip_middle, _truncate_half],
+                         ids=["flipped", "truncated"])
+def test_a_damaged_token_cache_is_rebuilt_naming_the_file(tmp_path, capsys,
+                                                          damage):
+    """Flipped bytes gave out-of-vocabulary ids (a misleading non-finite
+    stop), a truncated file "mmap length is greater than file size"."""
+    docs = TextFiles(str(_corpus(tmp_path) / "*.txt"))
+    kwargs = dict(seq_len=16, batch_size=2, cache_dir=tmp_path / "cache",
+                  shuffle=False, process_index=0, process_count=1)
+    first = make_iterator(docs, BYTE, **kwargs)
+    want = next(first)
+    first.close()
+    [path] = (tmp_path / "cache" / "tokens").glob("*.npy")
+    damage(path)
+    capsys.readouterr()
+    again = make_iterator(docs, BYTE, **kwargs)
+    got = next(again)
+    again.close()
+    err = capsys.readouterr().err
+    assert f"warning: token cache {path} is damaged (" in err, err
+    assert err.strip().endswith("rebuilding it")
+    np.testing.assert_array_equal(got["inputs"], want["inputs"])
+    assert encoding.cache.damage(path) is None  # Rebuilt, and whole again.
+
+
+def test_ids_outside_the_vocabulary_are_not_taken_from_the_cache(tmp_path,
+                                                                 capsys):
+    """A cache whose manifest matches (written so) but whose ids are not
+    the tokenizer's: the id range is checked too."""
+    docs = TextFiles(str(_corpus(tmp_path) / "*.txt"))
+    kwargs = dict(seq_len=16, batch_size=2, cache_dir=tmp_path / "cache",
+                  process_index=0, process_count=1)
+    make_iterator(docs, BYTE, **kwargs).close()
+    [path] = (tmp_path / "cache" / "tokens").glob("*.npy")
+    tokens = np.load(path)
+    tokens[3] = 4000
+    encoding.cache.write_verified(path, lambda f: np.save(f, tokens))
+    capsys.readouterr()
+    make_iterator(docs, BYTE, **kwargs).close()
+    assert "ids outside the vocabulary of 259 (" in capsys.readouterr().err
+    assert np.load(path).max() < 259
+
+
+def test_a_long_single_line_document_is_encoded_without_lists(tmp_path):
+    """A 20 MB document of one line: encoding a 50 MB one took about 950 MB
+    more before (a Python list of its ids, 36 bytes an id)."""
+    script = f'''
+import pathlib, resource
+from subspace_jax.training import data
+path = pathlib.Path({str(tmp_path)!r})
+(path / "big.txt").write_text(("word " * 4_000_000)[:20_000_000])
+src = data.source_from_spec(f"files:{{path}}/big.txt")
+docs = src.open()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+it = data.make_iterator(src, data.ByteTokenizer(), seq_len=64, batch_size=4,
+                        cache_dir=path / "cache", process_index=0,
+                        process_count=1)
+next(it)
+it.close()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+'''
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True,
+                         text=True, check=True,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    added_mb = int(out.stdout.split()[-1]) / 1024
+    # The text's UTF-8 bytes (20 MB, for its ids and for the cache key) and
+    # its uint16 ids (40 MB): a few bytes a byte, where the list took 36.
+    assert added_mb < 160, added_mb

@@ -15,6 +15,7 @@ All runs share ``--schedule-steps 30``, so a run of 20 steps continued to 30
 follows the same learning-rate schedule as one of 30.
 """
 
+import hashlib
 import importlib.util
 import json
 import math
@@ -57,14 +58,15 @@ def _run(cwd, steps):
   return clirun.run([*ARGS, "--steps", str(steps)], cwd, extra_env=ENV)
 
 
-def _final_state(cwd) -> checkpoint.Restored:
-  """The newest checkpoint of the run in ``cwd``, restored onto this test
-  session's devices; it must carry checksums, and they must match."""
+def _final_state(cwd, step=None) -> checkpoint.Restored:
+  """The newest checkpoint (or ``step``) of the run in ``cwd``, restored
+  onto this test session's devices; it must carry checksums, and they must
+  match."""
   cfg = pretrain.run_config(pretrain.parse_args(ARGS))
   setup = train.setup(cfg.model_config(), cfg.optimizer, shd.make_mesh(*cfg.mesh))
   with checkpoint.Checkpointer(cwd / RUN / "ckpt") as ckpt, warnings.catch_warnings():
     warnings.simplefilter("error", checkpoint.CheckpointWarning)
-    restored = ckpt.restore(setup.abstract_state)
+    restored = ckpt.restore(setup.abstract_state, step=step)
   return restored._replace(state=jax.device_get(restored.state))
 
 
@@ -165,6 +167,9 @@ def test_damaged_newest_checkpoint_falls_back(first_20, uninterrupted, damage):
   assert all(math.isfinite(r["loss"]) for r in records)
   assert math.isfinite(records[-1]["eval_loss"])
   _assert_same_run(_final_state(cwd), uninterrupted)
+  # The damaged step 20 was replaced by the re-trained one (it used to stay,
+  # and every later run fell back past it again).
+  assert _final_state(cwd, step=20).step == 20
 
 
 def test_every_checkpoint_damaged_ends_with_one_error_line(first_20):
@@ -240,3 +245,44 @@ def test_kill_9_in_training_and_in_a_save_then_resume_exactly(uninterrupted, tmp
   print(f"kill in save: caught mid-save={caught_mid_save}, temp dir left="
         f"{half_written}, committed={committed}; {resumed}")
   _assert_same_run(_final_state(tmp_path), uninterrupted)
+
+
+def _data_file(cwd, step) -> pathlib.Path:
+  return cwd / RUN / "ckpt" / str(step) / "data" / "process_0-of-1.json"
+
+
+def test_an_edited_data_position_falls_back(first_20, uninterrupted):
+  """The data position used to be outside the checksums: an edited one
+  resumed silently on other data."""
+  cwd = first_20
+  path = _data_file(cwd, 20)
+  record = json.loads(path.read_text())
+  assert record["position"]["batch"] == 20
+  record["position"]["batch"] = 12
+  path.write_text(json.dumps(record))
+  out = _run(cwd, 30)
+  assert out.returncode == 0, out.stderr[-3000:]
+  [line] = _warnings(out.stderr)
+  assert "step(s) 20 " in line and "data position process_0-of-1.json: " \
+      "checksum mismatch" in line and line.endswith("restored step 10 instead")
+  _assert_same_run(_final_state(cwd), uninterrupted)
+
+
+def test_a_data_position_past_its_step_is_one_line(first_20):
+  """A position past the step with a matching checksum (written by hand):
+  a one-line error, where an absurd position ended in a bare StopIteration."""
+  cwd = first_20
+  path = _data_file(cwd, 20)
+  record = json.loads(path.read_text())
+  record["position"]["batch"] = 10**30
+  body = {k: v for k, v in record.items() if k != "sha256"}
+  record["sha256"] = hashlib.sha256(json.dumps(
+      body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+  path.write_text(json.dumps(record))
+  out = _run(cwd, 30)
+  assert out.returncode == 2, out.stderr[-3000:]
+  last = out.stderr.strip().splitlines()[-1]
+  assert last.startswith("pretrain_llama.py: error: the data position saved "
+                         "at step 20 is at batch 10000000000000000000000000000"
+                         "00, past the batches"), last
+  assert "Traceback" not in out.stderr and "StopIteration" not in out.stderr

@@ -151,3 +151,19 @@ def test_stale_lock_is_taken_over(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   assert f"took over the lock of a run that is gone (pid {pid}" in result.stderr
   assert not (tmp_path / LOCK).exists()
+
+
+@pytest.mark.parametrize("name", ["../../x", "/tmp/elsewhere", "a/b", "..", "a\nb"])
+def test_run_names_are_plain_names(tmp_path, name):
+  """`--name ../../x` or an absolute path wrote outside runs/."""
+  with pytest.raises(ValueError, match="is not a plain name"):
+    clirun.run_config(["--name", name])
+
+
+def test_a_run_name_with_a_path_exits_2_writing_nothing(tmp_path):
+  work = tmp_path / "a" / "b"
+  work.mkdir(parents=True)
+  line = _one_line_error(clirun.run(["--name", "../../x", "--steps", "2"], work))
+  assert "--name '../../x' is not a plain name" in line, line
+  assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == [
+      pathlib.Path("a"), pathlib.Path("a/b")]

@@ -60,7 +60,14 @@ def _encoded(record, tok=BYTE):
     (b'{"text": 3}\n', 1, "'text' is a number, not a string"),
     (b'{"text": "a", "response": "b"}\n', 1, "both 'text' and 'response'"),
     (b'{"text": "caf\xe9"}\n', 1, "not UTF-8 text (bad byte at column 14)"),
-], ids=["json", "array", "half-pair", "no-field", "number", "both", "utf8"])
+    # RecursionError, and numbers that overflow a float, before (issue 20).
+    (b'{"text": "a", "meta": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n", 1,
+     "not usable JSON: arrays/objects nested 100001 deep (at most 64)"),
+    (b'{"text": "a", "score": 1e400}\n', 1,
+     "the number 1e400 does not fit a float"),
+    (b'{"text": "a", "score": NaN}\n', 1, "NaN is not a finite number"),
+], ids=["json", "array", "half-pair", "no-field", "number", "both", "utf8",
+        "deep", "overflow", "nan"])
 def test_a_bad_line_is_refused_naming_the_file_and_line(tmp_path, content,
                                                        line, words):
   path = tmp_path / "train.jsonl"

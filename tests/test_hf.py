@@ -375,3 +375,188 @@ def test_shape_fields_cannot_be_overridden(tmp_path):
     hf.load(path, hidden_size=64)
   with pytest.raises(ValueError, match="is not a directory"):
     hf.load(tmp_path / "absent")
+
+
+# --------------------------------------------------------------------------
+# Untrusted directories (issue 20): each case was followed, accepted or a
+# traceback before
+# --------------------------------------------------------------------------
+
+
+def _refused(path, *words) -> str:
+  """``hf.load(path)``'s one-line ValueError, holding ``words``."""
+  with pytest.raises(ValueError) as info:
+    hf.load(path)
+  message = str(info.value)
+  assert "\n" not in message, message
+  for word in words:
+    assert word in message, message
+  return message
+
+
+@pytest.mark.parametrize("target", ["../../etc/passwd", "/proc/self/environ",
+                                    "../outside/model.safetensors"])
+def test_an_index_may_only_name_files_inside_its_directory(tmp_path, target):
+  """A valid checkpoint outside the directory, which the index names, is
+  not opened (it used to load and train)."""
+  config = _config_json()
+  arrays = _hf_arrays(config)
+  _write(tmp_path / "outside", config, arrays)
+  path = _write(tmp_path / "model", config, arrays, files=2)
+  index = json.loads((path / "model.safetensors.index.json").read_text())
+  index["weight_map"] = {name: target for name in index["weight_map"]}
+  (path / "model.safetensors.index.json").write_text(json.dumps(index))
+  message = _refused(path, "model.safetensors.index.json: weight_map/",
+                     "is not a file inside")
+  assert target in message
+
+
+def _raw_safetensors(path, header: bytes, data: bytes):
+  path.write_bytes(len(header).to_bytes(8, "little") + header + data)
+
+
+def test_overlapping_tensors_are_refused(tmp_path):
+  """Every tensor at offset 0: loaded as the same bytes before; the
+  safetensors package refuses the file."""
+  config = _config_json()
+  arrays = _hf_arrays(config)
+  path = _write(tmp_path, config, arrays)
+  biggest = max(v.nbytes for v in arrays.values())
+  header = {name: {"dtype": "F32", "shape": list(v.shape),
+                   "data_offsets": [0, v.nbytes]} for name, v in arrays.items()}
+  _raw_safetensors(path / "model.safetensors", json.dumps(header).encode(),
+                   bytes(biggest))
+  _refused(path, "model.safetensors is not a safetensors file",
+           "invalid offset")
+
+
+@pytest.mark.parametrize("header,words", [
+    (b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}", "recursion limit"),
+    (b'{"a": {"dtype": "F32", "shape": [1e400], "data_offsets": [0, 4]}}',
+     "number out of range"),
+    (b'{"a": {"dtype": "F32", "shape": [Infinity], "data_offsets": [0, 4]}}',
+     "expected value"),
+    (b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 1e400]}}',
+     "number out of range"),
+    (b'{"a": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}',
+     "invalid type"),
+])
+def test_crafted_safetensors_headers_are_one_line_errors(tmp_path, header,
+                                                         words):
+  """RecursionError, OverflowError and TypeError tracebacks before."""
+  path = _write(tmp_path, _config_json(), _hf_arrays(_config_json()))
+  _raw_safetensors(path / "model.safetensors", header, bytes(4))
+  _refused(path, "model.safetensors is not a safetensors file", words)
+
+
+@pytest.mark.parametrize("changes,words", [
+    ({"rope_theta": "nan"}, "rope_theta: 'nan' is not of type 'number'"),
+    ({"rope_theta": 0}, "rope_theta: 0 is less than or equal to the minimum"),
+    ({"rms_norm_eps": -1}, "rms_norm_eps: -1 is less than or equal to the "
+     "minimum of 0"),
+    ({"hidden_size": "32"}, "hidden_size: '32' is not of type 'integer'"),
+    ({"num_hidden_layers": [2]}, "num_hidden_layers: [2] is not of type"),
+    ({"tie_word_embeddings": "no"}, "tie_word_embeddings: 'no' is not of type"),
+    ({"architectures": "LlamaForCausalLM"}, "architectures: 'LlamaForCausalLM'"
+     " is not of type"),
+    ({"rope_scaling": [1]}, "rope_scaling: [1] is not of type"),
+    ({"torch_dtype": ["float32"]}, "torch_dtype: ['float32'] is not of type"),
+    ({"num_hidden_layers": 10**9}, "num_hidden_layers: 1000000000 is greater "
+     "than the maximum"),
+    ({"vocab_size": 2**24, "hidden_size": 2**17, "intermediate_size": 2**20,
+      "num_hidden_layers": 4096}, "parameters, more than the 2e+12"),
+])
+def test_config_values_are_checked_before_use(tmp_path, changes, words):
+  """Wrong types were TypeErrors or silently taken (bool("no") is True),
+  rope_theta "nan" and rms_norm_eps -1 were accepted, and 10**9 layers
+  hung building the model."""
+  path = _write(tmp_path, _config_json(), _hf_arrays(_config_json()))
+  (path / "config.json").write_text(json.dumps(_config_json(**changes)))
+  _refused(path, "config.json: ", words)
+  with pytest.raises(ValueError, match="config.json: "):
+    hf.read_config(path)
+
+
+@pytest.mark.parametrize("text,words", [
+    ('{"a": ' * 100_000, "nested 100000 deep (at most 64)"),
+    ('{"vocab_size": 1e400}', "the number 1e400 does not fit a float"),
+    ('{"vocab_size": Infinity}', "Infinity is not a finite number"),
+    ("[1, 2", "is not valid JSON"),
+])
+def test_damaged_config_json_is_one_line(tmp_path, text, words):
+  path = _write(tmp_path, _config_json(), _hf_arrays(_config_json()))
+  (path / "config.json").write_text(text)
+  _refused(path, "config.json", words)
+
+
+def test_layers_are_checked_against_the_weights_before_building(tmp_path):
+  """A config.json of 4000 layers over a checkpoint of 2: refused by the
+  tensors it lacks, before a model of 4000 layers is built."""
+  path = _write(tmp_path, _config_json(), _hf_arrays(_config_json()))
+  (path / "config.json").write_text(json.dumps(
+      _config_json(num_hidden_layers=4000)))
+  _refused(path, "has no tensor 'model.layers.2.")
+
+
+def _saved(path, seed=1, **kwargs):
+  cfg = llama.get_config("tiny")
+  params = llama.ModelDef(cfg).init(seed)
+  return cfg, params, hf.save(path, cfg, params, **kwargs)
+
+
+def test_save_replaces_only_its_own_files(tmp_path):
+  """--export-hf into an existing model deleted every model*.safetensors*
+  file first (unrelated ones too) and then wrote in place."""
+  _saved(tmp_path, seed=1)
+  keep = {"model.safetensors.notes.txt": "mine", "model-old.safetensors": "x",
+          "README.md": "a model card"}
+  for name, text in keep.items():
+    (tmp_path / name).write_text(text)
+  cfg, params, written = _saved(tmp_path, seed=2)
+  assert sorted(written) == ["config.json", "model.safetensors"]
+  for name, text in keep.items():
+    assert (tmp_path / name).read_text() == text
+  assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+      [*keep, "config.json", "model.safetensors"])  # No temporary file left.
+  _, loaded = hf.load(tmp_path)
+  jax.tree.map(np.testing.assert_array_equal, loaded, params)
+
+
+@pytest.mark.parametrize("fail_at", [1, 15])
+def test_a_failed_save_leaves_the_previous_model(tmp_path, monkeypatch,
+                                                 fail_at):
+  """A disk that fills up (the n-th tensor cannot be written): the
+  previous model loads as it was, and no temporary file is left."""
+  cfg, params, _ = _saved(tmp_path, seed=1, max_shard_bytes=40_000)
+  before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+  count = [0]
+  tensors = hf._tensors  # pylint: disable=protected-access
+
+  def failing(*args):
+    out = []
+    for name, dtype, shape, make in tensors(*args):
+      def fail(make=make):
+        count[0] += 1
+        if count[0] == fail_at:
+          raise OSError(28, "No space left on device")
+        return make()
+      out.append((name, dtype, shape, fail))
+    return out
+
+  monkeypatch.setattr(hf, "_tensors", failing)
+  other = llama.ModelDef(cfg).init(2)
+  with pytest.raises(OSError, match="No space left"):
+    hf.save(tmp_path, cfg, other, max_shard_bytes=40_000)
+  assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+  _, loaded = hf.load(tmp_path)
+  jax.tree.map(np.testing.assert_array_equal, loaded, params)
+
+
+def test_a_sharded_save_is_not_hidden_by_an_older_single_file(tmp_path):
+  _saved(tmp_path, seed=1)
+  cfg = llama.get_config("tiny")
+  before = (tmp_path / "model.safetensors").read_bytes()
+  with pytest.raises(ValueError, match="model.safetensors exists and would be "
+                     "loaded instead of the .* files of this save"):
+    hf.save(tmp_path, cfg, llama.ModelDef(cfg).init(2), max_shard_bytes=40_000)
+  assert (tmp_path / "model.safetensors").read_bytes() == before

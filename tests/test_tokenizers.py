@@ -98,3 +98,23 @@ def test_bad_tokenizer_paths_are_refused_in_one_line(tmp_path):
     with pytest.raises(ValueError) as info:
       tok_lib.load_tokenizer(path)
     assert words in str(info.value) and "\n" not in str(info.value), path
+
+
+@pytest.mark.parametrize("config,words", [
+    ('{"eos_token": ' + "[" * 50_000 + "]" * 50_000 + "}",
+     "nested 50001 deep (at most 64)"),
+    ('{"eos_token": ["</s>"]}', "eos_token: ['</s>'] is not valid under"),
+    ('{"bos_token": {"content": 1}}', "bos_token/content: 1 is not of type 'string'"),
+    ('{"eos_token": "</s>", "x": Infinity}', "Infinity is not a finite number"),
+])
+def test_a_damaged_tokenizer_config_is_one_line(llama_sp_model, tmp_path,
+                                                config, words):
+  """A deeply nested tokenizer_config.json was a RecursionError; a token
+  given as a list was silently ignored (issue 20)."""
+  shutil.copy(llama_sp_model, tmp_path / "tokenizer.model")
+  (tmp_path / "tokenizer_config.json").write_text(config)
+  with pytest.raises(ValueError) as info:
+    tok_lib.load_tokenizer(tmp_path)
+  message = str(info.value)
+  assert "tokenizer_config.json" in message and words in message, message
+  assert "\n" not in message

@@ -33,6 +33,7 @@ import math
 import os
 import pathlib
 import re
+import tempfile
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
@@ -42,6 +43,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from subspace_jax import factored
+from subspace_jax import jsonio
 from subspace_jax import matrix_view as mv
 from subspace_jax.models import llama
 from subspace_jax.models import safetensors_file as stf
@@ -102,14 +104,107 @@ def _directory(path: str | os.PathLike[str]) -> pathlib.Path:
   return directory
 
 
-def _read_json(path: pathlib.Path) -> Any:
+def _read_json(path: pathlib.Path, schema: Mapping[str, Any]) -> Any:
   try:
-    return json.loads(path.read_text(encoding="utf-8"))
+    return jsonio.read(path, max_bytes=_MAX_JSON_BYTES, schema=schema)
   except FileNotFoundError:
     raise ValueError(f"{path} not found; a Hugging Face checkpoint directory "
                      "holds config.json and model.safetensors") from None
-  except (UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise ValueError(f"{path} is not valid JSON ({e})") from None
+  except OSError as e:
+    raise ValueError(f"cannot read {path} ({e.strerror or e})") from None
+
+
+def _int(most: int, *, nullable: bool = False) -> dict[str, Any]:
+  return {"type": ["integer", "null"] if nullable else "integer",
+          "minimum": 1, "maximum": most}
+
+
+def _number(**bounds: float) -> dict[str, Any]:
+  return {"type": "number", **bounds}
+
+
+_NULLABLE_STRING = {"type": ["string", "null"]}
+_NULLABLE_BOOL = {"type": ["boolean", "null"]}
+# RoPE settings: a kind, and a base where the newer rope_parameters has it.
+_ROPE = {"type": ["object", "null"], "properties": {
+    "rope_type": _NULLABLE_STRING, "type": _NULLABLE_STRING,
+    "rope_theta": _number(exclusiveMinimum=0)}}
+# config.json: the types and ranges of the keys read_config uses (others
+# are ignored). The bounds are far above any LLaMA (405B: 126 layers,
+# width 16384, MLP 53248, vocabulary 128256) and keep every product of
+# them a small number; _MAX_PARAMETERS bounds the whole.
+CONFIG_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["vocab_size", "hidden_size", "intermediate_size",
+                 "num_attention_heads", "num_hidden_layers"],
+    "properties": {
+        "model_type": _NULLABLE_STRING,
+        "architectures": {"type": ["array", "null"], "maxItems": 16,
+                          "items": {"type": "string"}},
+        "hidden_act": _NULLABLE_STRING,
+        "attention_bias": _NULLABLE_BOOL,
+        "mlp_bias": _NULLABLE_BOOL,
+        "tie_word_embeddings": _NULLABLE_BOOL,
+        "vocab_size": _int(2**24),
+        "hidden_size": _int(2**17),
+        "intermediate_size": _int(2**20),
+        "num_attention_heads": _int(2**14),
+        "num_key_value_heads": _int(2**14, nullable=True),
+        "head_dim": _int(2**17, nullable=True),
+        "num_hidden_layers": _int(2**12),
+        "max_position_embeddings": _int(2**31),
+        "rope_theta": _number(exclusiveMinimum=0),
+        "rms_norm_eps": _number(exclusiveMinimum=0, maximum=1),
+        "initializer_range": _number(minimum=0),
+        "torch_dtype": _NULLABLE_STRING,
+        "dtype": _NULLABLE_STRING,
+        "rope_scaling": _ROPE,
+        "rope_parameters": _ROPE,
+    },
+}
+"""The JSON Schema ``config.json`` is checked against before it is used."""
+
+INDEX_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["weight_map"],
+    "properties": {"weight_map": {
+        "type": "object",
+        "additionalProperties": {"type": "string", "minLength": 1,
+                                 "maxLength": 4096}}},
+}
+"""The JSON Schema of ``model.safetensors.index.json``."""
+
+# A config.json implying more parameters than this is refused before any
+# model is built from it (2e12: beyond any LLaMA).
+_MAX_PARAMETERS = 2 * 10**12
+# Longest config.json or index accepted.
+_MAX_JSON_BYTES = 64 * 2**20
+_INTEGER_KEYS = frozenset(k for k, v in CONFIG_SCHEMA["properties"].items()
+                          if "integer" in v.get("type", ()))
+
+
+def _parameters(hf: Mapping[str, Any]) -> int:
+  """The number of weights ``config.json`` implies (exact integers: no
+  model is built)."""
+  d, f, layers = hf["hidden_size"], hf["intermediate_size"], hf["num_hidden_layers"]
+  heads = hf["num_attention_heads"]
+  kv = hf.get("num_key_value_heads") or heads
+  head = d // heads
+  attention = d * head * (2 * heads + 2 * kv)
+  per_layer = attention + 3 * d * f + 2 * d
+  lm_head = 0 if hf.get("tie_word_embeddings") else hf["vocab_size"] * d
+  return hf["vocab_size"] * d + lm_head + layers * per_layer + d
+
+
+def _inside(directory: pathlib.Path, name: str, where: str) -> pathlib.Path:
+  """``directory / name`` for a file name an index gives, refused unless
+  it names a file inside ``directory`` (no absolute path, no ``..``)."""
+  parts = pathlib.PurePosixPath(name).parts
+  if (not parts or name.startswith("/") or ".." in parts or "\0" in name):
+    raise ValueError(f"{where} names {name[:200]!r}, which is not a file "
+                     f"inside {directory}; an index may only name files of "
+                     "its own directory")
+  return directory.joinpath(*parts)
 
 
 def _rope_theta(hf: Mapping[str, Any], where: str) -> float:
@@ -181,21 +276,22 @@ def read_config(path: str | os.PathLike[str],
   """
   directory = _directory(path)
   where = str(directory / CONFIG_FILE)
-  hf = _read_json(directory / CONFIG_FILE)
-  if not isinstance(hf, Mapping):
-    raise ValueError(f"{where} is not a JSON object")
+  hf = _read_json(directory / CONFIG_FILE, CONFIG_SCHEMA)
   _check_supported(hf, where)
   fixed = sorted(set(overrides) & set(_SHAPE_FIELDS))
   if fixed:
     raise ValueError(f"{', '.join(fixed)} come(s) from {where} and cannot be "
                      "overridden")
-  missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size",
-                         "num_attention_heads", "num_hidden_layers")
-             if k not in hf]
-  if missing:
-    raise ValueError(f"{where} has no {', '.join(missing)}")
+  # The schema accepts 64.0 for an integer: made an int here.
+  hf = {k: int(v) if k in _INTEGER_KEYS and v is not None else v
+        for k, v in hf.items()}
   heads = hf["num_attention_heads"]
   kv = hf.get("num_key_value_heads")
+  size = _parameters(hf)
+  if size > _MAX_PARAMETERS:
+    raise ValueError(f"{where}: its sizes make a model of {size:.3g} "
+                     f"parameters, more than the {_MAX_PARAMETERS:.0e} this "
+                     "loader accepts; the file is damaged or not a LLaMA")
   fields = dict(
       vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
       intermediate_size=hf["intermediate_size"], num_heads=heads,
@@ -298,7 +394,11 @@ def _stored_shape(shape: tuple[int, ...], transposed: bool) -> tuple[int, ...]:
 
 
 class _Checkpoint:
-  """The tensors of a checkpoint directory, by name, across its files."""
+  """The tensors of a checkpoint directory, by name, across its files.
+
+  Every file an index names must be inside the directory (see
+  :func:`_inside`); the safetensors files are opened when first needed.
+  """
 
   def __init__(self, directory: pathlib.Path):
     self.directory = directory
@@ -309,12 +409,10 @@ class _Checkpoint:
       file = self._file(WEIGHTS_FILE)
       self.where = {name: WEIGHTS_FILE for name in file.tensors}
     elif index.is_file():
-      content = _read_json(index)
-      weight_map = (content.get("weight_map")
-                    if isinstance(content, Mapping) else None)
-      if not isinstance(weight_map, Mapping):
-        raise ValueError(f"{index} has no weight_map")
-      self.where = dict(weight_map)
+      content = _read_json(index, INDEX_SCHEMA)
+      self.where = dict(content["weight_map"])
+      for tensor, name in self.where.items():
+        _inside(directory, name, f"{index}: weight_map/{tensor}")
     else:
       raise ValueError(f"{directory} has neither {WEIGHTS_FILE} nor "
                        f"{INDEX_FILE}; only safetensors checkpoints can be "
@@ -322,10 +420,13 @@ class _Checkpoint:
 
   def _file(self, name: str) -> stf.SafetensorsFile:
     if name not in self._files:
-      path = self.directory / name
+      path = _inside(self.directory, name, str(self.directory / INDEX_FILE))
       if not path.is_file():
         raise ValueError(f"{path} (listed in {INDEX_FILE}) not found")
-      self._files[name] = stf.SafetensorsFile(path)
+      try:
+        self._files[name] = stf.SafetensorsFile(path)
+      except OSError as e:
+        raise ValueError(f"cannot read {path} ({e.strerror or e})") from None
     return self._files[name]
 
   def info(self, name: str) -> stf.TensorInfo:
@@ -347,14 +448,27 @@ class _Checkpoint:
     return np.ascontiguousarray(part, dtype=dtype)
 
 
-def _check_tensors(ckpt: _Checkpoint, config: llama.LlamaConfig,
-                   leaves) -> None:
+def _expected_tensors(config: llama.LlamaConfig) -> dict[str, tuple[int, ...]]:
+  """The stored shape of every tensor ``config`` needs, by name, from a
+  one-layer model: nothing of the size ``config`` claims is built."""
+  one = dataclasses.replace(config, num_layers=1, scan_layers=False)
+  abstract = jax.eval_shape(lambda: llama.ModelDef(one).init(0))
+  expected, layer = {}, "model.layers.0."
+  for leaf in _leaves(one, abstract):
+    for name, transposed in leaf.sources:
+      shape = _stored_shape(leaf.tensor_shape, transposed)
+      if name.startswith(layer):
+        for i in range(config.num_layers):
+          expected[f"model.layers.{i}.{name[len(layer):]}"] = shape
+      else:
+        expected[name] = shape
+  return expected
+
+
+def _check_tensors(ckpt: _Checkpoint, config: llama.LlamaConfig) -> None:
   """Every tensor the model needs is there with its shape, and there is no
   tensor the model would not use."""
-  expected = {}
-  for leaf in leaves:
-    for name, transposed in leaf.sources:
-      expected[name] = _stored_shape(leaf.tensor_shape, transposed)
+  expected = _expected_tensors(config)
   where = ckpt.directory
   for name, shape in expected.items():
     if name not in ckpt.where:
@@ -409,12 +523,14 @@ def load(path: str | os.PathLike[str], *, mesh: jax.sharding.Mesh | None = None,
   """
   config = read_config(path, **config_overrides)
   ckpt = _Checkpoint(_directory(path))
+  # The checkpoint's tensors are checked against config.json before the
+  # model of the size it claims is built.
+  _check_tensors(ckpt, config)
   model = llama.ModelDef(config)
   abstract = jax.eval_shape(lambda: model.init(0))
   mesh = mesh if mesh is not None else _single_device_mesh()
   shardings = shd.tree_shardings(abstract, model.logical_axes, mesh)
   leaves = _leaves(config, abstract)
-  _check_tensors(ckpt, config, leaves)
   dtype = config.param_dtype
   loaded = []
   for leaf, sharding in zip(leaves, jax.tree.leaves(shardings)):
@@ -515,8 +631,13 @@ def save(path: str | os.PathLike[str], config: llama.LlamaConfig,
   must call this; process 0 writes.
 
   Args:
-    path: The directory (created if needed). Weights files of an earlier
-      save there (``model*.safetensors`` and the index) are replaced.
+    path: The directory (created if needed). Every file is written under a
+      temporary name in it and renamed into place once all are complete,
+      so a save that fails or is killed leaves the files that were there
+      as they were (its temporary files are removed when it fails); files
+      of the same names (an earlier save's) are replaced, and no other
+      file is touched (an earlier save's other weights files are left:
+      loaders follow ``model.safetensors``, else the index).
     config: The model's configuration.
     params: The parameter tree (plain dict or ``nnx.State``), or model
       mode's :class:`~subspace_jax.factored.FactoredParams`, which is saved
@@ -531,6 +652,11 @@ def save(path: str | os.PathLike[str], config: llama.LlamaConfig,
 
   Returns:
     The names of the files written.
+
+  Raises:
+    ValueError: If a sharded save would be hidden by a ``model.safetensors``
+      in ``path`` (nothing is written then).
+    OSError: If a file cannot be written (nothing is replaced then).
   """
   directory = pathlib.Path(path).expanduser()
   dtype = jnp.dtype(dtype or config.param_dtype)
@@ -538,29 +664,101 @@ def save(path: str | os.PathLike[str], config: llama.LlamaConfig,
   params = _plain_weights(params, subspace, opt_state)
   tensors = _tensors(config, params, dtype)
   groups = _shards(tensors, max_shard_bytes)
-  writer = jax.process_index() == 0
-  if writer:
-    directory.mkdir(parents=True, exist_ok=True)
-    for old in directory.glob("model*.safetensors*"):
-      old.unlink()
   names = ([WEIGHTS_FILE] if len(groups) == 1 else
            [f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
             for k in range(len(groups))])
-  total = 0
-  for name, group in zip(names, groups):
+  if len(groups) > 1 and (directory / WEIGHTS_FILE).exists():
+    # Loaders take model.safetensors before an index: it would hide this save.
+    raise ValueError(
+        f"{directory / WEIGHTS_FILE} exists and would be loaded instead of "
+        f"the {len(groups)} files of this save (loaders prefer it to an "
+        "index); move it away or save to another directory")
+  writer = jax.process_index() == 0
+  staged = _Staged(directory) if writer else None
+  try:
+    total = 0
+    for name, group in zip(names, groups):
+      if writer:
+        with staged.open(name) as f:
+          total += stf.write(f, group, metadata={"format": "pt"})
+      else:
+        for *_, make in group:  # Every process takes part in the gathers.
+          make()
+    written = list(names)
+    if len(groups) > 1:
+      index = {"metadata": {"total_size": total},
+               "weight_map": {t[0]: n for n, g in zip(names, groups) for t in g}}
+      if writer:
+        with staged.open(INDEX_FILE) as f:
+          f.write((json.dumps(index, indent=2) + "\n").encode())
+      written.append(INDEX_FILE)
     if writer:
-      total += stf.write(directory / name, group, metadata={"format": "pt"})
-    else:
-      for *_, make in group:  # Every process takes part in the gathers.
-        make()
-  written = list(names)
-  if writer and len(groups) > 1:
-    index = {"metadata": {"total_size": total},
-             "weight_map": {t[0]: n for n, g in zip(names, groups) for t in g}}
-    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    written.append(INDEX_FILE)
-  if writer:
-    content = dict(hf_config(config, dtype), **(extra_config or {}))
-    (directory / CONFIG_FILE).write_text(json.dumps(content, indent=2) + "\n")
-  written.append(CONFIG_FILE)
+      content = dict(hf_config(config, dtype), **(extra_config or {}))
+      with staged.open(CONFIG_FILE) as f:
+        f.write((json.dumps(content, indent=2) + "\n").encode())
+      staged.commit()
+    written.append(CONFIG_FILE)
+  finally:
+    if staged is not None:
+      staged.discard()
   return written
+
+
+class _Staged:
+  """Files written under temporary names in one directory and renamed into
+  place together by :meth:`commit`, once all are complete; :meth:`discard`
+  removes those not committed. Files of the directory that are not
+  replaced are left alone."""
+
+  def __init__(self, directory: pathlib.Path):
+    directory.mkdir(parents=True, exist_ok=True)
+    self.directory = directory
+    self._temps: dict[str, str] = {}
+
+  def open(self, name: str):
+    """A new temporary file for ``name``, open for binary writing; it is
+    flushed to the disk when closed."""
+    fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{name}.",
+                               suffix=".tmp")
+    self._temps[name] = tmp
+    return _SyncedFile(os.fdopen(fd, "wb"))
+
+  def commit(self) -> None:
+    """Renames every file into place, then syncs the directory."""
+    for name, tmp in list(self._temps.items()):
+      os.replace(tmp, self.directory / name)
+      del self._temps[name]
+    fd = os.open(self.directory, os.O_RDONLY)
+    try:
+      os.fsync(fd)
+    finally:
+      os.close(fd)
+
+  def discard(self) -> None:
+    for tmp in self._temps.values():
+      try:
+        os.unlink(tmp)
+      except OSError:
+        pass
+    self._temps.clear()
+
+
+class _SyncedFile:
+  """A binary file that is fsynced before it is closed."""
+
+  def __init__(self, f):
+    self._f = f
+
+  def write(self, data) -> int:
+    return self._f.write(data)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    try:
+      if exc_info[0] is None:
+        self._f.flush()
+        os.fsync(self._f.fileno())
+    finally:
+      self._f.close()

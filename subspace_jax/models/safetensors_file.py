@@ -5,23 +5,30 @@ header of ``N`` bytes (``{name: {"dtype", "shape", "data_offsets": [begin,
 end]}, "__metadata__": {str: str}}``, offsets relative to the data that
 follows the header) and the tensors' bytes, little-endian, in C order.
 
-This module reads any slice of one tensor with a positioned read of the rows
-it covers (nothing is memory-mapped, so the process holds only what it
-asked for), and writes a file from tensors produced one at a time, so that
-neither side ever holds a whole model in host memory. The ``safetensors``
-package (which the tests use to check both directions) is not needed.
+Files are read with the official ``safetensors`` package (``safe_open``),
+which checks the header against the file (no gaps or overlaps between
+tensors, no data outside the file) and reads any slice of one tensor
+without loading the rest. The package cannot write a file whose tensors
+come one at a time (its writers take them all at once), so :func:`write`
+is this module's own: it writes the header from the declared dtypes and
+shapes, then each tensor as it is produced, to a temporary file that is
+renamed into place when complete, so that neither side ever holds a whole
+model in host memory and a reader never sees a half-written file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import struct
-from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
+import tempfile
+from typing import Any, BinaryIO, Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import jax.numpy as jnp
 import numpy as np
+import safetensors
 
 __all__ = ["DTYPES", "TensorInfo", "SafetensorsFile", "dtype_name",
            "write"]
@@ -33,9 +40,6 @@ DTYPES: dict[str, np.dtype] = {
     "BF16": np.dtype(jnp.bfloat16),
 }
 """The safetensors dtypes of floating-point weights, as NumPy dtypes."""
-
-# The format's own bound on the header (100 MB): a larger length is damage.
-_MAX_HEADER = 100_000_000
 
 
 def dtype_name(dtype: Any) -> str:
@@ -53,80 +57,62 @@ def dtype_name(dtype: Any) -> str:
 
 
 class TensorInfo(NamedTuple):
-  """Where one tensor is: its dtype, shape and absolute byte offset."""
+  """One tensor of a file: its dtype and shape."""
 
   dtype: np.dtype
   shape: tuple[int, ...]
-  offset: int
+
+
+def _first_line(error: BaseException) -> str:
+  lines = str(error).strip().splitlines()
+  return lines[0] if lines else type(error).__name__
 
 
 class SafetensorsFile:
-  """The header of a safetensors file, and reads of its tensors' slices.
+  """The tensors of a safetensors file, and reads of their slices.
+
+  The ``safetensors`` package parses and checks the file (header length,
+  JSON, dtypes, shapes, offsets that tile the data exactly, without gaps or
+  overlaps) each time the file is opened; this class opens it once to list
+  the tensors and again for every :meth:`read`, which copies only the slice
+  asked for out of the memory-mapped file and unmaps it, so the process
+  holds one slice at a time.
 
   Args:
     path: The file.
 
   Raises:
-    ValueError: If the header is damaged (a bad length or JSON, offsets
-      outside the file or not matching the shape) or a tensor has a dtype
-      other than :data:`DTYPES`; the message names the file and the tensor.
-    OSError: If the file cannot be read.
+    ValueError: If the file is not a valid safetensors file (one line
+      naming it and what the ``safetensors`` package found) or a tensor has
+      a dtype other than :data:`DTYPES`.
+    OSError: If the file cannot be opened.
   """
 
   def __init__(self, path: str | os.PathLike[str]):
     self.path = os.fspath(path)
-    size = os.path.getsize(self.path)
-    with open(self.path, "rb") as f:
-      head = f.read(8)
-      if len(head) < 8:
-        raise ValueError(f"{self.path} is not a safetensors file (only "
-                         f"{size} bytes)")
-      (length,) = struct.unpack("<Q", head)
-      if length > min(_MAX_HEADER, size - 8):
-        raise ValueError(f"{self.path} is not a safetensors file or is "
-                         f"truncated (header of {length} bytes in a file of "
-                         f"{size})")
-      try:
-        header = json.loads(f.read(length))
-      except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{self.path}: the safetensors header is not valid "
-                         f"JSON ({e})") from None
-    if not isinstance(header, dict):
-      raise ValueError(f"{self.path}: the safetensors header is not a JSON "
-                       "object")
-    self.metadata = header.pop("__metadata__", None) or {}
-    data_start, data_size = 8 + length, size - 8 - length
-    self.tensors: dict[str, TensorInfo] = {}
-    for name, entry in header.items():
-      self.tensors[name] = self._entry(name, entry, data_start, data_size)
+    with self._open() as f:
+      self.metadata = dict(f.metadata() or {})
+      infos = {name: f.get_slice(name) for name in f.keys()}
+      self.tensors: dict[str, TensorInfo] = {}
+      for name, info in infos.items():
+        code = info.get_dtype()
+        if code not in DTYPES:
+          raise ValueError(
+              f"{self.path}: tensor {name!r} has dtype {code}; only "
+              f"{', '.join(DTYPES)} weights are supported")
+        self.tensors[name] = TensorInfo(DTYPES[code],
+                                        tuple(int(d) for d in info.get_shape()))
 
-  def _entry(self, name: str, entry: Any, start: int,
-             data_size: int) -> TensorInfo:
+  def _open(self):
     try:
-      dtype_code, shape = entry["dtype"], tuple(int(d) for d in entry["shape"])
-      begin, end = (int(o) for o in entry["data_offsets"])
-    except (TypeError, KeyError, ValueError):
-      raise ValueError(f"{self.path}: bad header entry for tensor {name!r}: "
-                       f"{entry!r}") from None
-    if dtype_code not in DTYPES:
-      raise ValueError(f"{self.path}: tensor {name!r} has dtype {dtype_code}; "
-                       f"only {', '.join(DTYPES)} weights are supported")
-    dtype = DTYPES[dtype_code]
-    expected = math.prod(shape) * dtype.itemsize
-    if not 0 <= begin <= end <= data_size or end - begin != expected:
-      raise ValueError(
-          f"{self.path}: tensor {name!r} ({dtype_code} {list(shape)}) has "
-          f"data offsets [{begin}, {end}] that do not fit its {expected} "
-          f"bytes in the file's {data_size} bytes of data (truncated or "
-          "damaged file)")
-    return TensorInfo(dtype, shape, start + begin)
+      return safetensors.safe_open(self.path, framework="numpy")
+    except safetensors.SafetensorError as e:
+      raise ValueError(f"{self.path} is not a safetensors file, or is "
+                       f"truncated or damaged ({_first_line(e)})") from None
 
   def read(self, name: str, index: Sequence[slice] | None = None
            ) -> np.ndarray:
-    """Reads ``tensor[index]`` (a tuple of step-1 slices, one per axis).
-
-    Only the rows (first-axis entries) that ``index`` covers are read from
-    the file.
+    """Reads ``tensor[index]`` (a tuple of slices, one per leading axis).
 
     Args:
       name: The tensor's name.
@@ -135,35 +121,18 @@ class SafetensorsFile:
     Returns:
       A new array in the stored dtype.
     """
-    info = self.tensors[name]
-    shape = info.shape
-    index = tuple(index or ()) + (slice(None),) * (len(shape) - len(index or ()))
-    if not shape:
-      return self._read_bytes(info.offset, 1, info.dtype).reshape(())
-    first = range(*index[0].indices(shape[0]))
-    if first.step != 1:
-      raise ValueError(f"only step-1 slices can be read, got {index[0]}")
-    row = math.prod(shape[1:])
-    rows = self._read_bytes(info.offset + first.start * row * info.dtype.itemsize,
-                            len(first) * row, info.dtype)
-    rows = rows.reshape((len(first),) + shape[1:])
-    return np.ascontiguousarray(rows[(slice(None),) + index[1:]])
-
-  def _read_bytes(self, offset: int, count: int, dtype: np.dtype) -> np.ndarray:
-    out = np.empty(count, dtype)
-    view = memoryview(out.view(np.uint8))
-    with open(self.path, "rb", buffering=0) as f:
-      f.seek(offset)
-      done = 0
-      while done < len(view):
-        n = f.readinto(view[done:])
-        if not n:
-          raise ValueError(f"{self.path} ends early (truncated file)")
-        done += n
-    return out
+    if name not in self.tensors:
+      raise ValueError(f"{self.path} has no tensor {name!r}")
+    with self._open() as f:
+      try:
+        part = f.get_slice(name)[tuple(index or ())]
+      except safetensors.SafetensorError as e:
+        raise ValueError(f"{self.path}: cannot read tensor {name!r} "
+                         f"({_first_line(e)})") from None
+    return np.asarray(part, dtype=self.tensors[name].dtype)
 
 
-def write(path: str | os.PathLike[str],
+def write(path: str | os.PathLike[str] | BinaryIO,
           tensors: Iterable[tuple[str, np.dtype, tuple[int, ...],
                                   Callable[[], np.ndarray]]],
           metadata: Mapping[str, str] | None = None) -> int:
@@ -171,10 +140,14 @@ def write(path: str | os.PathLike[str],
 
   The header is written first from the declared dtypes and shapes, then
   each tensor is produced (``make()``), checked against its declaration and
-  written, so at most one tensor is in memory.
+  written, so at most one tensor is in memory. A path is written under a
+  temporary name in its directory and renamed into place once complete
+  (the temporary file is removed if anything fails), so the file is never
+  seen half written and a file it replaces stays whole until then.
 
   Args:
-    path: The file to write (replaced if it exists).
+    path: The file to write (replaced if it exists), or a binary file open
+      for writing (written as it is; the caller makes it appear whole).
     tensors: ``(name, dtype, shape, make)`` in file order.
     metadata: The header's ``__metadata__`` (string values).
 
@@ -184,8 +157,28 @@ def write(path: str | os.PathLike[str],
   Raises:
     ValueError: If a produced tensor does not have its declared dtype and
       shape.
+    OSError: If the file cannot be written (then nothing was replaced).
   """
-  tensors = list(tensors)
+  if not isinstance(path, (str, os.PathLike)):
+    return _write_to(path, list(tensors), metadata)
+  path = os.fspath(path)
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".",
+                             prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      size = _write_to(f, list(tensors), metadata)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.unlink(tmp)
+    raise
+  return size
+
+
+def _write_to(f: BinaryIO, tensors: list, metadata: Mapping[str, str] | None
+              ) -> int:
   header: dict[str, Any] = {}
   if metadata:
     header["__metadata__"] = dict(metadata)
@@ -197,13 +190,12 @@ def write(path: str | os.PathLike[str],
     offset += size
   raw = json.dumps(header, separators=(",", ":")).encode()
   raw += b" " * (-len(raw) % 8)  # Data aligned to 8 bytes, as the format does.
-  with open(path, "wb") as f:
-    f.write(struct.pack("<Q", len(raw)))
-    f.write(raw)
-    for name, dtype, shape, make in tensors:
-      array = np.asarray(make())
-      if array.dtype != np.dtype(dtype) or array.shape != tuple(shape):
-        raise ValueError(f"tensor {name!r} is {array.dtype} {array.shape}, "
-                         f"declared {np.dtype(dtype)} {tuple(shape)}")
-      f.write(np.ascontiguousarray(array).view(np.uint8).data)
+  f.write(struct.pack("<Q", len(raw)))
+  f.write(raw)
+  for name, dtype, shape, make in tensors:
+    array = np.asarray(make())
+    if array.dtype != np.dtype(dtype) or array.shape != tuple(shape):
+      raise ValueError(f"tensor {name!r} is {array.dtype} {array.shape}, "
+                       f"declared {np.dtype(dtype)} {tuple(shape)}")
+    f.write(np.ascontiguousarray(array).view(np.uint8).data)
   return offset

@@ -8,7 +8,9 @@ save (committed together or not at all):
 * ``data``: the data position of every process (its data iterator's
   ``get_state()``, JSON), each written by its process to its own file
   ``process_I-of-N.json``, so that saving exchanges nothing between
-  processes; restored as the list of all of them, in process order;
+  processes, with the step, the process and a SHA-256 of them (an edited
+  position, or one of another step, is a corrupt checkpoint); restored as
+  the list of all of them, in process order;
 * ``config``: the run configuration (JSON), checked on resume so that a run
   never continues from a checkpoint of another model;
 * ``checksums``: the dtype and a 64-bit hash of every array of the state
@@ -16,10 +18,14 @@ save (committed together or not at all):
   starts, and compared with the restored arrays' on restore. Orbax and
   TensorStore do not check array contents (Zarr v2 chunks carry no
   checksum, and zstd frames with flipped bytes can still decode), so
-  without it a damaged file loads as garbage weights;
+  without it a damaged file loads as garbage weights; and a SHA-256 of the
+  config item;
 * ``version``: ``{"format": FORMAT}`` (JSON), the layout of the checkpoint
   (its items and the state's tree). A checkpoint of another format is
   refused in one line; one without the item is of format 1.
+
+Every JSON item is read bounded in size and depth
+(:mod:`subspace_jax.jsonio`).
 
 The state is restored *into* an abstract state (``ShapeDtypeStruct``\\ s with
 shardings, :attr:`Setup.abstract_state <subspace_jax.training.train.Setup>`),
@@ -40,10 +46,17 @@ and the target shardings, so a run saved on one mesh resumes on another::
 If the newest checkpoint is corrupt (a checksum mismatch, a file lost,
 truncated or overwritten, a step directory only half written),
 :meth:`Checkpointer.restore` warns in one line and falls back to the newest
-intact one; it never deletes anything. What a failed TensorStore read
+intact one; it never deletes anything then, but the corrupt step is
+replaced when the run saves that step again. What a failed TensorStore read
 prints (tracebacks from its threads, absl logs) is silenced meanwhile. A
 checkpoint saved without checksums (an older version of this module) is
 restored unverified, with a warning.
+
+A save that cannot be written (a full disk, a read-only or forbidden
+directory) raises one :class:`CheckpointSaveError` (at the next save, or
+when waiting for it) saying what to do; the steps saved before are intact.
+Steps beyond ``max_to_keep`` are deleted only once a newer one is
+committed, and one that cannot be deleted is a one-line note.
 """
 
 from __future__ import annotations
@@ -51,21 +64,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import functools
 import gc
+import hashlib
 import json
 import logging
 import os
 import re
 import sys
 import warnings
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from subspace_jax import jsonio
 from subspace_jax.matrix_view import path_str
 
 if TYPE_CHECKING:
@@ -74,6 +90,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Restored",
     "Checkpointer",
+    "CheckpointSaveError",
     "CheckpointWarning",
     "FORMAT",
     "IncompatibleCheckpointError",
@@ -92,8 +109,18 @@ _VERSION = "version"
 #    stacked leaf's projections drawn from fold_in(leaf key, layer).
 # 4: the data item holds one file per process (process_I-of-N.json, grain
 #    pipeline positions), not one JSON list gathered from all processes.
-FORMAT = 4
+# 5: each data file holds its position with the step, the process and a
+#    SHA-256 of them; the checksums item holds a SHA-256 of the config item.
+#    Format 4 is still read (its data positions and config unverified).
+FORMAT = 5
 _OLDEST_FORMAT = 1
+# Formats read besides FORMAT, and the first whose data positions and config
+# carry checksums.
+_ALSO_READ = (4,)
+_VERIFIED_ITEMS_FORMAT = 5
+# Largest JSON item read from a checkpoint (a config, the checksums of
+# every array, one process's data position).
+_MAX_ITEM_BYTES = 64 * 2**20
 # The hash of state_checksums; a checkpoint with another one is unverifiable.
 _CHECKSUM_FORMAT = "subspace_jax.u32x2.v1"
 
@@ -104,6 +131,12 @@ class IncompatibleCheckpointError(ValueError):
 
 class UnreadableCheckpointError(RuntimeError):
   """No checkpoint that was asked for can be read."""
+
+
+class CheckpointSaveError(RuntimeError):
+  """A checkpoint could not be written (a full disk, a read-only or
+  forbidden directory); the message is one line saying what to do, and the
+  checkpoints saved before are intact."""
 
 
 class CheckpointWarning(UserWarning):
@@ -183,6 +216,14 @@ def _tree_mismatch(saved, wanted) -> str | None:
 def _as_json(value: Any) -> Any:
   """``value`` as it comes back from JSON (tuples become lists, ...)."""
   return json.loads(json.dumps(value))
+
+
+def _digest(value: Any) -> str:
+  """SHA-256 (hex) of the canonical JSON of ``value`` (sorted keys, no
+  spaces): the same before saving and after loading."""
+  text = json.dumps(value, sort_keys=True, separators=(",", ":"),
+                    allow_nan=False)
+  return hashlib.sha256(text.encode()).hexdigest()
 
 
 # --------------------------------------------------------------------------
@@ -411,6 +452,99 @@ def _quiet():
         logger.disabled = was
 
 
+class _QuietSaves(logging.Filter):
+  """While started, holds back what a failing background save prints.
+
+  Orbax's save threads log each failure with its traceback through absl
+  (one record per thread that saw it) and TensorStore's callbacks into
+  Orbax's event loops print "Event loop is closed" once the loop that
+  failed is closed; a full disk gave hundreds of lines. The error records
+  of Orbax's threads are dropped (the first message is kept for the
+  :class:`CheckpointSaveError` the Checkpointer raises), and Orbax's event
+  loops finish their pending tasks before closing
+  (:func:`_close_after_draining`), so that no callback finds them closed.
+  """
+
+  def __init__(self):
+    super().__init__()
+    self.first_error: str | None = None
+    self._policy = self._mine = None
+    self._started = False
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno < logging.ERROR or "orbax" not in record.pathname:
+      return True
+    if self.first_error is None:
+      error = record.exc_info[1] if record.exc_info else None
+      self.first_error = str(error) if error else record.getMessage()
+    return False
+
+  def start(self) -> None:
+    logging.getLogger("absl").addFilter(self)
+    draining = _draining_policy_class()
+    if draining is not None:
+      self._policy = asyncio.get_event_loop_policy()
+      self._mine = draining(self._policy)
+      asyncio.set_event_loop_policy(self._mine)
+    self._started = True
+
+  def stop(self) -> None:
+    if not self._started:
+      return
+    self._started = False
+    logging.getLogger("absl").removeFilter(self)
+    # Put back only if no one has set another policy since (two
+    # Checkpointers closed out of order leave the first one's).
+    if self._policy is not None and asyncio.get_event_loop_policy() is self._mine:
+      asyncio.set_event_loop_policy(self._policy)
+    self._policy = self._mine = None
+
+
+# What to do about a failed save, by the errno it failed with.
+_NO_SPACE = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+_FORBIDDEN = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def _errno(error: Any) -> int | None:
+  """The OS error code of a failed save: an OSError's, or the one
+  TensorStore names in its message (``[os_error_code='28']``)."""
+  while isinstance(error, BaseException):
+    if isinstance(error, OSError) and error.errno:
+      return error.errno
+    found = re.search(r"os_error_code='?(\d+)", str(error))
+    if found:
+      return int(found.group(1))
+    error = error.__cause__ or error.__context__
+  if isinstance(error, str):
+    found = re.search(r"os_error_code='?(\d+)", error)
+    if found:
+      return int(found.group(1))
+  return None
+
+
+def _os_reason(error: Any) -> str:
+  """Why a save failed, in a few words: the OS error's, else the first
+  line of the error without TensorStore's spec."""
+  code = _errno(error)
+  if code is not None:
+    return os.strerror(code)
+  if error is None:
+    return "the save did not commit"
+  text = str(error).split(" [tensorstore_spec=")[0].strip()
+  text = text.splitlines()[0] if text else type(error).__name__
+  return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _advice(error: Any) -> str:
+  code = _errno(error)
+  if code in _NO_SPACE:
+    return "free space there or give another --checkpoint-dir"
+  if code in _FORBIDDEN:
+    return ("make the directory writable by this user or give another "
+            "--checkpoint-dir")
+  return "check the disk and the directory, or give another --checkpoint-dir"
+
+
 def _root_cause(error: BaseException) -> BaseException:
   """The innermost cause of ``error``: Orbax wraps TensorStore's error (which
   names the file) in one that names only the array index."""
@@ -427,9 +561,10 @@ def _root_cause(error: BaseException) -> BaseException:
 def _reason(error: BaseException, directory: str) -> str:
   """Why a checkpoint could not be used, in one line: the array and the
   file (relative to ``directory``) where TensorStore names them."""
-  if isinstance(error, _CorruptError):
-    return str(error)
   root = _root_cause(error)
+  for e in (error, root):
+    if isinstance(e, _CorruptError):
+      return str(e)
   text = str(root).split(" [tensorstore_spec=")[0].strip()
   text = text.splitlines()[0] if text else ""
   text = text.replace(directory.rstrip("/") + "/", "")
@@ -446,6 +581,19 @@ def _reason(error: BaseException, directory: str) -> str:
   parts.append(detail)
   line = ": ".join(parts)
   return line if len(line) <= 240 else line[:237] + "..."
+
+
+_CHECKSUMS_SCHEMA = {
+    "type": "object",
+    "required": ["format", "arrays"],
+    "properties": {
+        "format": {"type": "string"},
+        "arrays": {"type": "object", "additionalProperties": {
+            "type": "array", "minItems": 2, "maxItems": 2,
+            "items": {"type": "string", "maxLength": 64}}},
+        "config": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+    },
+}
 
 
 def _with_saved_dtypes(abstract_state: Any, checksums: dict) -> Any:
@@ -477,16 +625,101 @@ def _verify(state: Any, checksums: dict) -> None:
       raise _CorruptError(f"array {name}: checksum mismatch")
 
 
+def _read_item(path) -> Any:
+  """A JSON file of a checkpoint, bounded in size and depth
+  (:mod:`subspace_jax.jsonio`); a local path or an ``etils.epath`` one."""
+  with path.open("rb") as f:
+    data = f.read(_MAX_ITEM_BYTES + 1)
+  if len(data) > _MAX_ITEM_BYTES:
+    raise _CorruptError(f"{path.name} is larger than {_MAX_ITEM_BYTES:,} bytes")
+  try:
+    return jsonio.loads(data)
+  except jsonio.JSONError as e:
+    raise _CorruptError(f"{path.parent.name}/{path.name} is {e}") from None
+
+
+class _JsonHandler(ocp.JsonCheckpointHandler):
+  """Orbax's JSON item, read through :func:`_read_item` (bounded)."""
+
+  def restore(self, directory, item=None, args=None) -> Any:
+    del item, args
+    path = directory / self._filename
+    if not path.exists():
+      raise FileNotFoundError(f"File {path} not found.")
+    return _read_item(path)
+
+
+@ocp.args.register_with_handler(_JsonHandler, for_save=True)
+@dataclasses.dataclass
+class _JsonSave(ocp.args.CheckpointArgs):
+  item: Any
+
+
+@ocp.args.register_with_handler(_JsonHandler, for_restore=True)
+@dataclasses.dataclass
+class _JsonRestore(ocp.args.CheckpointArgs):
+  pass
+
+
+# A data file of format 5: the position, where it belongs, and its SHA-256.
+_DATA_KEYS = frozenset({"step", "process", "count", "position", "sha256"})
+_DATA_SCHEMA = {
+    "type": "object",
+    "required": sorted(_DATA_KEYS),
+    "properties": {
+        "step": {"type": "integer", "minimum": 0},
+        "process": {"type": "integer", "minimum": 0},
+        "count": {"type": "integer", "minimum": 1},
+        "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+    },
+}
+
+
+def _data_record(step: int, position: Any) -> dict[str, Any]:
+  """This process's data file: its position, the step, the process and a
+  SHA-256 of those (checked on restore: an edited position, or a file of
+  another step or process, is a corrupt checkpoint)."""
+  body = {"step": step, "process": jax.process_index(),
+          "count": jax.process_count(), "position": position}
+  return {**body, "sha256": _digest(body)}
+
+
+def _data_position(value: Any, step: int | None, index: int, count: int,
+                   name: str) -> tuple[Any, bool]:
+  """The position in a data file and whether it was verified; raises
+  :class:`_CorruptError` for a record that fails its checks."""
+  if not (isinstance(value, dict) and value.keys() == _DATA_KEYS):
+    return value, False  # Written before format 5: a bare position.
+  try:
+    jsonio.check(value, _DATA_SCHEMA, name)
+  except jsonio.JSONError as e:
+    raise _CorruptError(f"data position {e}") from None
+  body = {k: v for k, v in value.items() if k != "sha256"}
+  if _digest(body) != value["sha256"]:
+    raise _CorruptError(f"data position {name}: checksum mismatch")
+  if (value["process"], value["count"]) != (index, count) or (
+      step is not None and value["step"] != step):
+    raise _CorruptError(
+        f"data position {name} is of step {value['step']}, process "
+        f"{value['process']} of {value['count']}, not of this step")
+  return value["position"], True
+
+
 class _PerProcessJsonHandler(ocp.JsonCheckpointHandler):
   """A JSON item that every process writes to its own file.
 
-  ``process_I-of-N.json`` holds process ``I``'s value (of ``N``); restoring
-  reads all of them and returns their list in process order, so a run may
-  resume with another number of processes where the values allow it.
+  ``process_I-of-N.json`` holds process ``I``'s value (of ``N``), with the
+  step and a SHA-256 (:func:`_data_record`) when saved with a step;
+  restoring reads all of them and returns their list in process order, so
+  a run may resume with another number of processes where the values allow
+  it. Files of format 4 hold the bare value.
   """
 
   async def async_save(self, directory, item=None, args=None):
     value = args.item if args is not None else item
+    step = getattr(args, "step", None)
+    if step is not None:
+      value = _data_record(step, value)
     name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
 
     async def write():  # Once Orbax has made the step's directories.
@@ -495,7 +728,10 @@ class _PerProcessJsonHandler(ocp.JsonCheckpointHandler):
         write(), name="data_positions_save")]
 
   def restore(self, directory, item=None, args=None) -> list:
-    del item, args
+    """The positions, and (as the attribute ``verified``) whether all were
+    checked against their checksums."""
+    del item
+    step = getattr(args, "step", None)
     found = {}
     for path in directory.glob("process_*-of-*.json"):
       match = re.fullmatch(r"process_(\d+)-of-(\d+)\.json", path.name)
@@ -505,19 +741,33 @@ class _PerProcessJsonHandler(ocp.JsonCheckpointHandler):
     if len(counts) != 1 or sorted(i for i, _ in found) != list(range(counts.pop())):
       names = ", ".join(sorted(p.name for p in found.values())) or "none"
       raise FileNotFoundError(f"the data positions are incomplete (files: {names})")
-    return [json.loads(found[key].read_text()) for key in sorted(found)]
+    positions = _Positions()
+    for (index, count) in sorted(found):
+      position, verified = _data_position(
+          _read_item(found[index, count]), step, index, count,
+          found[index, count].name)
+      positions.append(position)
+      positions.verified &= verified
+    return positions
+
+
+class _Positions(list):
+  """The data positions restored, in process order."""
+
+  verified = True
 
 
 @ocp.args.register_with_handler(_PerProcessJsonHandler, for_save=True)
 @dataclasses.dataclass
 class _PerProcessJsonSave(ocp.args.CheckpointArgs):
   item: Any
+  step: int | None = None
 
 
 @ocp.args.register_with_handler(_PerProcessJsonHandler, for_restore=True)
 @dataclasses.dataclass
 class _PerProcessJsonRestore(ocp.args.CheckpointArgs):
-  pass
+  step: int | None = None
 
 
 class Checkpointer:
@@ -536,6 +786,17 @@ class Checkpointer:
       deleted after each save.
     async_save: Write in a background thread; :meth:`save` returns once the
       arrays are copied off the devices, so the state may be donated next.
+    warn: Called with a one-line note when an old checkpoint cannot be
+      deleted (default: a :class:`CheckpointWarning`).
+
+  A save that fails (a full disk, a read-only or forbidden directory) is
+  reported by the next :meth:`save`, :meth:`wait_until_finished` or
+  :meth:`close` as one :class:`CheckpointSaveError`; what Orbax's
+  background threads print about it meanwhile (absl error logs with
+  tracebacks, "Event loop is closed" from TensorStore's callbacks) is held
+  back while a Checkpointer is open. Old checkpoints beyond ``max_to_keep``
+  are deleted only once a newer one is committed, and one that cannot be
+  deleted is a note, not a failure.
   """
 
   def __init__(
@@ -545,6 +806,7 @@ class Checkpointer:
       save_interval_steps: int = 1000,
       max_to_keep: int = 3,
       async_save: bool = True,
+      warn: Callable[[str], None] | None = None,
   ):
     if save_interval_steps < 1 or max_to_keep < 1:
       raise ValueError(
@@ -555,9 +817,14 @@ class Checkpointer:
     if "://" not in directory:
       directory = os.path.abspath(directory)
     policies = ocp.checkpoint_managers
+    self._interval, self._keep = save_interval_steps, max_to_keep
+    self._warn = warn or (lambda line: warnings.warn(
+        CheckpointWarning(line), stacklevel=3))
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=save_interval_steps,
-        max_to_keep=max_to_keep,
+        # Old steps are deleted here (_delete_old_steps), after a newer one
+        # is committed: Orbax's own deletion fails the save it follows.
+        max_to_keep=None,
         enable_async_checkpointing=async_save,
         # As save_interval_steps, but without Orbax's default rule that also
         # saves the first step seen when the directory is empty.
@@ -566,19 +833,29 @@ class Checkpointer:
             policies.PreemptionCheckpointingPolicy(),
         ]),
     )
-    with _quiet():  # Orbax logs a step with lost metadata as it lists them.
-      self._manager = ocp.CheckpointManager(
-          directory,
-          options=options,
-          item_handlers={
-              _STATE: ocp.StandardCheckpointHandler(),
-              _DATA: _PerProcessJsonHandler(),
-              _CONFIG: ocp.JsonCheckpointHandler(),
-              _CHECKSUMS: ocp.JsonCheckpointHandler(),
-              _VERSION: ocp.JsonCheckpointHandler(),
-          },
-      )
+    self._damaged: set[int] = set()  # Steps a restore found corrupt.
+    self._undeletable: set[int] = set()  # Old steps that could not be deleted.
+    self._saving: int | None = None  # The step of a save not yet checked.
+    self._quiet_saves = _QuietSaves()
+    try:
+      with _quiet():  # Orbax logs a step with lost metadata as it lists them.
+        self._manager = ocp.CheckpointManager(
+            directory,
+            options=options,
+            item_handlers={
+                _STATE: ocp.StandardCheckpointHandler(),
+                _DATA: _PerProcessJsonHandler(),
+                _CONFIG: _JsonHandler(),
+                _CHECKSUMS: _JsonHandler(),
+                _VERSION: _JsonHandler(),
+            },
+        )
+    except OSError as e:
+      raise CheckpointSaveError(
+          f"cannot use the checkpoint directory {directory} ({_os_reason(e)}); "
+          f"{_advice(e)}") from None
     self._closed = False
+    self._quiet_saves.start()
 
   @property
   def directory(self) -> str:
@@ -604,9 +881,11 @@ class Checkpointer:
       read (:meth:`restore` then reports the damage).
     """
     try:
-      config = self._manager.restore(
-          int(step),
-          args=ocp.args.Composite(**{_CONFIG: ocp.args.JsonRestore()}))[_CONFIG]
+      with _quiet():
+        config = self._manager.restore(
+            int(step),
+            args=ocp.args.Composite(**{_CONFIG: _JsonRestore()}))[_CONFIG]
+        self._verify_config(int(step), config)
     except Exception:  # pylint: disable=broad-except
       return None
     return config if isinstance(config, dict) else None
@@ -633,13 +912,28 @@ class Checkpointer:
 
     Returns:
       True if a save started (it may still be running in the background);
-      False if the step was not due or is already saved.
+      False if the step was not due or is already saved. A step that
+      :meth:`restore` found corrupt is replaced.
+
+    Raises:
+      CheckpointSaveError: If this save, or the one before it, could not
+        be written.
     """
     step = int(step)
-    if step in self._manager.all_steps():
+    self._settle()  # Raises if the previous save failed.
+    exists = step in self._manager.all_steps()
+    if exists and step not in self._damaged:
       return False
-    if not (force or self._manager.should_save(step)):
+    # Due by the interval (not Orbax's should_save, which refuses any step
+    # older than the newest, such as one re-trained after a fallback).
+    if not (force or step % self._interval == 0
+            or self._manager.reached_preemption(step)):
       return False
+    if exists:  # Corrupt: replaced by the re-trained step.
+      self._delete(step, "it is corrupt and being replaced")
+      self._damaged.discard(step)
+      if step in self._manager.all_steps():
+        return False
     # Hashed before the save starts, so before the state may be donated.
     hashes = state_checksums(state)
     dtypes = _dtypes(state)
@@ -647,16 +941,71 @@ class Checkpointer:
         "format": _CHECKSUM_FORMAT,
         "arrays": {name: [dtypes[name], h] for name, h in hashes.items()},
     }
+    checksums["config"] = _digest(_as_json(config))
     args = ocp.args.Composite(**{
         _STATE: ocp.args.StandardSave(state),
-        _DATA: _PerProcessJsonSave(data_state),
-        _CONFIG: ocp.args.JsonSave(config),
-        _CHECKSUMS: ocp.args.JsonSave(checksums),
-        _VERSION: ocp.args.JsonSave({"format": FORMAT}),
+        _DATA: _PerProcessJsonSave(data_state, step=step),
+        _CONFIG: _JsonSave(config),
+        _CHECKSUMS: _JsonSave(checksums),
+        _VERSION: _JsonSave({"format": FORMAT}),
     })
     # Due, as decided above (deciding again could differ once a background
     # save has finished meanwhile).
-    return self._manager.save(step, args=args, force=True)
+    self._saving = step
+    try:
+      started = self._manager.save(step, args=args, force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      self._saving = None
+      raise self._save_error(step, e) from None
+    if not started:
+      self._saving = None
+    return started
+
+  def _settle(self) -> None:
+    """Waits for the save in flight; raises :class:`CheckpointSaveError` if
+    it failed (it is then not committed); deletes the steps beyond
+    ``max_to_keep`` once it is."""
+    step, self._saving = self._saving, None
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_error(step, e) from None
+    if step is not None:
+      self._manager.reload()
+      if step not in self._manager.all_steps():  # Orbax only logged why.
+        raise self._save_error(step, self._quiet_saves.first_error)
+    self._delete_old_steps()
+
+  def _save_error(self, step: int | None, error) -> CheckpointSaveError:
+    self._quiet_saves.first_error = None
+    if isinstance(error, CheckpointSaveError):
+      return error
+    latest = [s for s in self._manager.all_steps() if s != step]
+    newest = (f"the newest checkpoint, step {max(latest)}, is intact" if latest
+              else "no checkpoint was saved before")
+    what = f"step {step}" if step is not None else "a checkpoint"
+    return CheckpointSaveError(
+        f"cannot save checkpoint {what} in {self.directory} "
+        f"({_os_reason(error)}); {_advice(error)}; {newest}")
+
+  def _delete(self, step: int, why: str) -> bool:
+    try:
+      self._manager.delete(step)
+      return True
+    except Exception as e:  # pylint: disable=broad-except
+      self._warn(f"could not delete checkpoint step {step} in "
+                 f"{self.directory} ({why}): {_os_reason(e)}; delete it by hand")
+      return False
+
+  def _delete_old_steps(self) -> None:
+    """Deletes the oldest steps beyond ``max_to_keep`` (a note for each one
+    that cannot be deleted; it is not tried again)."""
+    steps = self.all_steps()
+    for step in steps[:max(0, len(steps) - self._keep)]:
+      if step in self._undeletable:
+        continue
+      if not self._delete(step, f"older than the newest {self._keep}"):
+        self._undeletable.add(step)
 
   def restore(
       self,
@@ -743,6 +1092,8 @@ class Checkpointer:
           f"checkpoint step {restored.step} in {self.directory} has no "
           f"checksums ({unverified}); restored it unverified"
       ), stacklevel=2)
+    if bad:
+      self._damaged.update(s for s, _ in bad)
     return restored
 
   def _restore_step(
@@ -758,10 +1109,12 @@ class Checkpointer:
         format.
       Exception: Any other error means the step is corrupt.
     """
-    self._check_format(step)
+    saved_format = self._check_format(step)
+    checksums, unverified = self._saved_checksums(step)
     config = self._manager.restore(
-        step, args=ocp.args.Composite(**{_CONFIG: ocp.args.JsonRestore()})
+        step, args=ocp.args.Composite(**{_CONFIG: _JsonRestore()})
     )[_CONFIG]
+    config_verified = self._verify_config(step, config, checksums)
     if expected_config is not None:
       self._check_model(step, config, expected_config)
     metadata = self._manager.item_metadata(step)[_STATE]
@@ -774,32 +1127,52 @@ class Checkpointer:
           f"model/optimizer: {mismatch}; use the same settings or another "
           "--checkpoint-dir"
       )
-    checksums, unverified = self._saved_checksums(step)
+    arrays = None if checksums is None else checksums["arrays"]
     target = abstract_state
-    if checksums is not None:
-      target = _with_saved_dtypes(abstract_state, checksums)
+    if arrays is not None:
+      target = _with_saved_dtypes(abstract_state, arrays)
     out = self._manager.restore(
         step,
         args=ocp.args.Composite(**{
             _STATE: ocp.args.StandardRestore(target),
-            _DATA: _PerProcessJsonRestore(),
+            _DATA: _PerProcessJsonRestore(step=step),
         }),
     )
     state = out[_STATE]
-    if checksums is not None:
-      _verify(state, checksums)
+    if arrays is not None:
+      _verify(state, arrays)
       # Cast only after verifying the bits as saved.
       state = jax.tree.map(
           lambda x, want: x if x.dtype == want.dtype else x.astype(want.dtype),
           state, abstract_state,
       )
     positions = out[_DATA]
+    data_verified = getattr(positions, "verified", True)
     if all(p is None for p in positions):  # Saved without data positions.
       positions = None
+    positions = None if positions is None else list(positions)
+    if (not data_verified or not config_verified) and unverified is None:
+      if saved_format >= _VERIFIED_ITEMS_FORMAT:
+        what = "data position" if not data_verified else "config"
+        raise _CorruptError(f"the {what} item has no checksum")
+      unverified = (f"format {saved_format}: its data position and config "
+                    "carry none")
     return Restored(step, state, positions, config), unverified
 
-  def _check_format(self, step: int) -> None:
-    """Raises if ``step`` was written in another checkpoint format."""
+  def _verify_config(self, step: int, config: Any,
+                     checksums: dict | None = None) -> bool:
+    """Whether the config item matches its checksum (False: none saved);
+    raises :class:`_CorruptError` on a mismatch."""
+    if checksums is None:
+      checksums, _ = self._saved_checksums(step)
+    if checksums is None or "config" not in checksums:
+      return False
+    if _digest(config) != checksums["config"]:
+      raise _CorruptError("config: checksum mismatch")
+    return True
+
+  def _check_format(self, step: int) -> int:
+    """The format ``step`` was written in; raises if it is not read here."""
     try:
       handlers = self._manager.metadata(step).item_handlers
     except Exception:  # pylint: disable=broad-except
@@ -808,21 +1181,23 @@ class Checkpointer:
       saved = _OLDEST_FORMAT  # Written before the version item existed.
     else:
       item = self._manager.restore(
-          step, args=ocp.args.Composite(**{_VERSION: ocp.args.JsonRestore()})
+          step, args=ocp.args.Composite(**{_VERSION: _JsonRestore()})
       )[_VERSION]
       saved = item.get("format") if isinstance(item, dict) else None
       if not isinstance(saved, int) or isinstance(saved, bool):
         raise _CorruptError("the version item is garbled")
-    if saved != FORMAT:
+    if saved != FORMAT and saved not in _ALSO_READ:
       age = "an older" if saved < FORMAT else "a newer"
       raise IncompatibleCheckpointError(
           f"checkpoint step {step} in {self.directory} was written by {age} "
           f"subspace_jax (format {saved}, this one reads {FORMAT}); resume it "
           "with that version or use another --checkpoint-dir"
       )
+    return saved
 
   def _saved_checksums(self, step: int) -> tuple[dict | None, str | None]:
-    """The step's ``{path: [dtype, hash]}`` and, if there is none, why."""
+    """The step's checksums item (``{"arrays": {path: [dtype, hash]},
+    "config": hash}``) and, if there is none, why."""
     try:
       handlers = self._manager.metadata(step).item_handlers
     except Exception:  # pylint: disable=broad-except
@@ -830,15 +1205,18 @@ class Checkpointer:
     if not isinstance(handlers, dict) or _CHECKSUMS in handlers:
       # Saved with checksums (or the step metadata is lost): they must read.
       saved = self._manager.restore(
-          step, args=ocp.args.Composite(**{_CHECKSUMS: ocp.args.JsonRestore()})
+          step, args=ocp.args.Composite(**{_CHECKSUMS: _JsonRestore()})
       )[_CHECKSUMS]
     else:
       return None, "saved by an older version"
-    if not isinstance(saved, dict) or not isinstance(saved.get("arrays"), dict):
-      raise _CorruptError("the checksum item is garbled")
+    if not isinstance(saved, dict) or saved.get("format") == _CHECKSUM_FORMAT:
+      try:
+        jsonio.check(saved, _CHECKSUMS_SCHEMA, "checksums")
+      except jsonio.JSONError as e:
+        raise _CorruptError(f"the checksum item is garbled ({e})") from None
     if saved.get("format") != _CHECKSUM_FORMAT:
-      return None, f"unknown checksum format {saved.get('format')!r}"
-    return saved["arrays"], None
+      return None, f"unknown checksum format {str(saved.get('format'))[:40]!r}"
+    return saved, None
 
   def _check_model(self, step: int, config, expected: dict) -> None:
     """Raises if the saved config's "model" entry differs from ``expected``'s."""
@@ -860,14 +1238,31 @@ class Checkpointer:
       )
 
   def wait_until_finished(self) -> None:
-    """Blocks until any background save has been written and committed."""
-    self._manager.wait_until_finished()
+    """Blocks until any background save has been written and committed.
+
+    Raises:
+      CheckpointSaveError: If it could not be written.
+    """
+    self._settle()
 
   def close(self) -> None:
-    """Waits for background saves, then releases Orbax's resources."""
-    if not self._closed:
-      self._manager.close()
-      self._closed = True
+    """Waits for background saves, then releases Orbax's resources.
+
+    Raises:
+      CheckpointSaveError: If the last save could not be written (the
+        resources are released all the same).
+    """
+    if self._closed:
+      return
+    self._closed = True
+    try:
+      self._settle()
+    finally:
+      try:
+        with contextlib.suppress(Exception):
+          self._manager.close()
+      finally:
+        self._quiet_saves.stop()
 
   def __enter__(self) -> Checkpointer:
     return self

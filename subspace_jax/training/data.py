@@ -213,7 +213,8 @@ class BatchIterator:
         """Returns the position as a small JSON-able dict."""
         if self._by_count:
             return {"batch": self._taken, "signature": self._sig}
-        return {"grain": self._it.get_state(), "signature": self._sig}
+        return {"grain": self._it.get_state(), "batch": self._taken,
+                "signature": self._sig}
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Moves to a position returned by :meth:`get_state`.
@@ -224,27 +225,36 @@ class BatchIterator:
         key = "batch" if self._by_count else "grain"
         if not isinstance(state, dict) or {key, "signature"} - state.keys():
             raise DataError(f"iterator state must be a dict with keys "
-                            f"{[key, 'signature']}, got {state!r}; pass what "
+                            f"{[key, 'signature']}, got {str(state)[:80]}; "
+                            "pass what "
                             "get_state() returned")
         if state["signature"] != self._sig:
             raise DataError("iterator state was saved for different data or "
                             "settings (seq_len, batch_size, seed, shuffle, "
                             "processes, workers); restore it into an iterator "
                             "built the same way")
+        count = state.get("batch", 0)  # Streamed states before it: none.
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise DataError(f"iterator state 'batch' must be an int >= 0, "
+                            f"got {str(count)[:40]}; pass what get_state() "
+                            "returned")
         if self._by_count:
-            count = state["batch"]
-            if not isinstance(count, int) or isinstance(count, bool) or count < 0:
-                raise DataError(f"iterator state 'batch' must be an int >= 0, "
-                                f"got {count!r}; pass what get_state() returned")
+            try:
+                it = iter(self._start(count))
+            except Exception as e:  # pylint: disable=broad-except
+                raise DataError(f"iterator state 'batch' {count} does not fit "
+                                f"this pipeline ({_brief(e)}); pass what "
+                                "get_state() returned") from None
             self._it.close()
-            self._it, self._taken = iter(self._start(count)), count
+            self._it, self._taken = it, count
             return
         try:
             self._it.set_state(state["grain"])
-        except (KeyError, TypeError, ValueError, IndexError) as e:
+        except Exception as e:  # pylint: disable=broad-except
             raise DataError(f"iterator state does not fit this pipeline "
                             f"({_brief(e)}); pass what get_state() returned"
                             ) from None
+        self._taken = count
 
     def close(self) -> None:
         """Stops the prefetch thread and the worker processes."""

@@ -100,23 +100,35 @@ def data_state(iterator) -> dict[str, Any]:
   return iterator.get_state()
 
 
-def set_data_state(iterator, states: Sequence[Any] | None) -> None:
+def set_data_state(iterator, states: Sequence[Any] | None,
+                   step: int | None = None) -> None:
   """Moves ``iterator`` to this process's position in ``states`` (every
-  process's, as restored from a checkpoint).
+  process's, as restored from a checkpoint of ``step``).
+
+  A position counts the batches taken (``"batch"``); one batch is taken per
+  step, so a position past ``step`` cannot have been saved at that step.
 
   Raises:
-    ValueError: If there is no position, or positions of another number
-      of processes that differ.
+    ValueError: If there is no position, positions of another number of
+      processes that differ, or a position past ``step``.
     DataError: If the position does not fit the iterator's data.
   """
   if not states:
     raise ValueError("the checkpoint has no data position; use another "
                      "--checkpoint-dir")
   if len(states) == jax.process_count():
-    iterator.set_state(states[jax.process_index()])
+    state = states[jax.process_index()]
   elif all(s == states[0] for s in states):
-    iterator.set_state(states[0])  # Same for all: any process count works.
+    state = states[0]  # Same for all: any process count works.
   else:
     raise ValueError(f"the checkpoint's data position was saved by "
                      f"{len(states)} processes; resume with --num-processes "
                      f"{len(states)}")
+  batch = state.get("batch") if isinstance(state, dict) else None
+  if (step is not None and isinstance(batch, int)
+      and not isinstance(batch, bool) and batch > step):
+    raise ValueError(
+        f"the data position saved at step {step} is at batch {batch}, past "
+        "the batches a run of that many steps takes (the checkpoint is "
+        "damaged or was edited); use another --checkpoint-dir")
+  iterator.set_state(state)

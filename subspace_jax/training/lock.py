@@ -17,6 +17,7 @@ from typing import Any, Mapping
 
 import jax
 
+from subspace_jax import jsonio
 from subspace_jax.training.config import RunConfig
 from subspace_jax.training.distributed import allgather_json
 from subspace_jax.training.reporting import info
@@ -78,8 +79,7 @@ class RunLock:
     """The lock file's content; None if there is no lock file, {} if it
     cannot be read."""
     try:
-      with open(self.path, encoding="utf-8") as f:
-        holder = json.load(f)
+      holder = jsonio.read(self.path, max_bytes=4096)
     except FileNotFoundError:
       return None
     except (OSError, ValueError):

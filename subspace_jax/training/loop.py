@@ -40,11 +40,13 @@ metrics, summary).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -62,14 +64,17 @@ from subspace_jax.training import lock as lock_lib
 from subspace_jax.training import reporting
 from subspace_jax.training import sharding as shd
 from subspace_jax.training import train as train_lib
-from subspace_jax.training.checkpoint import Checkpointer, CheckpointWarning
+from subspace_jax.training.checkpoint import (Checkpointer,
+                                              CheckpointSaveError,
+                                              CheckpointWarning)
 from subspace_jax.training.config import (RESUME_ALTERING_FIELDS,
                                           RESUME_SAFE_FIELDS, RunConfig,
                                           check_rank)
 from subspace_jax.training.distributed import any_process, initialize_distributed
 from subspace_jax.training.reporting import info
 
-__all__ = ["RunConfig", "NonFiniteError", "RESUME_SAFE_FIELDS",
+__all__ = ["RunConfig", "NonFiniteError", "OutOfMemoryError", "ExportError",
+           "CheckpointSaveError", "RESUME_SAFE_FIELDS",
            "RESUME_ALTERING_FIELDS", "initialize_distributed", "check_rank",
            "train"]
 
@@ -195,19 +200,45 @@ def _export(cfg: RunConfig, setup, state, tokenizer) -> None:
   model mode), with the files of a loaded tokenizer."""
   extra = {f"{role}_token_id": getattr(tokenizer, f"{role}_id", None)
            for role in ("bos", "eos", "pad")}
-  hf.save(cfg.export_hf, cfg.model_config(), state.params,
-          subspace=setup.subspace, opt_state=state.opt_state,
-          extra_config={k: v for k, v in extra.items() if v is not None})
-  if cfg.tokenizer_model is not None and jax.process_index() == 0:
-    source = tokenizer.model_path  # Saved under the name loaders expect.
-    copies = {source: "tokenizer.json" if cfg.tokenizer == "huggingface"
-              else "tokenizer.model"}
-    for name in ("tokenizer_config.json", "special_tokens_map.json"):
-      if (source.parent / name).is_file():
-        copies[source.parent / name] = name
-    for path, name in copies.items():
-      shutil.copyfile(path, os.path.join(cfg.export_hf, name))
+  try:
+    hf.save(cfg.export_hf, cfg.model_config(), state.params,
+            subspace=setup.subspace, opt_state=state.opt_state,
+            extra_config={k: v for k, v in extra.items() if v is not None})
+    if cfg.tokenizer_model is not None and jax.process_index() == 0:
+      source = tokenizer.model_path  # Saved under the name loaders expect.
+      copies = {source: "tokenizer.json" if cfg.tokenizer == "huggingface"
+                else "tokenizer.model"}
+      for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (source.parent / name).is_file():
+          copies[source.parent / name] = name
+      for path, name in copies.items():
+        _copy_atomic(path, os.path.join(cfg.export_hf, name))
+  except (OSError, ValueError) as e:
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+    raise ExportError(
+        f"cannot export the model to --export-hf {cfg.export_hf} ({reason}); "
+        "the files there are as they were and the run's checkpoint is saved: "
+        "free space or fix the directory, then run the same command again "
+        "to export") from None
   info(f"exported the model to {cfg.export_hf} (Hugging Face LLaMA)")
+
+
+def _copy_atomic(source, target: str) -> None:
+  """Copies a file under a temporary name beside ``target``, then renames
+  it into place."""
+  folder = os.path.dirname(target) or "."
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(target)}.",
+                             suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as out, open(source, "rb") as f:
+      shutil.copyfileobj(f, out)
+      out.flush()
+      os.fsync(out.fileno())
+    os.replace(tmp, target)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.unlink(tmp)
+    raise
 
 
 def _restore_data_state(cfg, iterator, restored) -> str | None:
@@ -221,7 +252,7 @@ def _restore_data_state(cfg, iterator, restored) -> str | None:
     ValueError: If the position does not fit and changes are not allowed.
   """
   try:
-    inputs.set_data_state(iterator, restored.data_state)
+    inputs.set_data_state(iterator, restored.data_state, step=restored.step)
   except data_lib.DataError:
     if not cfg.allow_changes:
       raise ValueError(
@@ -301,9 +332,17 @@ def _train(cfg: RunConfig, mesh, t_begin: float) -> dict[str, Any]:
   train_iter, eval_iter, eval_start = inputs.make_iterators(cfg, tokenizer)
 
   ckpt = None
-  if cfg.checkpoint_dir:
-    ckpt = Checkpointer(cfg.checkpoint_dir, save_interval_steps=cfg.checkpoint_every,
-                        max_to_keep=cfg.keep)
+  try:
+    if cfg.checkpoint_dir:
+      ckpt = Checkpointer(cfg.checkpoint_dir,
+                          save_interval_steps=cfg.checkpoint_every,
+                          max_to_keep=cfg.keep,
+                          warn=lambda line: info(f"warning: {line}"))
+  except BaseException:
+    for iterator in (train_iter, eval_iter):
+      if iterator is not None:
+        iterator.close()
+    raise
   sink = progress = None
   with _StopRequest() as stop:  # From here on a signal stops the run cleanly.
     try:
@@ -320,19 +359,36 @@ def _train(cfg: RunConfig, mesh, t_begin: float) -> dict[str, Any]:
       info(f"compiling the train step (step {start + 1}) ...")
       summary, state = _run(cfg, setup, state, start, train_iter, eval_iter,
                             eval_start, ckpt, sink, progress, stop)
+      if ckpt is not None:  # The last save committed before the export.
+        ckpt.wait_until_finished()
       if cfg.export_hf is not None and not summary["interrupted"]:
         _export(cfg, setup, state, tokenizer)
+    except jax.errors.JaxRuntimeError as e:
+      if not _out_of_memory(e):
+        raise
+      newest = ckpt.latest_step() if ckpt is not None else None
+      raise OutOfMemoryError(
+          f"out of device memory ({_brief(e)}): the step does not fit; use a "
+          "smaller --batch-size or --seq-len, --remat, or split the state "
+          "over the devices with --mesh 1,-1,1 (plan it with --compile-for "
+          "first); " + (f"the newest checkpoint, step {newest}, is intact"
+                        if newest is not None else "no checkpoint was saved")
+      ) from None
     finally:
-      if progress is not None:
-        progress.close()
-      if sink is not None:
-        sink.close()
-      if ckpt is not None:
-        ckpt.wait_until_finished()
-        ckpt.close()
-      for iterator in (train_iter, eval_iter):
-        if iterator is not None:
-          iterator.close()  # Stops the data's threads and worker processes.
+      try:
+        if progress is not None:
+          progress.close()
+        if sink is not None:
+          sink.close()
+        if ckpt is not None:
+          # Raises CheckpointSaveError if the last save failed, unless
+          # another error is already on its way out (then it is dropped).
+          with _unless(sys.exc_info()[0] is not None):
+            ckpt.close()
+      finally:
+        for iterator in (train_iter, eval_iter):
+          if iterator is not None:
+            iterator.close()  # Stops the data's threads and worker processes.
   summary["wall_time_s"] = time.perf_counter() - t_begin
   reporting.print_summary(summary)
   return summary
@@ -340,6 +396,37 @@ def _train(cfg: RunConfig, mesh, t_begin: float) -> dict[str, Any]:
 
 class NonFiniteError(RuntimeError):
   """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+class OutOfMemoryError(RuntimeError):
+  """A step (or the state) did not fit in the devices' memory; the message
+  is one line saying what to change."""
+
+
+class ExportError(RuntimeError):
+  """``--export-hf`` could not be written; the files that were there are
+  as they were."""
+
+
+def _out_of_memory(error: BaseException) -> bool:
+  text = str(error)
+  return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text
+
+
+def _brief(error: BaseException, limit: int = 160) -> str:
+  lines = str(error).strip().splitlines()
+  text = lines[0] if lines else type(error).__name__
+  return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+@contextlib.contextmanager
+def _unless(suppress: bool):
+  """Drops any exception of the block if ``suppress``."""
+  try:
+    yield
+  except Exception:  # pylint: disable=broad-except
+    if not suppress:
+      raise
 
 
 class _Health:
@@ -401,7 +488,14 @@ def _run(cfg, setup, state, start, train_iter, eval_iter, eval_start, ckpt,
 
   step = start
   for step in range(start + 1, cfg.steps + 1):
-    batch = _global_batch(next(train_iter), setup, cfg)
+    try:
+      local = next(train_iter)
+    except StopIteration:  # It repeats forever: only a bad position ends it.
+      raise data_lib.DataError(
+          f"the training data ended at step {step} (its saved position is "
+          "past its end); use --allow-changes to start the data from its "
+          "beginning, or another --checkpoint-dir") from None
+    batch = _global_batch(local, setup, cfg)
     state, metrics = setup.train_step(state, batch)
     losses.append(metrics["loss"])
     health.pending.append(metrics["finite"])

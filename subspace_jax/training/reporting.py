@@ -119,12 +119,16 @@ class MetricsSink:
       path = pathlib.Path(path.replace("{process}", str(index)))
       path.parent.mkdir(parents=True, exist_ok=True)
       self._file = open(path, "a", encoding="utf-8")  # Append, never truncate.
+      # Each record is one whole line, written at once; a line cut short
+      # before (a full disk) is ended so that the next record starts its own.
+      if path.stat().st_size and not _ends_a_line(path):
+        self._file.write("\n")
     if cfg.tensorboard_dir and index == 0:
       self._tb = _tensorboard_writer(cfg.tensorboard_dir)
 
   def write(self, record: dict[str, Any]) -> None:
     if self._file is not None:
-      self._file.write(json.dumps(record) + "\n")
+      self._file.write(json.dumps(record) + "\n")  # One write of the line.
       self._file.flush()
     if self._tb is not None:
       for key, value in record.items():
@@ -137,6 +141,12 @@ class MetricsSink:
       self._file.close()
     if self._tb is not None:
       self._tb.close()
+
+
+def _ends_a_line(path: pathlib.Path) -> bool:
+  with open(path, "rb") as f:
+    f.seek(-1, 2)
+    return f.read(1) == b"\n"
 
 
 def info(line: str) -> None:

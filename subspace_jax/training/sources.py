@@ -38,6 +38,8 @@ import re
 from collections.abc import Sequence
 from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
 
+from subspace_jax import jsonio
+
 __all__ = ["DataError", "Source", "EmbeddedCorpus", "TextFiles", "TfdsText",
            "Record", "read_jsonl", "JsonlRecords", "Instructions",
            "source_from_spec"]
@@ -372,10 +374,10 @@ def _parse_record(line: bytes, where: str) -> Record | None:
   if not text.strip():
     return None
   try:
-    obj = json.loads(text)
-  except json.JSONDecodeError as e:
-    raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); "
-                    f"write one object per line, {_RECORD_FORMS}") from None
+    obj = jsonio.loads(text)
+  except jsonio.JSONError as e:
+    raise DataError(f"{where}: {e}; write one object per line, "
+                    f"{_RECORD_FORMS}") from None
   if not isinstance(obj, dict):
     raise DataError(f"{where}: {_json_type(obj)}, not a JSON object; write "
                     f"one object per line, {_RECORD_FORMS}")

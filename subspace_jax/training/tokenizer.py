@@ -33,9 +33,13 @@ import io
 import json
 import os
 import pathlib
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
+
+from subspace_jax import jsonio
 from subspace_jax.training import cache, sources
 from subspace_jax.training.cache import default_cache_dir  # Re-exported.
 
@@ -73,6 +77,11 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         """Returns the UTF-8 bytes of ``text`` as ids."""
         return list(text.encode("utf-8"))
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """:meth:`encode` as a uint8 array: one byte per id, where the list
+        takes about 36 (what the data pipeline uses on long documents)."""
+        return np.frombuffer(text.encode("utf-8"), np.uint8)
 
     def decode(self, ids: Sequence[int]) -> str:
         """Decodes byte ids, skipping special ids; bad UTF-8 becomes U+FFFD."""
@@ -118,12 +127,12 @@ class SentencePieceTokenizer:
                 f"SentencePiece model {str(path)!r} not found; pass the path "
                 "of an existing .model file or train one with "
                 "SentencePieceTokenizer.train")
-        data = path.read_bytes()
+        data = _read_tokenizer_file(path)
         self.model_path = path
         self._sp = spm.SentencePieceProcessor()
         try:
             self._sp.LoadFromSerializedProto(data)
-        except RuntimeError:
+        except Exception:  # pylint: disable=broad-except
             raise ValueError(f"{path} is not a SentencePiece model (it cannot "
                              "be parsed)") from None
         self.vocab_size = int(self._sp.vocab_size())
@@ -133,6 +142,7 @@ class SentencePieceTokenizer:
             if piece is not None:
                 ids[role] = _piece_id(path, piece, self._sp.piece_to_id(piece),
                                       self._sp.id_to_piece)
+        _check_ids(path, ids, self.vocab_size)
         self.bos_id, self.eos_id = ids["bos"], ids["eos"]
         self.pad_id = ids["pad"] if ids["pad"] >= 0 else None
         if self.eos_id < 0:
@@ -197,8 +207,16 @@ class SentencePieceTokenizer:
         key = cache.content_key(f"sp-v1|{model_type}|{vocab_size}", lines)
         path = cache.cache_path(cache_dir, "tokenizers",
                                 f"sp_{model_type}_{vocab_size}_{key[:16]}.model")
-        if not path.is_file():
-            _train_to(path, lines, vocab_size, model_type)
+        why = cache.damage(path)
+        if why is None:
+            try:
+                return cls(path)
+            except ValueError as e:
+                why = str(e)
+        if why not in ("missing", "its manifest is missing"):
+            print(f"warning: cached tokenizer {path} is damaged ({why}); "
+                  "training it again", file=sys.stderr, flush=True)
+        _train_to(path, lines, vocab_size, model_type)
         return cls(path)
 
 
@@ -244,7 +262,7 @@ class HFTokenizer:
             raise ImportError("tokenizer.json files need the tokenizers "
                               "package: pip install tokenizers") from None
         path = pathlib.Path(path).expanduser()
-        data = path.read_bytes()
+        data = _read_tokenizer_file(path)
         try:
             self._tok = tokenizers.Tokenizer.from_str(data.decode("utf-8"))
         except Exception as e:  # pylint: disable=broad-except
@@ -264,6 +282,7 @@ class HFTokenizer:
                    path, token, self._tok.token_to_id(token),
                    self._tok.id_to_token)
                for role, token in specials.items()}
+        _check_ids(path, ids, self.vocab_size)
         if ids.get("eos") is None:
             raise ValueError(f"{path}: no EOS token is known; put a "
                              "tokenizer_config.json naming its eos_token "
@@ -320,22 +339,66 @@ def _token(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+# A special token in a tokenizer config: a string, {"content": ...} or null.
+_TOKEN_SCHEMA = {"anyOf": [
+    {"type": ["string", "null"]},
+    {"type": "object", "required": ["content"],
+     "properties": {"content": {"type": "string"}}}]}
+TOKENIZER_CONFIG_SCHEMA = {
+    "type": "object",
+    "properties": {f"{role}_token": _TOKEN_SCHEMA
+                   for role in ("bos", "eos", "pad")},
+}
+"""The JSON Schema of the keys read from ``tokenizer_config.json`` and
+``special_tokens_map.json`` (others are ignored)."""
+
+# Largest tokenizer file read (a tokenizer.json of a 256K vocabulary is
+# about 35 MB).
+_MAX_TOKENIZER_BYTES = 512 * 2**20
+
+
 def special_tokens(directory: str | os.PathLike[str]) -> dict[str, str | None]:
     """The BOS/EOS/pad tokens that ``tokenizer_config.json`` (else
     ``special_tokens_map.json``) in ``directory`` names: ``{"bos": "<s>",
     ...}``, only the roles it names (a null entry as None); empty without
-    such a file."""
+    such a file.
+
+    Raises:
+        ValueError: If the file is not JSON or a token is neither a string,
+            ``{"content": string}`` nor null (naming the file and key).
+    """
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         path = pathlib.Path(directory) / name
         if not path.is_file():
             continue
         try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path} is not valid JSON ({e})") from None
+            config = jsonio.read(path, schema=TOKENIZER_CONFIG_SCHEMA)
+        except OSError as e:
+            raise ValueError(f"cannot read {path} ({e.strerror or e})") from None
+        if not isinstance(config, Mapping):
+            raise ValueError(f"{path} is not a JSON object")
         return {role: _token(config[f"{role}_token"])
                 for role in ("bos", "eos", "pad") if f"{role}_token" in config}
     return {}
+
+
+def _read_tokenizer_file(path: pathlib.Path) -> bytes:
+    """The bytes of a tokenizer file, refused if larger than any tokenizer."""
+    with open(path, "rb") as f:
+        data = f.read(_MAX_TOKENIZER_BYTES + 1)
+    if len(data) > _MAX_TOKENIZER_BYTES:
+        raise ValueError(f"{path} is larger than {_MAX_TOKENIZER_BYTES:,} "
+                         "bytes; it is not a tokenizer file")
+    return data
+
+
+def _check_ids(path: pathlib.Path, ids: Mapping[str, int | None],
+               vocab_size: int) -> None:
+    """Refuses special ids outside the vocabulary."""
+    for role, i in ids.items():
+        if i is not None and i >= 0 and i >= vocab_size:
+            raise ValueError(f"{path}: the {role} id {i} is outside the "
+                             f"vocabulary of {vocab_size} ids (a damaged file)")
 
 
 def load_tokenizer(path: str | os.PathLike[str]
@@ -375,7 +438,7 @@ def _train_to(path: pathlib.Path, lines: list[str], vocab_size: int,
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
         raise ValueError(f"SentencePiece training failed ({msg}); try a "
                          "smaller vocab_size or a larger corpus") from None
-    cache.write_atomic(path, lambda f: f.write(model.getvalue()))
+    cache.write_verified(path, lambda f: f.write(model.getvalue()))
 
 
 def get_tokenizer(
