@@ -295,11 +295,12 @@ def run_config(args: argparse.Namespace) -> loop.RunConfig:
   def output(value: str | None, leaf: str) -> str | None:
     return os.path.join(run_dir, leaf) if value is None else _optional(value)
 
-  optimizer = cli.optimizer_config(args, args.schedule_steps
-                                   or max(args.steps, 1))
+  # Evaluating only (--steps 0) steps no schedule: any that fits --warmup.
+  schedule = args.schedule_steps or args.steps or max(args.warmup or 0, 1)
+  optimizer = cli.optimizer_config(args, schedule)
   scan = args.scan_layers or (args.init_from is not None
                               and not args.no_scan_layers)
-  return loop.RunConfig(
+  cfg = loop.RunConfig(
       model=model, init_from=args.init_from, export_hf=args.export_hf,
       answers=args.answers,
       tokenizer_model=tokenizer_model, scan_layers=scan, remat=args.remat,
@@ -318,6 +319,10 @@ def run_config(args: argparse.Namespace) -> loop.RunConfig:
       progress=not args.no_progress, max_bad_steps=args.max_bad_steps,
       allow_changes=args.allow_changes, coordinator=args.coordinator,
       num_processes=args.num_processes, process_id=args.process_id)
+  note = cli.warmup_note(args, schedule) if args.steps else None
+  if note:
+    print(note, file=sys.stderr, flush=True)
+  return cfg
 
 
 def _check_flags(args: argparse.Namespace) -> None:

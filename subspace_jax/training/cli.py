@@ -11,7 +11,6 @@ config would refuse in its own terms.
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 from subspace_jax import models
@@ -127,6 +126,16 @@ def default_warmup(total_steps: int) -> int:
   return WARMUP if total_steps > WARMUP else total_steps // 10
 
 
+def warmup_note(args: argparse.Namespace, total_steps: int) -> str | None:
+  """The line that says the default warm-up was shortened (None when it
+  was not, or ``--warmup`` was given)."""
+  if args.warmup is not None or total_steps > WARMUP or total_steps < 2:
+    return None
+  return (f"--warmup: {default_warmup(total_steps)} steps, a tenth of the "
+          f"{total_steps}-step schedule (the default {WARMUP} would warm up "
+          "the whole run; give --warmup to choose)")
+
+
 # Flag (argparse dest) -> OptimizerConfig field, for the flags taken as is.
 _FIELDS = {
     "optimizer": "name", "lr": "learning_rate",
@@ -155,10 +164,6 @@ def optimizer_config(args: argparse.Namespace, total_steps: int,
   warmup = args.warmup
   if warmup is None:
     warmup = default_warmup(total_steps)
-    if warmup < WARMUP and total_steps > 1:
-      print(f"--warmup: {warmup} steps, a tenth of the {total_steps}-step "
-            f"schedule (the default {WARMUP} would warm up the whole run; "
-            "give --warmup to choose)", file=sys.stderr, flush=True)
   rank = args.rank
   if rank is None:
     rank = max(1, models.get_config(args.model).hidden_size // 4)

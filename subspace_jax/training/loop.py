@@ -217,9 +217,12 @@ def _export(cfg: RunConfig, setup, state, tokenizer) -> None:
 def _answers(cfg: RunConfig, setup, state, tokenizer, when: str):
   """Greedy answers to the first ``--answers`` held-out questions: their
   exact-match accuracy and the first three printed (None without
-  ``--answers``, an evaluation split of prompts, or with several
-  processes)."""
-  if not cfg.answers or jax.process_count() > 1:
+  ``--answers``, an evaluation (``--eval-every``, ``--eval-split``) of
+  prompts, or with several processes)."""
+  if not (cfg.answers and cfg.eval_every and cfg.eval_split):
+    return None
+  if jax.process_count() > 1:
+    info("--answers: skipped in a run of several processes")
     return None
   records = inputs.held_out_records(cfg)
   qs = answers_lib.questions(records, tokenizer,
