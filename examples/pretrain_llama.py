@@ -145,8 +145,10 @@ def build_parser(*, description: str | None = None,
            "tfds:NAME (a TFDS text dataset prepared as array_record, e.g. "
            "tfds:c4/en; needs tensorflow-datasets), jsonl:PATH (fine-tuning "
            "examples, one JSON object per line: {\"prompt\": ..., "
-           "\"response\": ...}, learning the response, or {\"text\": ...}, "
-           "learning all of it; each example is BOS + tokens + EOS, packed "
+           "\"response\": ...}, learning the response, {\"messages\": "
+           "[{\"role\": ..., \"content\": ...}, ...]}, a conversation in "
+           "the tokenizer's chat template learning the assistant turns, or "
+           "{\"text\": ...}, learning all of it; each example is packed "
            "whole beside others that it cannot attend to) or instructions "
            "(an instruction set made from the embedded corpus, in that form)")
   add("--data-dir", default=None, help="TFDS data directory")

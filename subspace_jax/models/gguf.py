@@ -683,7 +683,6 @@ def tokenizer_files(path: str | os.PathLike[str]) -> dict[str, str]:
     raise ValueError(f"{h.path} has no tokenizer (no tokenizer.ggml.model); "
                      "give one with --tokenizer-model")
   text, config = _tokenizer_json(h)
-  tokens = _get(h, "tokenizer.ggml.tokens", "array[string]")
   ids = {role: _get(h, f"tokenizer.ggml.{role}_token_id", "int", None)
          for role in ("bos", "eos", "padding")}
   special_map = {f"{r}_token": config[f"{r}_token"]
@@ -699,7 +698,6 @@ def tokenizer_files(path: str | os.PathLike[str]) -> dict[str, str]:
   template = _get(h, "tokenizer.chat_template", "string", None)
   if template:
     files["chat_template.jinja"] = template
-  del tokens
   return files
 
 
