@@ -145,9 +145,10 @@ def test_finetune_eval_export_and_generate_from_the_gguf(smollm2_gguf,
 
 @pytest.mark.slow
 def test_transformers_loads_the_conversion_and_agrees(smollm2, smollm2_gguf,
-                                                      tmp_path):
+                                                      tmp_path, monkeypatch):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
+  monkeypatch.setenv("USE_HUB_KERNELS", "0")  # Offline: no hub kernels.
   config, params, tok = smollm2
   out = gguf.to_hf(smollm2_gguf, tmp_path / "hf")
   caught = []
