@@ -345,13 +345,25 @@ def _write(args, argv, runs, methods, speed, gguf) -> None:
         f"{statistics.fmean(r['wall_time_s'] for r in recs):.0f} | "
         f"{_mean_of(r['tokens_per_s'] for r in recs)} | "
         f"{max(r['peak_rss_bytes'] for r in recs) / 2**30:.2f} |\n")
+  absent = [m for m in methods
+            if not any(k[0] == m and k[1] is not None for k in runs)]
+  missing = " / ".join(METHODS[m][0] for m in absent)
+  partial = " / ".join(METHODS[m][0] for m in methods if m not in absent
+                       and any((m, METHODS[m][2] * f, 0) not in runs
+                               for f in LR_FACTORS))
+  not_run = ""
+  if missing or partial:
+    not_run = ("\nNot measured yet (the command resumes them): "
+               + "; ".join(([f"no run of {missing}"] if missing else [])
+                           + ([f"the sweep of {partial} has one rate only"]
+                              if partial else [])) + ".\n")
   table = (
       f"Held-out before fine-tuning (the model as loaded): loss "
       f"{b['eval_loss']:.4f}, exact match {b['exact_match']:.1%} of {n_q} "
       "questions.\n\n"
       "| optimizer | lr (tuned) | seeds | held-out loss after | exact match "
       "after | wall s | tokens/s | peak RSS GiB |\n"
-      "|---|---|---|---|---|---|---|---|\n" + "".join(rows))
+      "|---|---|---|---|---|---|---|---|\n" + "".join(rows) + not_run)
   speed_text = ""
   if speed is not None:
     speed_text = (
