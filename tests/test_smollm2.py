@@ -106,10 +106,12 @@ def test_finetune_eval_export_and_generate_from_the_gguf(smollm2_gguf,
   """The command line on the real file: RSO in model mode fine-tunes two
   steps on chat data, reports held-out loss and answers, exports a
   Hugging Face directory with its tokenizer, chat template and generation
-  config, from which examples/generate.py answers."""
+  config, from which examples/generate.py answers as the model did. (Two
+  steps at the default 8e-5 on these questions changed SmolLM2's answer
+  about France, so the steps here are tiny.)"""
   rows = [{"messages": [{"role": "user", "content": f"What is {a} + 1?"},
                         {"role": "assistant", "content": str(a + 1)}]}
-          for a in range(40)]
+          for a in range(100)]
   data = tmp_path / "qa.jsonl"
   data.write_text("".join(json.dumps(r) + "\n" for r in rows))
   out = tmp_path / "hf"
@@ -117,6 +119,8 @@ def test_finetune_eval_export_and_generate_from_the_gguf(smollm2_gguf,
       ["--init-from", smollm2_gguf, "--data", f"jsonl:{data}", "--steps", "2",
        "--batch-size", "2", "--seq-len", "128", "--eval-every", "2",
        "--eval-batches", "1", "--answers", "2", "--optimizer", "rso",
+       # A step too small to change an answer: the export is the model.
+       "--lr", "1e-7",
        "--subspace-mode", "model", "--rank", "16", "--no-progress",
        "--checkpoint-dir", "none", "--export-hf", out], tmp_path,
       script=ROOT / "examples" / "finetune_llama.py", timeout=900)
