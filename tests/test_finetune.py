@@ -55,8 +55,8 @@ def _encoded(record, tok=BYTE):
     (b'\n["a", "b"]\n', 2, "an array, not a JSON object"),
     (b'{"prompt": "a"}\n', 1, "'prompt' without 'response'"),
     (b'{"instruction": "a", "output": "b"}\n', 1,
-     "no 'prompt' and 'response' nor 'text' field (keys: 'instruction', "
-     "'output')"),
+     "no 'prompt' and 'response', 'messages' nor 'text' field (keys: "
+     "'instruction', 'output')"),
     (b'{"text": 3}\n', 1, "'text' is a number, not a string"),
     (b'{"text": "a", "response": "b"}\n', 1, "both 'text' and 'response'"),
     (b'{"text": "caf\xe9"}\n', 1, "not UTF-8 text (bad byte at column 14)"),
@@ -304,9 +304,21 @@ def test_defaults_demo_model_and_learning_rate(demo_cache, tmp_path):
   assert (demo.data, demo.tokenizer, demo.optimizer.learning_rate) == (
       "instructions", "byte", finetune_llama.DEMO_LR)
   assert demo.model_config() == dataclasses.replace(
-      finetune_llama.DEMO_CONFIG, max_seq_len=demo.seq_len)
-  pretrained = parse("--init-from", demo.init_from)
+      finetune_llama.DEMO_CONFIG, max_seq_len=demo.seq_len, scan_layers=True)
+  # From a checkpoint: AdamW's 2e-5, and the same step for the subspace
+  # methods, whose updates --scale multiplies: 2e-5 / scale.
+  pretrained = parse("--init-from", demo.init_from, "--optimizer", "adamw")
   assert pretrained.optimizer.learning_rate == finetune_llama.PRETRAINED_LR
+  assert pretrained.scan_layers  # Checkpoints load scanned by default.
+  for flags, lr in ((["--optimizer", "golore"], 8e-5),
+                    (["--optimizer", "rso", "--scale", "0.5"], 4e-5),
+                    (["--optimizer", "rso", "--lr", "1e-3"], 1e-3)):
+    got = parse("--init-from", demo.init_from, *flags).optimizer.learning_rate
+    assert got == pytest.approx(lr), flags
+  assert not parse("--init-from", demo.init_from,
+                   "--no-scan-layers").scan_layers
+  assert (demo.answers, parse("--steps", "0").steps,
+          parse("--eval-only").steps) == (32, 0, 0)
   assert parse("--model", "tiny").init_from is None
   with pytest.raises(ValueError, match="--tokenizer-model needs --init-from"):
     parse("--tokenizer-model", str(tmp_path))
@@ -349,13 +361,25 @@ def test_the_default_command_runs_offline_and_exports(tmp_path):
   exported as a Hugging Face checkpoint that loads back, changed."""
   cache_dir = tmp_path / "cache"
   result = clirun.run(["--steps", "4", "--eval-every", "4", "--no-progress",
-                       "--export-hf", tmp_path / "out"], tmp_path,
+                       "--answers", "3", "--export-hf", tmp_path / "out"],
+                      tmp_path,
                       script=FINETUNE,
                       extra_env={"SUBSPACE_JAX_CACHE_DIR": str(cache_dir)})
   assert result.returncode == 0, result.stderr
   assert result.stdout.startswith("done: 4 steps"), result.stdout
   assert "wrote the demo model (random weights)" in result.stderr
   assert "examples into" in result.stderr
+  # A 4-step run warms up for a tenth of it, and says so.
+  assert "--warmup: 0 steps, a tenth of the 4-step schedule" in result.stderr
+  # Three held-out answers before and after, scored.
+  assert "before training: exact match " in result.stderr
+  assert "after training: exact match " in result.stderr
+  assert "of 3 held-out answers" in result.stdout
+  assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+      "config.json", "generation_config.json", "model.safetensors"]
+  assert json.loads((tmp_path / "out" / "generation_config.json").read_text(
+      )) == {"_from_model_config": False, "bos_token_id": 257,
+             "eos_token_id": 258, "pad_token_id": 256}
   demo = cache_dir / "finetune" / finetune_llama.DEMO_NAME
   config, before = hf.load(demo)
   exported, after = hf.load(tmp_path / "out")
@@ -386,3 +410,21 @@ def test_bad_data_exits_2_with_one_line(tmp_path, demo_cache, capsys, lines,
   assert exit_info.value.code == 2
   err = [l for l in capsys.readouterr().err.splitlines() if "error:" in l]
   assert len(err) == 1 and f"error: {path}" in err[0] and words in err[0], err
+
+
+def test_eval_only_reports_the_loaded_models_loss_and_answers(tmp_path,
+                                                              demo_cache):
+  """--eval-only (--steps 0) trains nothing: the held-out loss and the
+  answers are the loaded model's, the same as a training run measures
+  before its first step."""
+  del demo_cache
+  argv = [*_args(tmp_path, "--seq-len", "128", "--eval-every", "10",
+                 "--eval-batches", "2",
+                 "--answers", "4"), "--checkpoint-dir", "none"]
+  only = finetune_llama.main([*argv, "--eval-only"])
+  assert (only["step"], only["train_loss"], only["answers"]) == (0, None, 4)
+  assert np.isfinite(only["eval_loss"])
+  trained = finetune_llama.main([*argv, "--steps", "2"])
+  assert trained["exact_match_before"] == only["exact_match"]
+  with pytest.raises(SystemExit):
+    finetune_llama.main([*argv, "--eval-only", "--eval-split", "none"])

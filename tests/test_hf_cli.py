@@ -67,6 +67,8 @@ def test_train_from_a_checkpoint_and_export(checkpoint, tmp_path):
   checkpoint again, so the run started from it and the merge is right;
   the tokenizer's files and its special ids go with it."""
   path, cfg, params = checkpoint
+  template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+  (path / "chat_template.jinja").write_text(template)
   result = clirun.run(
       ["--init-from", path, *clirun.FAST, "--steps", "6", "--lr", "1e-12",
        "--optimizer", "rso", "--subspace-mode", "model",
@@ -79,6 +81,11 @@ def test_train_from_a_checkpoint_and_export(checkpoint, tmp_path):
   config = json.loads((out / "config.json").read_text())
   assert (config["bos_token_id"], config["eos_token_id"]) == (1, 2)
   assert "pad_token_id" not in config
+  # What transformers' apply_chat_template and generate read: the source's
+  # chat template, and a generation config of the tokenizer's ids.
+  assert (out / "chat_template.jinja").read_text() == template
+  assert json.loads((out / "generation_config.json").read_text()) == {
+      "_from_model_config": False, "bos_token_id": 1, "eos_token_id": 2}
   exported_cfg, exported = hf.load(out)
   assert exported_cfg.kv_heads == 2 and exported_cfg.max_seq_len == 128
   # The steps move W + P·B by ~lr (1e-12), far below float32's resolution

@@ -163,7 +163,7 @@ def _bad_cases(tmp):
       "rank": (["--rank", "100"], ["--rank 100", "64 x 64", "--rank 64"]),
       "empty_data": (["--data", f"files:{empty}/*.txt"], ["no non-empty document"]),
       "missing_data": (["--data", f"files:{tmp}/nothing/*.txt"], ["matches nothing"]),
-      "steps": (["--steps", "0"], ["--steps must be >= 1"]),
+      "steps": (["--steps", "-1"], ["--steps must be >= 0, got -1"]),
       "dtype": (["--dtype", "int8"], ["--dtype 'int8' is not a float dtype"]),
       "moment_dtype": (["--moment-dtype", "foo"], ["--moment-dtype 'foo'"]),
       # Settings that ran (or failed naming no flag) before they were checked.

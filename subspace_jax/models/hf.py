@@ -207,6 +207,12 @@ def _inside(directory: pathlib.Path, name: str, where: str) -> pathlib.Path:
   return directory.joinpath(*parts)
 
 
+def _is_gguf(path: str | os.PathLike[str]) -> bool:
+  """Whether ``path`` is a GGUF file, which :mod:`subspace_jax.models.gguf`
+  reads (:func:`read_config` and :func:`load` take one too)."""
+  return str(path).lower().endswith(".gguf")
+
+
 def _rope_theta(hf: Mapping[str, Any], where: str) -> float:
   """RoPE's base, refusing any scaling (``rope_scaling``, or the newer
   ``rope_parameters``)."""
@@ -265,7 +271,8 @@ def read_config(path: str | os.PathLike[str],
   """The :class:`~subspace_jax.models.llama.LlamaConfig` of a checkpoint.
 
   Args:
-    path: The checkpoint directory (its ``config.json`` is read).
+    path: The checkpoint directory (its ``config.json`` is read), or a
+      ``.gguf`` file (:func:`subspace_jax.models.gguf.read_config`).
     **overrides: ``LlamaConfig`` fields that do not change the weights'
       shapes: ``param_dtype`` (default: the checkpoint's ``torch_dtype``),
       ``dtype``, ``scan_layers``, ``remat``, ``max_seq_len``, ...
@@ -274,6 +281,9 @@ def read_config(path: str | os.PathLike[str],
     ValueError: On a configuration this model cannot compute (naming the
       key), a missing key, or an override of a shape field.
   """
+  if _is_gguf(path):
+    from subspace_jax.models import gguf  # pylint: disable=import-outside-toplevel
+    return gguf.read_config(path, **overrides)
   directory = _directory(path)
   where = str(directory / CONFIG_FILE)
   hf = _read_json(directory / CONFIG_FILE, CONFIG_SCHEMA)
@@ -506,7 +516,8 @@ def load(path: str | os.PathLike[str], *, mesh: jax.sharding.Mesh | None = None,
 
   Args:
     path: The checkpoint directory (``config.json`` and
-      ``model.safetensors`` or ``model.safetensors.index.json``).
+      ``model.safetensors`` or ``model.safetensors.index.json``), or a
+      ``.gguf`` file (:func:`subspace_jax.models.gguf.load`: dequantized).
     mesh: The device mesh (default: this process's first device).
     **config_overrides: See :func:`read_config`; e.g.
       ``param_dtype="float32"`` to train in float32 from a bfloat16
@@ -521,6 +532,9 @@ def load(path: str | os.PathLike[str], *, mesh: jax.sharding.Mesh | None = None,
     ValueError: On an unsupported configuration, a missing, misshapen or
       unexpected tensor, or a damaged file (one line naming it).
   """
+  if _is_gguf(path):
+    from subspace_jax.models import gguf  # pylint: disable=import-outside-toplevel
+    return gguf.load(path, mesh=mesh, **config_overrides)
   config = read_config(path, **config_overrides)
   ckpt = _Checkpoint(_directory(path))
   # The checkpoint's tensors are checked against config.json before the

@@ -27,7 +27,8 @@ __all__ = [
 ]
 
 WARMUP = 50
-"""Default warm-up steps (fewer if the schedule is shorter)."""
+"""Default warm-up steps (a tenth of a schedule that is not longer:
+:func:`default_warmup`)."""
 
 
 
@@ -82,7 +83,7 @@ def add_optimizer_flags(group: Any, *, update_gap: int = 200,
   add("--lr", type=float, default=0.01, help="peak learning rate")
   add("--warmup", type=int, default=None,
       help="linear warm-up steps; at most the schedule's length (default: "
-           f"{WARMUP}, or the whole schedule if it is shorter)")
+           f"{WARMUP}, or a tenth of a schedule of {WARMUP} steps or fewer)")
   add("--schedule-steps", type=int, default=None,
       help="length of the warm-up + cosine schedule (default: --steps); keep "
            "it fixed to extend a run in several parts")
@@ -118,6 +119,23 @@ def add_optimizer_flags(group: Any, *, update_gap: int = 200,
       help="dtype of the low-rank moments (default: the gradients')")
 
 
+def default_warmup(total_steps: int) -> int:
+  """The warm-up of ``--warmup``'s default: :data:`WARMUP` steps, or a
+  tenth of a schedule no longer than that (a warm-up as long as the run
+  would leave no step at the peak learning rate)."""
+  return WARMUP if total_steps > WARMUP else total_steps // 10
+
+
+def warmup_note(args: argparse.Namespace, total_steps: int) -> str | None:
+  """The line that says the default warm-up was shortened (None when it
+  was not, or ``--warmup`` was given)."""
+  if args.warmup is not None or total_steps > WARMUP or total_steps < 2:
+    return None
+  return (f"--warmup: {default_warmup(total_steps)} steps, a tenth of the "
+          f"{total_steps}-step schedule (the default {WARMUP} would warm up "
+          "the whole run; give --warmup to choose)")
+
+
 # Flag (argparse dest) -> OptimizerConfig field, for the flags taken as is.
 _FIELDS = {
     "optimizer": "name", "lr": "learning_rate",
@@ -143,7 +161,9 @@ def optimizer_config(args: argparse.Namespace, total_steps: int,
   Raises:
     ValueError: On a value the config refuses.
   """
-  warmup = args.warmup if args.warmup is not None else min(WARMUP, total_steps)
+  warmup = args.warmup
+  if warmup is None:
+    warmup = default_warmup(total_steps)
   rank = args.rank
   if rank is None:
     rank = max(1, models.get_config(args.model).hidden_size // 4)
@@ -167,7 +187,7 @@ def check_optimizer_flags(args: argparse.Namespace) -> None:
     raise ValueError(f"--optimizer: unknown optimizer {args.optimizer!r}; "
                      f"choose one of {', '.join(train.OPTIMIZERS)}")
   for flag in ("steps", "schedule_steps", "warmup", "svd_steps"):
-    least = 0 if flag in ("warmup", "svd_steps") else 1
+    least = 0 if flag in ("warmup", "svd_steps", "steps") else 1
     value = getattr(args, flag, None)  # --steps: the caller's run flag.
     if value is not None and value < least:
       raise ValueError(f"--{flag.replace('_', '-')} must be >= {least}, got {value}")

@@ -45,7 +45,7 @@ RESUME_SAFE_FIELDS = (
     "steps", "eval_every", "eval_batches", "eval_split", "log_every", "mesh",
     "dtype", "remat", "data_dir", "checkpoint_dir", "checkpoint_every", "keep",
     "resume", "allow_changes", "metrics_path", "tensorboard_dir", "progress",
-    "max_bad_steps", "data_workers", "export_hf",
+    "max_bad_steps", "data_workers", "export_hf", "answers",
     "coordinator", "num_processes", "process_id")
 RESUME_ALTERING_FIELDS = (
     "model", "scan_layers", "param_dtype", "model_overrides", "optimizer",
@@ -128,7 +128,8 @@ class RunConfig:
     seq_len: Tokens per sequence.
     data_workers: grain worker processes that read, tokenize and pack a
       streamed (TFDS) source; 0 reads it in a thread of this process.
-    steps: Train until this many steps are done (resumed runs included).
+    steps: Train until this many steps are done (resumed runs included);
+      0 evaluates the loaded model only.
     eval_every: Evaluate every this many steps and at the end (0: never).
     eval_batches: Batches per evaluation.
     log_every: Fetch, print and append metrics every this many steps.
@@ -151,8 +152,9 @@ class RunConfig:
     max_bad_steps: Stop with :class:`NonFiniteError` after this many
       consecutive steps whose loss or gradient is not finite (each one is
       skipped: it leaves the state unchanged).
-    init_from: A Hugging Face LLaMA checkpoint directory to start from
-      (:func:`subspace_jax.models.hf.load`): its ``config.json`` is the model
+    init_from: A Hugging Face LLaMA checkpoint directory or a ``.gguf``
+      file to start from (:func:`subspace_jax.models.hf.load`): its
+      ``config.json`` (or GGUF metadata) is the model
       (``model`` is not used; ``scan_layers``, ``remat``, the dtypes and
       ``seq_len`` still apply) and its weights the starting point. A
       resumed run continues from its own checkpoint.
@@ -160,6 +162,11 @@ class RunConfig:
       checkpoint (:func:`subspace_jax.models.hf.save`), when the run ends
       (not when a signal stops it); with the tokenizer's files when it was
       loaded from ``tokenizer_model``.
+    answers: Greedy answers to the first this many held-out questions
+      (prompt/response pairs or conversations of the evaluation split; -1:
+      all of them), before the first step and at the end: their
+      exact-match accuracy is reported with the held-out loss, and three
+      of them are printed (0: none).
     coordinator: ``host:port`` of process 0 for multi-process runs.
     num_processes: Number of processes.
     process_id: This process's index.
@@ -233,6 +240,7 @@ class RunConfig:
   max_bad_steps: int = 10
   init_from: str | None = None
   export_hf: str | None = None
+  answers: int = 0
   coordinator: str | None = None
   num_processes: int | None = None
   process_id: int | None = None
@@ -243,7 +251,7 @@ class RunConfig:
     object.__setattr__(self, "dtype", _dtype_name(self.dtype))
     object.__setattr__(self, "param_dtype", _dtype_name(self.param_dtype))
     positive = {"batch-size": self.batch_size, "seq-len": self.seq_len,
-                "steps": self.steps, "eval-batches": self.eval_batches,
+                "eval-batches": self.eval_batches,
                 "log-every": self.log_every, "keep": self.keep,
                 "checkpoint-every": self.checkpoint_every,
                 "max-bad-steps": self.max_bad_steps}
@@ -255,6 +263,16 @@ class RunConfig:
       _check_float_dtype(flag, name)
     if self.eval_every < 0:
       raise ValueError(f"--eval-every must be >= 0, got {self.eval_every}")
+    if self.steps < 0:
+      raise ValueError(f"--steps must be >= 0 (0: evaluate only), got "
+                       f"{self.steps}")
+    if self.steps == 0 and not (self.eval_every and self.eval_split):
+      raise ValueError("--steps 0 (--eval-only) evaluates the model and "
+                       "needs an evaluation; drop --eval-split none and "
+                       "--eval-every 0")
+    if not isinstance(self.answers, int) or self.answers < -1:
+      raise ValueError(f"--answers must be an integer >= -1 (-1: all, 0: "
+                       f"none), got {self.answers}")
     if len(self.mesh) != 3:
       raise ValueError(f"--mesh needs three sizes DATA,FSDP,TENSOR, got "
                        f"{self.mesh}")

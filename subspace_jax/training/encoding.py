@@ -80,7 +80,11 @@ class ExampleEncoder:
     A prompt/response pair is ``[BOS] + prompt + response + [EOS]``, its
     ``loss_mask`` 1 on the response and EOS and 0 on BOS and the prompt; a
     text is ``[BOS] + text + [EOS]``, every token but BOS masked in. BOS and
-    EOS are the tokenizer's own ids (no BOS if it has none). The prompt and
+    EOS are the tokenizer's own ids (no BOS if it has none, if its
+    ``add_bos`` is False, as ``tokenizer_config.json``'s ``add_bos_token``
+    says, or if the prompt already starts with it). A conversation
+    (``messages``) is its chat template's rendering, learned on the
+    assistant turns (:func:`subspace_jax.training.chat.encode_conversation`). The prompt and
     the response are tokenized apart, so the response starts on a token
     boundary (a SentencePiece tokenizer then starts it with a word, as it
     starts the prompt).
@@ -98,11 +102,17 @@ class ExampleEncoder:
 
     def __call__(self, record: Record) -> dict[str, np.ndarray]:
         tok = self.tokenizer
-        bos = [] if getattr(tok, "bos_id", None) is None else [tok.bos_id]
+        if record.messages is not None:
+            return self._conversation(record)
+        bos = ([] if getattr(tok, "bos_id", None) is None
+               or not getattr(tok, "add_bos", True) else [tok.bos_id])
         if record.text is not None:
             read, learned = bos, [*tok.encode(record.text), tok.eos_id]
         else:
-            read = [*bos, *tok.encode(record.prompt)]
+            prompt = tok.encode(record.prompt)
+            if bos and prompt[:1] == bos:  # The prompt starts with it.
+                bos = []
+            read = [*bos, *prompt]
             learned = [*tok.encode(record.response), tok.eos_id]
             n = len(read) + len(learned)
             if self.max_tokens is not None and n > self.max_tokens:
@@ -114,6 +124,22 @@ class ExampleEncoder:
         return {"tokens": np.asarray([*read, *learned], np.int32),
                 "loss_mask": np.asarray([0] * len(read) + [1] * len(learned),
                                         np.int32)}
+
+    def _conversation(self, record: Record) -> dict[str, np.ndarray]:
+        from subspace_jax.training import chat  # pylint: disable=import-outside-toplevel
+        try:
+            ids, mask = chat.encode_conversation(self.tokenizer,
+                                                 record.conversation)
+        except chat.ChatError as e:
+            raise DataError(f"{record.where}: {e}") from None
+        n = len(ids)
+        if self.max_tokens is not None and n > self.max_tokens:
+            raise DataError(
+                f"{record.where}: the conversation is {n} tokens long, more "
+                f"than the {self.max_tokens} of a row (seq_len + 1); raise "
+                f"seq_len to {n - 1} or more, or shorten or drop it")
+        return {"tokens": np.asarray(ids, np.int32),
+                "loss_mask": np.asarray(mask, np.int32)}
 
 
 def _check_fields(fields: Any, index: int, name: str) -> dict[str, np.ndarray]:

@@ -16,7 +16,8 @@ from subspace_jax.training import tokenizer as tok_lib
 from subspace_jax.training.config import RunConfig
 from subspace_jax.training.reporting import info
 
-__all__ = ["make_tokenizer", "make_iterators", "data_state", "set_data_state"]
+__all__ = ["make_tokenizer", "make_iterators", "data_state", "set_data_state",
+           "held_out_records"]
 
 # Documents of the training split used to train a SentencePiece model on a
 # files/TFDS source (the embedded corpus is used whole).
@@ -87,6 +88,20 @@ def make_iterators(cfg: RunConfig, tokenizer):
     info(f"packed {pack.examples:,} examples{cut} into {pack.rows:,} rows of "
          f"{cfg.seq_len} tokens, {pack.fill:.0%} of the positions filled")
   return train_iter, eval_iter, eval_start
+
+
+def held_out_records(cfg: RunConfig) -> list:
+  """The fine-tuning records of the evaluation split (none for a source
+  of texts, or without an evaluation split)."""
+  if not cfg.eval_split:
+    return []
+  try:
+    source = _source(cfg, cfg.eval_split)
+    if not getattr(source, "examples", False):
+      return []
+    return list(source.open())
+  except data_lib.DataError as e:
+    raise _data_error(e) from None
 
 
 def _source(cfg: RunConfig, split: str) -> data_lib.Source:

@@ -57,8 +57,10 @@ import numpy as np
 
 from subspace_jax import models
 from subspace_jax.models import hf
+from subspace_jax.training import answers as answers_lib
 from subspace_jax.training import config as config_lib
 from subspace_jax.training import data as data_lib
+from subspace_jax.training import export as export_lib
 from subspace_jax.training import inputs
 from subspace_jax.training import lock as lock_lib
 from subspace_jax.training import reporting
@@ -213,6 +215,8 @@ def _export(cfg: RunConfig, setup, state, tokenizer) -> None:
           copies[source.parent / name] = name
       for path, name in copies.items():
         _copy_atomic(path, os.path.join(cfg.export_hf, name))
+    if jax.process_index() == 0:
+      export_lib.add_chat_files(cfg.export_hf, tokenizer, cfg.init_from)
   except (OSError, ValueError) as e:
     reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
     raise ExportError(
@@ -239,6 +243,36 @@ def _copy_atomic(source, target: str) -> None:
     with contextlib.suppress(OSError):
       os.unlink(tmp)
     raise
+
+
+def _answers(cfg: RunConfig, setup, state, tokenizer, when: str):
+  """Greedy answers to the first ``--answers`` held-out questions: their
+  exact-match accuracy and the first three printed (None without
+  ``--answers``, an evaluation (``--eval-every``, ``--eval-split``) of
+  prompts, or with several processes)."""
+  if not (cfg.answers and cfg.eval_every and cfg.eval_split):
+    return None
+  if jax.process_count() > 1:
+    info("--answers: skipped in a run of several processes")
+    return None
+  records = inputs.held_out_records(cfg)
+  qs = answers_lib.questions(records, tokenizer,
+                             None if cfg.answers < 0 else cfg.answers)
+  if not qs:
+    if records is not None and cfg.eval_split:
+      info("--answers: the held-out split holds no prompt/response pair or "
+           "conversation to answer")
+    return None
+  params = state.params
+  if setup.subspace is not None:  # Model mode: the merged W + P·B.
+    params = jax.jit(setup.subspace.merged_weights)(state.params,
+                                                    state.opt_state)
+  t0 = time.perf_counter()
+  scored = answers_lib.score(cfg.model_config(), params, tokenizer, qs)
+  for i, line in enumerate(scored.lines()):
+    info(f"{when}: {line} [{time.perf_counter() - t0:.0f} s]" if i == 0
+         else line)
+  return scored
 
 
 def _restore_data_state(cfg, iterator, restored) -> str | None:
@@ -292,8 +326,13 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     ``tokens_per_s`` (after the first, compiling, step; evaluation and
     checkpointing excluded), ``wall_time_s``, ``interrupted`` (the signal's
     name or None), ``checkpoint_step`` (the newest saved, or None),
-    ``eval_step`` (the step ``eval_loss`` is from) and ``nonfinite_steps``
-    (steps skipped because their loss or gradient was not finite).
+    ``eval_step`` (the step ``eval_loss`` is from), ``nonfinite_steps``
+    (steps skipped because their loss or gradient was not finite) and,
+    with ``answers``, ``answers`` (held-out questions answered),
+    ``exact_match`` (the fraction answered exactly right at the end) and
+    ``exact_match_before`` (before the first step; None when resumed).
+    With ``steps`` 0 (or as many as the checkpoint has) nothing is
+    trained: the loaded model is evaluated.
 
   Raises:
     ValueError: On settings or data that cannot work (one-line message).
@@ -356,11 +395,22 @@ def _train(cfg: RunConfig, mesh, t_begin: float) -> dict[str, Any]:
              f"{jax.process_count()} process(es)")
       sink = reporting.MetricsSink(cfg)
       progress = reporting.Progress(cfg.steps, cfg.progress and jax.process_index() == 0)
-      info(f"compiling the train step (step {start + 1}) ...")
+      trains = cfg.steps > start
+      before = (_answers(cfg, setup, state, tokenizer, "before training")
+                if trains and start == 0 else None)
+      if trains:
+        info(f"compiling the train step (step {start + 1}) ...")
       summary, state = _run(cfg, setup, state, start, train_iter, eval_iter,
                             eval_start, ckpt, sink, progress, stop)
       if ckpt is not None:  # The last save committed before the export.
         ckpt.wait_until_finished()
+      if not summary["interrupted"]:
+        after = _answers(cfg, setup, state, tokenizer,
+                         "after training" if trains else "the loaded model")
+        if after is not None:
+          summary.update(answers=len(after.questions),
+                         exact_match=after.accuracy,
+                         exact_match_before=before.accuracy if before else None)
       if cfg.export_hf is not None and not summary["interrupted"]:
         _export(cfg, setup, state, tokenizer)
     except jax.errors.JaxRuntimeError as e:
@@ -472,7 +522,8 @@ def _run(cfg, setup, state, start, train_iter, eval_iter, eval_start, ckpt,
   summary = {"step": start, "start_step": start, "train_loss": None,
              "eval_loss": None, "eval_ppl": None, "eval_step": None,
              "tokens_per_s": None, "interrupted": None,
-             "checkpoint_step": None, "nonfinite_steps": 0}
+             "checkpoint_step": None, "nonfinite_steps": 0, "answers": None,
+             "exact_match": None, "exact_match_before": None}
   losses: list[jax.Array] = []    # Step losses since the last record.
   health = _Health(cfg.max_bad_steps)
   timed = reporting.Timer()

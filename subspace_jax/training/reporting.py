@@ -202,6 +202,11 @@ def print_summary(s: Mapping[str, Any]) -> None:
     stale = s["eval_step"] is not None and s["eval_step"] != s["step"]
     parts.append(f"eval loss {s['eval_loss']:.4f} (perplexity {s['eval_ppl']:.2f}"
                  + (f", at step {s['eval_step']})" if stale else ")"))
+  if s.get("exact_match") is not None:
+    before = s.get("exact_match_before")
+    parts.append(f"exact match {s['exact_match']:.1%} of {s['answers']} "
+                 "held-out answers"
+                 + (f" (before: {before:.1%})" if before is not None else ""))
   if s.get("nonfinite_steps"):
     parts.append(f"{s['nonfinite_steps']} non-finite step(s) skipped")
   if s["tokens_per_s"]:

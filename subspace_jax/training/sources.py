@@ -12,8 +12,8 @@ data pipeline packs them whole, apart from each other (see
 :mod:`~subspace_jax.training.packing`).
 
 * :class:`JsonlRecords`: a JSON Lines file of ``{"prompt": ..., "response":
-  ...}`` or ``{"text": ...}`` objects; a bad line is refused naming the file
-  and the line.
+  ...}``, ``{"messages": [...]}`` or ``{"text": ...}`` objects; a bad line is
+  refused naming the file and the line.
 * :class:`Instructions`: a small instruction set made from the embedded
   corpus (no download).
 
@@ -330,27 +330,40 @@ class Record(NamedTuple):
   """One fine-tuning example: a prompt and its response, or a text.
 
   Attributes:
-    where: Where it comes from, for messages (``"train.jsonl:12"``).
+    where: Where it comes from, for error messages (``"train.jsonl:12"``).
     prompt: The prompt, which the model reads but is not trained to write
       (None for a text).
     response: The response, which the model is trained to write (None for
       a text).
     text: A text the model is trained on whole, as in pretraining (None for
       a prompt/response pair).
+    messages: A conversation, ``(role, content)`` pairs, rendered with the
+      tokenizer's chat template and learned on its assistant turns (None
+      otherwise).
   """
 
   where: str
   prompt: str | None = None
   response: str | None = None
   text: str | None = None
+  messages: tuple[tuple[str, str], ...] | None = None
 
   @property
   def joined(self) -> str:
-    """The whole text: the prompt then the response, or the text."""
+    """The whole text: the prompt then the response, the text, or the
+    messages' contents one per line."""
+    if self.messages is not None:
+      return "\n".join(content for _, content in self.messages)
     return self.text if self.text is not None else self.prompt + self.response
 
+  @property
+  def conversation(self) -> list[dict[str, str]]:
+    """The messages as a chat template takes them."""
+    return [{"role": r, "content": c} for r, c in self.messages or ()]
 
-_RECORD_FORMS = '{"prompt": ..., "response": ...} or {"text": ...}'
+
+_RECORD_FORMS = ('{"prompt": ..., "response": ...}, {"messages": [{"role": '
+                 '..., "content": ...}, ...]} or {"text": ...}')
 _JSON_TYPES = {dict: "an object", list: "an array", str: "a string",
                int: "a number", float: "a number", bool: "a boolean",
                type(None): "null"}
@@ -381,14 +394,17 @@ def _parse_record(line: bytes, where: str) -> Record | None:
   if not isinstance(obj, dict):
     raise DataError(f"{where}: {_json_type(obj)}, not a JSON object; write "
                     f"one object per line, {_RECORD_FORMS}")
+  if "messages" in obj:
+    return _parse_messages(obj, where)
   pair = [k for k in ("prompt", "response") if k in obj]
   if pair and "text" in obj:
     raise DataError(f"{where}: both 'text' and {pair[0]!r}; give either a "
                     "prompt and a response or a text")
   if not pair and "text" not in obj:
     keys = ", ".join(map(repr, obj)) or "none"
-    raise DataError(f"{where}: no 'prompt' and 'response' nor 'text' field "
-                    f"(keys: {keys}); each line needs {_RECORD_FORMS}")
+    raise DataError(f"{where}: no 'prompt' and 'response', 'messages' nor "
+                    f"'text' field (keys: {keys}); each line needs "
+                    f"{_RECORD_FORMS}")
   if len(pair) == 1:
     other = "response" if pair[0] == "prompt" else "prompt"
     raise DataError(f"{where}: {pair[0]!r} without {other!r}; each line "
@@ -400,12 +416,44 @@ def _parse_record(line: bytes, where: str) -> Record | None:
   return Record(where, **fields)
 
 
+_ROLES = ("system", "user", "assistant")
+
+
+def _parse_messages(obj: dict, where: str) -> Record:
+  """The record of a ``{"messages": [...]}`` line."""
+  others = [k for k in ("prompt", "response", "text") if k in obj]
+  if others:
+    raise DataError(f"{where}: both 'messages' and {others[0]!r}; give one "
+                    "form per line")
+  messages = obj["messages"]
+  if not isinstance(messages, list) or not messages:
+    raise DataError(f"{where}: 'messages' is {_json_type(messages)}, not a "
+                    'non-empty array of {"role": ..., "content": ...}')
+  out = []
+  for k, m in enumerate(messages, 1):
+    if not (isinstance(m, dict) and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str)):
+      raise DataError(f"{where}: message {k} is not an object with a string "
+                      "'role' and a string 'content'")
+    if m["role"] not in _ROLES:
+      raise DataError(f"{where}: message {k} has role {m['role']!r}; use "
+                      f"{', '.join(_ROLES)}")
+    out.append((m["role"], m["content"]))
+  if not any(role == "assistant" for role, _ in out):
+    raise DataError(f"{where}: no 'assistant' message, so nothing to learn; "
+                    "add the answer as an assistant message")
+  return Record(where, messages=tuple(out))
+
+
 def read_jsonl(path: str | os.PathLike[str]) -> list[Record]:
   """Reads a JSON Lines file of fine-tuning records.
 
   Each non-blank line is one JSON object: ``{"prompt": str, "response":
-  str}`` (the response is learned, the prompt only read) or ``{"text":
-  str}`` (learned whole); other keys are ignored.
+  str}`` (the response is learned, the prompt only read), ``{"messages":
+  [{"role": "system" | "user" | "assistant", "content": str}, ...]}`` (a
+  conversation, rendered with the tokenizer's chat template and learned
+  on its assistant turns) or ``{"text": str}`` (learned whole); other keys
+  are ignored.
 
   Args:
     path: The file.

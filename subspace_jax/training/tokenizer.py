@@ -73,6 +73,9 @@ class ByteTokenizer:
     eos_id = 258
     vocab_size = 259
     fingerprint = "byte-v1"
+    add_bos = True
+    chat_template = None
+    stop_ids = (258,)
 
     def encode(self, text: str) -> list[int]:
         """Returns the UTF-8 bytes of ``text`` as ids."""
@@ -148,6 +151,8 @@ class SentencePieceTokenizer:
         if self.eos_id < 0:
             raise ValueError(f"SentencePiece model {str(path)!r} has no EOS "
                              "piece; retrain it with eos_id >= 0")
+        self.add_bos, self.chat_template = True, None
+        self.stop_ids = (self.eos_id,)
         self.fingerprint = _fingerprint("sp", data, ids)
 
     def encode(self, text: str) -> list[int]:
@@ -157,6 +162,10 @@ class SentencePieceTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         """Returns the text of piece ids; control ids (BOS, EOS, PAD) vanish."""
         return self._sp.decode([int(i) for i in ids])
+
+    def piece(self, i: int) -> str:
+        """The text of id ``i`` as the vocabulary spells it (``"<s>"``)."""
+        return self._sp.id_to_piece(int(i))
 
     def __repr__(self) -> str:
         return (f"SentencePieceTokenizer({str(self.model_path)!r}, "
@@ -253,6 +262,8 @@ class HFTokenizer:
 
     _EOS = ("</s>", "<|endoftext|>", "<|end_of_text|>")
     _BOS = ("<s>", "<|begin_of_text|>")
+    add_bos = True  # load_tokenizer sets these from the files beside it.
+    chat_template = None
 
     def __init__(self, path: str | os.PathLike[str],
                  specials: Mapping[str, str | None] | None = None):
@@ -290,6 +301,7 @@ class HFTokenizer:
         self.eos_id = ids["eos"]
         self.bos_id = ids.get("bos")
         self.pad_id = ids.get("pad")
+        self.stop_ids = (self.eos_id,)
         self.fingerprint = _fingerprint("hf", data, ids)
 
     def encode(self, text: str) -> list[int]:
@@ -299,6 +311,11 @@ class HFTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         """Returns the text of ``ids``; special tokens vanish."""
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def piece(self, i: int) -> str:
+        """The text of id ``i`` as the vocabulary spells it
+        (``"<|im_start|>"``)."""
+        return self._tok.id_to_token(int(i))
 
     def __repr__(self) -> str:
         return (f"HFTokenizer({str(self.model_path)!r}, "
@@ -320,6 +337,10 @@ def tokenizer_file(path: str | os.PathLike[str]) -> tuple[str, pathlib.Path]:
         ValueError: If there is no such file.
     """
     path = pathlib.Path(path).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise ValueError(f"tokenizer file {path} not found")
+        return "huggingface", path  # Made from its metadata: load_tokenizer.
     if path.is_dir():
         for name, kind in TOKENIZER_FILES:
             if (path / name).is_file():
@@ -406,16 +427,68 @@ def load_tokenizer(path: str | os.PathLike[str]
     """An existing tokenizer: a SentencePiece ``.model``, a Hugging Face
     ``tokenizer.json``, or a directory holding one (``tokenizer.model``
     first), with the special tokens of a ``tokenizer_config.json`` beside
-    it.
+    it (and its ``add_bos``, ``chat_template`` and ``stop_ids``: see
+    :func:`_read_extras`); or a ``.gguf`` file, whose metadata's tokenizer
+    is written as Hugging Face files into the cache
+    (:func:`subspace_jax.models.gguf.tokenizer_dir`).
 
     Raises:
         ValueError: If there is no tokenizer there, or it is damaged.
     """
     kind, file = tokenizer_file(path)
+    if file.suffix.lower() == ".gguf":
+        from subspace_jax.models import gguf  # pylint: disable=import-outside-toplevel
+        file = gguf.tokenizer_dir(file) / "tokenizer.json"
     specials = special_tokens(file.parent)
     if kind == "huggingface":
-        return HFTokenizer(file, specials)
-    return SentencePieceTokenizer(file, specials)
+        tok = HFTokenizer(file, specials)
+    else:
+        tok = SentencePieceTokenizer(file, specials)
+    _read_extras(tok, file.parent)
+    return tok
+
+
+def _read_json_file(path: pathlib.Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+
+
+def _read_extras(tok: Any, directory: pathlib.Path) -> None:
+    """Sets what a checkpoint's tokenizer files say beyond the vocabulary:
+
+    * ``add_bos``: whether examples start with BOS (``add_bos_token`` of
+      ``tokenizer_config.json``; default True, LLaMA's convention);
+    * ``chat_template``: the Jinja chat template (``chat_template.jinja``,
+      else ``tokenizer_config.json``'s ``chat_template``; None);
+    * ``stop_ids``: the ids that end a generated answer: EOS and the
+      ``eos_token_id`` (one or a list) of ``generation_config.json``.
+    """
+    config = {}
+    if (directory / "tokenizer_config.json").is_file():
+        config = _read_json_file(directory / "tokenizer_config.json")
+        config = config if isinstance(config, Mapping) else {}
+    tok.add_bos = bool(config.get("add_bos_token", True))
+    template = None
+    if (directory / "chat_template.jinja").is_file():
+        template = (directory / "chat_template.jinja").read_text(
+            encoding="utf-8")
+    else:
+        template = config.get("chat_template")
+        if isinstance(template, list):  # Named templates: the default one.
+            template = next((t.get("template") for t in template
+                             if isinstance(t, Mapping)
+                             and t.get("name") == "default"), None)
+    tok.chat_template = template if isinstance(template, str) else None
+    stops = [tok.eos_id]
+    if (directory / "generation_config.json").is_file():
+        gen = _read_json_file(directory / "generation_config.json")
+        eos = gen.get("eos_token_id") if isinstance(gen, Mapping) else None
+        for i in eos if isinstance(eos, list) else [eos]:
+            if isinstance(i, int) and 0 <= i < tok.vocab_size and i not in stops:
+                stops.append(i)
+    tok.stop_ids = tuple(stops)
 
 
 def _train_to(path: pathlib.Path, lines: list[str], vocab_size: int,
