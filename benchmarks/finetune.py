@@ -132,7 +132,7 @@ def _child(argv: list[str]) -> None:
   run)."""
   sys.path.insert(0, str(EXAMPLES))
   import finetune_llama  # pylint: disable=import-outside-toplevel
-  from subspace_jax.training import loop  # pylint: disable=import-outside-toplevel
+  from subspace_jax.run import loop  # pylint: disable=import-outside-toplevel
   answers = loop._answers  # pylint: disable=protected-access
   loop._answers = lambda cfg, setup, state, tok, when: (  # pylint: disable=protected-access
       None if when == "before training" else answers(cfg, setup, state, tok,
@@ -266,8 +266,10 @@ def generation_speed(gguf: str, new_tokens: int) -> dict:
   """Greedy tokens/s of one chat prompt, with and without the key/value
   cache, timed after a first (compiling) call of each."""
   import jax  # pylint: disable=import-outside-toplevel
-  from subspace_jax.models import hf, llama  # pylint: disable=import-outside-toplevel
-  from subspace_jax.training import chat, tokenizer  # pylint: disable=import-outside-toplevel
+  from subspace_jax.models import llama
+  from subspace_jax.models.io import hf  # pylint: disable=import-outside-toplevel
+  from subspace_jax.data import chat
+  from subspace_jax.data import tokenizers as tokenizer  # pylint: disable=import-outside-toplevel
   tok = tokenizer.load_tokenizer(gguf)
   config, params = hf.load(gguf, scan_layers=True)
   ids = chat.prompt_ids(tok, [{"role": "user", "content":

@@ -3,7 +3,7 @@
 For each model shape a random checkpoint is written to disk in the Hugging
 Face layout (bfloat16, one ``model.safetensors``, written a tensor at a
 time), then a fresh process loads it with
-:func:`subspace_jax.models.hf.load` onto one device and reports its peak
+:func:`subspace_jax.models.io.hf.load` onto one device and reports its peak
 resident memory (``VmHWM``). On a CPU the loaded weights themselves live in
 host memory, so what loading costs beyond them is
 
@@ -35,8 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
-from subspace_jax.models import hf, llama
-from subspace_jax.models import safetensors_file as stf
+from subspace_jax.models import llama
+from subspace_jax.models.io import hf
+from subspace_jax.models.io import safetensors as stf
 
 GiB = 2**30
 

@@ -2,12 +2,12 @@
 
 In: a random ``transformers.LlamaForCausalLM`` is built from a
 ``LlamaConfig`` (no download), saved with ``save_pretrained``, loaded here
-with :func:`subspace_jax.models.hf.load`, and both compute the logits of the
+with :func:`subspace_jax.models.io.hf.load`, and both compute the logits of the
 same random tokens in float32.
 
 Out: the loaded model is trained here for a few steps (AdamW in transform
 mode; RSO in model mode, whose export is the merged ``W + P·B``), written
-with :func:`subspace_jax.models.hf.save`, and loaded back by
+with :func:`subspace_jax.models.io.hf.save`, and loaded back by
 ``LlamaForCausalLM.from_pretrained`` (its loading report must list no
 missing, unexpected or mismatched key, and it must log no warning); its
 logits are compared with this package's on the trained weights (in model
@@ -32,9 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
-from subspace_jax.models import hf, llama
-from subspace_jax.training import sharding as shd
-from subspace_jax.training import train
+from subspace_jax.models import llama
+from subspace_jax.models.io import hf
+from subspace_jax import sharding as shd
+from subspace_jax.train import step as train
 
 
 def _imports():

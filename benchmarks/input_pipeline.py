@@ -1,4 +1,4 @@
-"""Speed of the input pipeline (subspace_jax/training/data.py).
+"""Speed of the input pipeline (subspace_jax/data/pipeline.py).
 
 Two tables, written to ``benchmarks/results/input_pipeline.md``:
 
@@ -39,10 +39,10 @@ import numpy as np
 
 from benchmarks import common
 from subspace_jax.models import llama
-from subspace_jax.training import data
-from subspace_jax.training import sharding as shd
-from subspace_jax.training import train as train_lib
-from subspace_jax.training.tokenizer import ByteTokenizer, SentencePieceTokenizer
+from subspace_jax.data import pipeline as data
+from subspace_jax import sharding as shd
+from subspace_jax.train import step as train_lib
+from subspace_jax.data.tokenizers import ByteTokenizer, SentencePieceTokenizer
 
 
 class StreamedCorpus:

@@ -47,12 +47,12 @@ import optax
 
 import subspace_jax as sj
 from benchmarks import common
-from subspace_jax import memory
+from subspace_jax.plan import memory
 from subspace_jax.models import llama
-from subspace_jax.training import plan
-from subspace_jax.training import sharding as shd
-from subspace_jax.training import train
-from subspace_jax.training.config import RunConfig
+from subspace_jax.plan import compile_for as plan
+from subspace_jax import sharding as shd
+from subspace_jax.train import step as train
+from subspace_jax.run.config import RunConfig
 
 GiB = memory.GiB
 

@@ -66,8 +66,8 @@ BUDGET_BATCH = 64
 
 def run_config(settings: Mapping[str, Any], method: str, steps: int, seed: int):
   """The :class:`RunConfig` of ``method`` under ``settings``."""
-  from subspace_jax.training import cli  # pylint: disable=import-outside-toplevel
-  from subspace_jax.training import loop  # pylint: disable=import-outside-toplevel
+  from subspace_jax.cli import flags as cli  # pylint: disable=import-outside-toplevel
+  from subspace_jax.run import loop  # pylint: disable=import-outside-toplevel
   _, fields, lr = METHODS[method]
   parser = argparse.ArgumentParser()
   cli.add_model_flags(parser)
@@ -98,8 +98,8 @@ def calibrate(settings: Mapping[str, Any], methods: list[str]) -> dict[str, tupl
   train step on random tokens (the run's model, batch and dtype)."""
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from subspace_jax.training import sharding as shd  # pylint: disable=import-outside-toplevel
-  from subspace_jax.training import train  # pylint: disable=import-outside-toplevel
+  from subspace_jax import sharding as shd  # pylint: disable=import-outside-toplevel
+  from subspace_jax.train import step as train  # pylint: disable=import-outside-toplevel
   out = {}
   mesh = shd.make_mesh(-1, 1, 1)
   for method in methods:

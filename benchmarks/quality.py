@@ -69,7 +69,7 @@ class Variant:
 
   Attributes:
     label: Its name in the tables.
-    fields: :class:`~subspace_jax.training.train.OptimizerConfig` fields
+    fields: :class:`~subspace_jax.train.step.OptimizerConfig` fields
       (besides the learning rate, seeds, rank, gap and scale).
     grid: Its initial learning-rate grid.
     golore_pct: For GoLore@x%: random projections for the last x% of the
@@ -215,7 +215,7 @@ def _optimizer_config(task: Mapping[str, Any]):
   """The :class:`OptimizerConfig` of a task (the command line's defaults
   for a ``defaults`` run, whose variant is an optimizer name)."""
   from subspace_jax import models  # pylint: disable=import-outside-toplevel
-  from subspace_jax.training import cli  # pylint: disable=import-outside-toplevel
+  from subspace_jax.cli import flags as cli  # pylint: disable=import-outside-toplevel
   parser = argparse.ArgumentParser()
   cli.add_model_flags(parser)
   cli.add_optimizer_flags(parser)
@@ -237,7 +237,7 @@ def _optimizer_config(task: Mapping[str, Any]):
 
 def eval_batches(task: Mapping[str, Any]) -> int:
   """Batches that cover the validation split once."""
-  from subspace_jax.training import data as data_lib  # pylint: disable=import-outside-toplevel
+  from subspace_jax.data import pipeline as data_lib  # pylint: disable=import-outside-toplevel
   source = data_lib.source_from_spec("embedded", split="validation")
   it = data_lib.make_iterator(source, shuffle=False, seq_len=task["seq_len"],
                               batch_size=task["batch_size"])
@@ -249,7 +249,7 @@ def eval_batches(task: Mapping[str, Any]) -> int:
 
 def run_task(task: Mapping[str, Any]) -> dict[str, Any]:
   """Trains one run (in this process) and returns its record."""
-  from subspace_jax.training import loop  # pylint: disable=import-outside-toplevel
+  from subspace_jax.run import loop  # pylint: disable=import-outside-toplevel
   opt = _optimizer_config(task)
   cfg = loop.RunConfig(
       model=task["model"], seq_len=task["seq_len"],
@@ -267,7 +267,7 @@ def train_and_measure(cfg) -> dict[str, Any]:
   returns its figures: the final held-out loss and perplexity (inf for a
   run that diverged), the last train loss, the curves, wall time and
   tokens/s."""
-  from subspace_jax.training import loop  # pylint: disable=import-outside-toplevel
+  from subspace_jax.run import loop  # pylint: disable=import-outside-toplevel
   with tempfile.TemporaryDirectory(prefix="quality_") as tmp:
     metrics = pathlib.Path(tmp) / "metrics.jsonl"
     cfg = dataclasses.replace(cfg, metrics_path=str(metrics))
@@ -521,7 +521,7 @@ def default_optimizers() -> list[str]:
   """``NAME`` or ``NAME:model`` of every optimizer and mode the command
   line offers."""
   import subspace_jax as sj  # pylint: disable=import-outside-toplevel
-  from subspace_jax.training import train  # pylint: disable=import-outside-toplevel
+  from subspace_jax.train import step as train  # pylint: disable=import-outside-toplevel
   out = []
   for name in train.OPTIMIZERS:
     out.append(name)
@@ -742,7 +742,7 @@ def _defaults_table(records, name, s) -> str:
 
 def _param_millions(model: str) -> float:
   from subspace_jax import models  # pylint: disable=import-outside-toplevel
-  from subspace_jax.training import tokenizer  # pylint: disable=import-outside-toplevel
+  from subspace_jax.data import tokenizers as tokenizer  # pylint: disable=import-outside-toplevel
   cfg = models.get_config(model, vocab_size=tokenizer.ByteTokenizer().vocab_size)
   return models.param_count(cfg) / 1e6
 

@@ -58,8 +58,8 @@ from benchmarks import projection_refresh as pr  # pylint: disable=wrong-import-
 from subspace_jax import projection as proj  # pylint: disable=wrong-import-position
 from subspace_jax import models  # pylint: disable=wrong-import-position
 from subspace_jax.models import llama  # pylint: disable=wrong-import-position
-from subspace_jax.training import sharding as shd  # pylint: disable=wrong-import-position
-from subspace_jax.training import train  # pylint: disable=wrong-import-position
+from subspace_jax import sharding as shd  # pylint: disable=wrong-import-position
+from subspace_jax.train import step as train  # pylint: disable=wrong-import-position
 
 PARTS = ("step", "refresh", "update", "projection")
 DEFAULT_OPTIMIZERS = "adamw,galore,golore,rso,golore-model,rso-model"

@@ -43,10 +43,11 @@ import tempfile
 
 import pretrain_llama  # Its sibling: the same command line, other defaults.
 
-from subspace_jax.models import hf, llama
-from subspace_jax.training import cache
-from subspace_jax.training.reporting import info
-from subspace_jax.training.tokenizer import ByteTokenizer
+from subspace_jax.models import llama
+from subspace_jax.models.io import hf
+from subspace_jax.data import cache
+from subspace_jax.run.reporting import info
+from subspace_jax.data.tokenizers import ByteTokenizer
 
 # The offline default model: the tiny LLaMA with grouped-query attention
 # and the byte tokenizer's vocabulary, random weights of seed 0.

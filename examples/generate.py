@@ -23,9 +23,10 @@ import time
 
 import jax
 
-from subspace_jax.models import hf, llama
-from subspace_jax.training import chat
-from subspace_jax.training import tokenizer as tok_lib
+from subspace_jax.models import llama
+from subspace_jax.models.io import hf
+from subspace_jax.data import chat
+from subspace_jax.data import tokenizers as tok_lib
 
 
 class _Parser(argparse.ArgumentParser):

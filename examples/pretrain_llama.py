@@ -27,11 +27,15 @@ import sys
 import tempfile
 from typing import Any, Callable, Mapping
 
-from subspace_jax import memory, models
-from subspace_jax.models import gguf, hf
-from subspace_jax.training import cli, loop, plan
-from subspace_jax.training import tokenizer as tok_lib
-from subspace_jax.training.checkpoint import UnreadableCheckpointError
+from subspace_jax import models
+from subspace_jax.plan import memory
+from subspace_jax.models.io import gguf
+from subspace_jax.models.io import hf
+from subspace_jax.cli import flags as cli
+from subspace_jax.run import loop
+from subspace_jax.plan import compile_for as plan
+from subspace_jax.data import tokenizers as tok_lib
+from subspace_jax.train.checkpoint import UnreadableCheckpointError
 
 
 class _Parser(argparse.ArgumentParser):

@@ -10,7 +10,8 @@ GaLore, GoLore and RSO as composable ``optax.GradientTransformation``\\ s::
   )
 """
 
-from subspace_jax import factored, matrix_view, memory, projection, transform
+from subspace_jax import factored, matrix_view, projection, transform
+from subspace_jax.plan import memory
 from subspace_jax.matrix_view import MatrixView, default_view, views_by_path
 from subspace_jax.transform import (
     SubspaceState,

@@ -176,7 +176,7 @@ class FactoredParams(NamedTuple):
   weights: Any
   low: Any
 
-  # Roles of the fields for sharding (subspace_jax.training.sharding).
+  # Roles of the fields for sharding (subspace_jax.sharding).
   ROLES = {"weights": "params", "low": "low"}
 
 
@@ -446,7 +446,7 @@ class FactoredState(NamedTuple):
   inner_low: Any
   inner_full: Any
 
-  # Roles of the fields for sharding (subspace_jax.training.sharding).
+  # Roles of the fields for sharding (subspace_jax.sharding).
   ROLES = {"inner_low": "low", "inner_full": "full"}
 
 

@@ -160,7 +160,7 @@ class SubspaceState(NamedTuple):
   inner_full: Any
 
   # What each tree field holds, per leaf, for sharding
-  # (subspace_jax.training.sharding); the other fields are replicated.
+  # (subspace_jax.sharding); the other fields are replicated.
   ROLES = {"projections": "projection", "anchors": "low",
            "inner_low": "low", "inner_full": "full"}
 

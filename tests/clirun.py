@@ -56,7 +56,7 @@ def start(args: list[str], cwd: pathlib.Path, *,
 
 
 def run_config(args: list[str]):
-  """The example's :class:`~subspace_jax.training.loop.RunConfig` for
+  """The example's :class:`~subspace_jax.run.loop.RunConfig` for
   ``args`` (parsed in this process; nothing runs)."""
   import importlib.util  # pylint: disable=import-outside-toplevel
   spec = importlib.util.spec_from_file_location("pretrain_llama", EXAMPLE)

@@ -1,5 +1,5 @@
 """Chat data: the messages form of JSONL records, chat templates rendered
-(training/chat.py), the loss on assistant turns, and BOS only once."""
+(data/chat.py), the loss on assistant turns, and BOS only once."""
 
 import json
 import pathlib
@@ -8,8 +8,11 @@ import pytest
 
 pytest.importorskip("jinja2")
 
-from subspace_jax.training import chat, data, encoding, sources
-from subspace_jax.training import tokenizer as tok_lib
+from subspace_jax.data import chat
+from subspace_jax.data import pipeline as data
+from subspace_jax.data import encoding
+from subspace_jax.data import sources
+from subspace_jax.data import tokenizers as tok_lib
 
 # A template in the style of ChatML (SmolLM2's, without its default system
 # message), and one that writes BOS itself (LLaMA-2's style).

@@ -21,16 +21,17 @@ import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
 from subspace_jax.models import llama
-from subspace_jax.training import checkpoint, train
-from subspace_jax.training.checkpoint import (
+from subspace_jax.train import checkpoint
+from subspace_jax.train import step as train
+from subspace_jax.train.checkpoint import (
     Checkpointer,
     CheckpointWarning,
     IncompatibleCheckpointError,
     UnreadableCheckpointError,
     state_checksums,
 )
-from subspace_jax.training.data import ByteTokenizer, EmbeddedCorpus, make_iterator
-from subspace_jax.training.sharding import make_mesh
+from subspace_jax.data.pipeline import ByteTokenizer, EmbeddedCorpus, make_iterator
+from subspace_jax.sharding import make_mesh
 
 UPDATE_GAP = 3
 # Resume after N steps and take M more: the subspace index changes from

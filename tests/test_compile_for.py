@@ -1,5 +1,5 @@
-"""Compile targets, collective bytes and --compile-for (subspace_jax.memory,
-subspace_jax.training.plan, examples/pretrain_llama.py).
+"""Compile targets, collective bytes and --compile-for (subspace_jax.plan.memory,
+subspace_jax.plan.compile_for, examples/pretrain_llama.py).
 
 The TPU tests need libtpu (``pip install "subspace_jax[aot]"``) and are
 skipped without it; everything else runs on the CPU.
@@ -14,10 +14,11 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from subspace_jax import memory
+from subspace_jax.plan import memory
 from subspace_jax.models import llama
-from subspace_jax.training import plan, train
-from subspace_jax.training import sharding as shd
+from subspace_jax.plan import compile_for as plan
+from subspace_jax.train import step as train
+from subspace_jax import sharding as shd
 
 import clirun
 

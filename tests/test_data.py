@@ -10,10 +10,13 @@ import sys
 import numpy as np
 import pytest
 
-from subspace_jax.training import data, encoding, sources, tokenizer
-from subspace_jax.training.data import (DataError, EmbeddedCorpus, TextFiles, TfdsText,
+from subspace_jax.data import pipeline as data
+from subspace_jax.data import encoding
+from subspace_jax.data import sources
+from subspace_jax.data import tokenizers as tokenizer
+from subspace_jax.data.pipeline import (DataError, EmbeddedCorpus, TextFiles, TfdsText,
                                         make_iterator)
-from subspace_jax.training.tokenizer import ByteTokenizer
+from subspace_jax.data.tokenizers import ByteTokenizer
 
 try:
     import tensorflow_datasets as tfds
@@ -659,7 +662,7 @@ def test_a_long_single_line_document_is_encoded_without_lists(tmp_path):
     more before (a Python list of its ids, 36 bytes an id)."""
     script = f'''
 import pathlib, resource
-from subspace_jax.training import data
+from subspace_jax.data import pipeline as data
 path = pathlib.Path({str(tmp_path)!r})
 (path / "big.txt").write_text(("word " * 4_000_000)[:20_000_000])
 src = data.source_from_spec(f"files:{{path}}/big.txt")

@@ -16,8 +16,8 @@ from jax.sharding import PartitionSpec as P
 import subspace_jax as sj
 from subspace_jax import factored as fc
 from subspace_jax.models import llama
-from subspace_jax.training import sharding as shd
-from subspace_jax.training import train
+from subspace_jax import sharding as shd
+from subspace_jax.train import step as train
 
 
 def _mesh1():

@@ -17,8 +17,9 @@ import jax
 import numpy as np
 
 import clirun
-from subspace_jax.training import checkpoint, train
-from subspace_jax.training import sharding as shd
+from subspace_jax.train import checkpoint
+from subspace_jax.train import step as train
+from subspace_jax import sharding as shd
 
 # Runs the example with the loss of training steps $POISON_STEPS (1-based,
 # comma-separated) multiplied by NaN: their gradients are all NaN.
@@ -26,7 +27,8 @@ _DRIVER = f'''
 import os, runpy, sys
 import jax.numpy as jnp
 import numpy as np
-from subspace_jax.training import loop, train
+from subspace_jax.run import loop
+from subspace_jax.train import step as train
 
 bad = {{int(s) for s in os.environ["POISON_STEPS"].split(",") if s}}
 loss_of = train.ModelDef.loss

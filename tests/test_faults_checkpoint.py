@@ -29,8 +29,9 @@ import numpy as np
 import pytest
 
 import clirun
-from subspace_jax.training import checkpoint, train
-from subspace_jax.training import sharding as shd
+from subspace_jax.train import checkpoint
+from subspace_jax.train import step as train
+from subspace_jax import sharding as shd
 
 _spec = importlib.util.spec_from_file_location("pretrain_llama", clirun.EXAMPLE)
 pretrain = importlib.util.module_from_spec(_spec)

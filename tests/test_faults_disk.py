@@ -19,7 +19,7 @@ import warnings
 import pytest
 
 import clirun
-from subspace_jax.training import checkpoint
+from subspace_jax.train import checkpoint
 
 ARGS = [*clirun.FAST, "--schedule-steps", "20", "--eval-every", "0",
         "--keep", "1"]
@@ -42,7 +42,7 @@ runpy.run_path({str(clirun.EXAMPLE)!r}, run_name="__main__")
 _OOM = f'''
 import runpy, sys
 import jax
-from subspace_jax.training import train
+from subspace_jax.train import step as train
 
 setup_of = train.setup
 def setup(*args, **kwargs):
@@ -114,8 +114,8 @@ def _steps(cwd) -> list[int]:
 def _restores(cwd, step) -> bool:
   """Whether ``step`` restores with matching checksums (no warning)."""
   import jax  # pylint: disable=import-outside-toplevel
-  from subspace_jax.training import sharding as shd  # pylint: disable=import-outside-toplevel
-  from subspace_jax.training import train  # pylint: disable=import-outside-toplevel
+  from subspace_jax import sharding as shd  # pylint: disable=import-outside-toplevel
+  from subspace_jax.train import step as train  # pylint: disable=import-outside-toplevel
   cfg = clirun.run_config(ARGS)
   setup = train.setup(cfg.model_config(), cfg.optimizer,
                       shd.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
@@ -187,8 +187,8 @@ def test_out_of_memory_in_a_step_is_one_line(copy_10, tmp_path):
 def test_metrics_lines_stay_whole_after_a_cut_short_one(tmp_path):
   """A record cut short (the disk filled while it was appended): the next
   record starts a line of its own instead of gluing onto it."""
-  from subspace_jax.training import config as config_lib  # pylint: disable=import-outside-toplevel
-  from subspace_jax.training import reporting  # pylint: disable=import-outside-toplevel
+  from subspace_jax.run import config as config_lib  # pylint: disable=import-outside-toplevel
+  from subspace_jax.run import reporting  # pylint: disable=import-outside-toplevel
   path = tmp_path / "metrics.jsonl"
   path.write_text('{"step": 5, "loss": 1.0}\n{"step": 10, "lo')
   sink = reporting.MetricsSink(config_lib.RunConfig(

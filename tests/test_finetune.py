@@ -14,11 +14,17 @@ import pytest
 
 import clirun
 from reference_llama import numpy_forward
-from subspace_jax.models import hf, llama
-from subspace_jax.training import checkpoint, data, encoding, packing, plan
-from subspace_jax.training import sources, train
-from subspace_jax.training import sharding as shd
-from subspace_jax.training import tokenizer as tok_lib
+from subspace_jax.models import llama
+from subspace_jax.models.io import hf
+from subspace_jax.train import checkpoint
+from subspace_jax.data import pipeline as data
+from subspace_jax.data import encoding
+from subspace_jax.data import packing
+from subspace_jax.plan import compile_for as plan
+from subspace_jax.data import sources
+from subspace_jax.train import step as train
+from subspace_jax import sharding as shd
+from subspace_jax.data import tokenizers as tok_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FINETUNE = ROOT / "examples" / "finetune_llama.py"

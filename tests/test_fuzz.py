@@ -41,11 +41,14 @@ from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import clirun  # noqa: E402
-from subspace_jax.models import hf, llama  # noqa: E402
-from subspace_jax.models import safetensors_file as stf  # noqa: E402
-from subspace_jax.training import checkpoint, encoding, sources  # noqa: E402
-from subspace_jax.training import tokenizer as tok_lib  # noqa: E402
-from subspace_jax.training.checkpoint import Checkpointer  # noqa: E402
+from subspace_jax.models import llama
+from subspace_jax.models.io import hf  # noqa: E402
+from subspace_jax.models.io import safetensors as stf  # noqa: E402
+from subspace_jax.train import checkpoint
+from subspace_jax.data import encoding
+from subspace_jax.data import sources  # noqa: E402
+from subspace_jax.data import tokenizers as tok_lib  # noqa: E402
+from subspace_jax.train.checkpoint import Checkpointer  # noqa: E402
 
 # Every example of a reader of one small file takes milliseconds; a second
 # is "unbounded".

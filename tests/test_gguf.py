@@ -1,4 +1,4 @@
-"""Tests of subspace_jax.models.gguf: LLaMA GGUF files in.
+"""Tests of subspace_jax.models.io.gguf: LLaMA GGUF files in.
 
 Files are written here with the gguf package's writer from NumPy arrays in
 the Hugging Face layout, the query and key rows interleaved as llama.cpp's
@@ -21,7 +21,9 @@ import pytest
 gguf_lib = pytest.importorskip("gguf")
 
 from reference_llama import numpy_forward
-from subspace_jax.models import gguf, hf, llama
+from subspace_jax.models import llama
+from subspace_jax.models.io import gguf
+from subspace_jax.models.io import hf
 
 Q = gguf_lib.GGMLQuantizationType
 VOCAB, HIDDEN, MLP, HEADS, KV, LAYERS = 64, 64, 96, 4, 2, 2

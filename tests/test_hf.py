@@ -1,4 +1,4 @@
-"""Tests of subspace_jax.models.hf: Hugging Face LLaMA checkpoints in and out.
+"""Tests of subspace_jax.models.io.hf: Hugging Face LLaMA checkpoints in and out.
 
 Checkpoints are written here from NumPy arrays with the ``safetensors``
 package in the Hugging Face layout (tensor names, ``(out, in)`` weights), so
@@ -21,8 +21,9 @@ safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
 from reference_llama import numpy_forward
 from subspace_jax import factored
-from subspace_jax.models import hf, llama
-from subspace_jax.training import sharding as shd
+from subspace_jax.models import llama
+from subspace_jax.models.io import hf
+from subspace_jax import sharding as shd
 
 VOCAB, HIDDEN, MLP, HEADS, LAYERS = 96, 32, 48, 4, 2
 

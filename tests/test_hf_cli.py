@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import clirun
-from subspace_jax.models import hf, llama
+from subspace_jax.models import llama
+from subspace_jax.models.io import hf
 
 
 @pytest.fixture

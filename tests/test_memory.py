@@ -1,4 +1,4 @@
-"""subspace_jax.memory against independent byte counts."""
+"""subspace_jax.plan.memory against independent byte counts."""
 
 import doctest
 
@@ -8,10 +8,10 @@ import optax
 import pytest
 
 import subspace_jax as sj
-from subspace_jax import memory
+from subspace_jax.plan import memory
 from subspace_jax.models import llama
-from subspace_jax.training import sharding as shd
-from subspace_jax.training import train
+from subspace_jax import sharding as shd
+from subspace_jax.train import step as train
 
 
 def _params():

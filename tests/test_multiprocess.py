@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from subspace_jax.training import checkpoint
+from subspace_jax.train import checkpoint
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "pretrain_llama.py"

@@ -1,4 +1,4 @@
-"""examples/pretrain_llama.py and subspace_jax.training.loop, end to end.
+"""examples/pretrain_llama.py and subspace_jax.run.loop, end to end.
 
 The runs use the tiny model on the embedded corpus and the 8 host devices of
 conftest.py (a data-parallel mesh of 8), a few seconds of compiling each.
@@ -21,8 +21,12 @@ import jax
 import numpy as np
 import pytest
 
-from subspace_jax.training import checkpoint, data, loop, reporting, train
-from subspace_jax.training import sharding as shd
+from subspace_jax.train import checkpoint
+from subspace_jax.data import pipeline as data
+from subspace_jax.run import loop
+from subspace_jax.run import reporting
+from subspace_jax.train import step as train
+from subspace_jax import sharding as shd
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "pretrain_llama.py"

@@ -23,9 +23,11 @@ import pytest
 
 import clirun
 from reference_llama import numpy_forward
-from subspace_jax.models import gguf, hf, llama
-from subspace_jax.training import chat
-from subspace_jax.training import tokenizer as tok_lib
+from subspace_jax.models import llama
+from subspace_jax.models.io import gguf
+from subspace_jax.models.io import hf
+from subspace_jax.data import chat
+from subspace_jax.data import tokenizers as tok_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SYSTEM = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, "

@@ -1,5 +1,5 @@
 """Tests of the existing tokenizers the trainer loads: a real LLaMA
-SentencePiece model and a Hugging Face tokenizer.json (training/tokenizer.py).
+SentencePiece model and a Hugging Face tokenizer.json (data/tokenizers.py).
 """
 
 import json
@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 
-from subspace_jax.training import sources
-from subspace_jax.training import tokenizer as tok_lib
+from subspace_jax.data import sources
+from subspace_jax.data import tokenizers as tok_lib
 
 sentencepiece = pytest.importorskip("sentencepiece")
 

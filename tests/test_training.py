@@ -1,4 +1,4 @@
-"""subspace_jax.training.sharding and .train on the tiny LLaMA (8 CPU devices)."""
+"""subspace_jax.sharding and .train on the tiny LLaMA (8 CPU devices)."""
 
 import math
 
@@ -12,8 +12,8 @@ from jax.sharding import PartitionSpec as P
 import subspace_jax as sj
 from subspace_jax import models
 from subspace_jax.models import llama
-from subspace_jax.training import sharding as shd
-from subspace_jax.training import train
+from subspace_jax import sharding as shd
+from subspace_jax.train import step as train
 
 
 def _need8():

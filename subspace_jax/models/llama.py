@@ -827,7 +827,7 @@ def forward(config: LlamaConfig, params: Any, tokens: Array,
   Args:
     config: The model's configuration.
     params: A plain nested dict of arrays, as the trainer holds them (in
-      transform mode; :func:`subspace_jax.models.hf.load` returns one); a
+      transform mode; :func:`subspace_jax.models.io.hf.load` returns one); a
       leaf may be a :class:`~subspace_jax.factored.Factored` kernel.
     tokens: int32 token ids, shape ``[batch, seq]``.
     segment_ids: Optional packed-example ids (see :meth:`Llama.__call__`).

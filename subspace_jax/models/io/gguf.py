@@ -2,10 +2,11 @@
 
 A GGUF file holds a model's configuration and tokenizer as metadata and its
 weights as tensors, often quantized. This module reads a LLaMA-family file
-into the parameters :func:`subspace_jax.models.hf.load` gives for the same
+into the parameters :func:`subspace_jax.models.io.hf.load` gives for the same
 model, dequantized to the run's dtype::
 
-    from subspace_jax.models import gguf, llama
+    from subspace_jax.models import llama
+    from subspace_jax.models.io import gguf
     config, params = gguf.load("SmolLM2-135M-Instruct.Q4_1.gguf")
     logits = llama.forward(config, params, tokens)
     gguf.to_hf("SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-hf")
@@ -28,7 +29,7 @@ model, dequantized to the run's dtype::
 * The tokenizer (``tokenizer.ggml.*``: a byte-level BPE vocabulary, its
   merges and special tokens, and ``tokenizer.chat_template``) becomes the
   files of a Hugging Face tokenizer (:func:`tokenizer_files`), which
-  :func:`subspace_jax.training.tokenizer.load_tokenizer` reads.
+  :func:`subspace_jax.data.tokenizers.load_tokenizer` reads.
 
 Refused, naming the key: architectures other than ``llama``, RoPE scaling,
 biases, mixtures of experts, heads of another size than ``hidden /
@@ -501,7 +502,7 @@ def _check_tensors(header: _Header, config: llama.LlamaConfig,
 def load(path: str | os.PathLike[str], *, mesh: jax.sharding.Mesh | None = None,
          **config_overrides: Any) -> tuple[llama.LlamaConfig, dict]:
   """Loads a LLaMA GGUF file, dequantized, as :func:`hf.load
-  <subspace_jax.models.hf.load>` loads a Hugging Face checkpoint.
+  <subspace_jax.models.io.hf.load>` loads a Hugging Face checkpoint.
 
   Each weight is dequantized on the host (one tensor at a time) and created
   in its sharding over ``mesh``; a stacked leaf of a scanned model is
@@ -521,7 +522,7 @@ def load(path: str | os.PathLike[str], *, mesh: jax.sharding.Mesh | None = None,
     ValueError: On an unsupported or damaged file (one line naming the file
       and the key or tensor).
   """
-  from subspace_jax.training import sharding as shd  # pylint: disable=import-outside-toplevel
+  from subspace_jax import sharding as shd  # pylint: disable=import-outside-toplevel
   config = read_config(path, **config_overrides)
   header = _header(path)
   model = llama.ModelDef(config)
@@ -728,7 +729,7 @@ def tokenizer_dir(path: str | os.PathLike[str],
   """A directory holding :func:`tokenizer_files` of the GGUF file, written
   once into the cache (``$SUBSPACE_JAX_CACHE_DIR``, default
   ``~/.cache/subspace_jax``) under a hash of the files' content."""
-  from subspace_jax.training import cache  # pylint: disable=import-outside-toplevel
+  from subspace_jax.data import cache  # pylint: disable=import-outside-toplevel
   files = tokenizer_files(path)
   digest = hashlib.sha256(_json(files).encode()).hexdigest()[:20]
   target = cache.cache_path(cache_dir, "gguf_tokenizers", digest)
@@ -771,7 +772,7 @@ def to_hf(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[str],
     ValueError: On an unsupported or damaged file, or an ``out_dir`` that
       holds files.
   """
-  from subspace_jax.models import hf  # pylint: disable=import-outside-toplevel
+  from subspace_jax.models.io import hf  # pylint: disable=import-outside-toplevel
   out = pathlib.Path(out_dir).expanduser()
   if out.exists() and (not out.is_dir() or any(out.iterdir())):
     raise ValueError(f"{out} exists and is not an empty directory; give a new "

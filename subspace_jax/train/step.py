@@ -24,7 +24,7 @@ import subspace_jax as sj
 from subspace_jax import models
 from subspace_jax.models import constraints
 from subspace_jax.models import llama
-from subspace_jax.training import sharding as shd
+from subspace_jax import sharding as shd
 
 __all__ = [
     "OPTIMIZERS",
@@ -245,7 +245,7 @@ class Setup:
     abstract_state: ``ShapeDtypeStruct``\\ s (with shardings) of the state.
     init: ``seed -> TrainState``, created directly in its shardings.
     init_from: ``params -> TrainState``: the state that starts from these
-      weights (a plain dict, e.g. from :func:`subspace_jax.models.hf.load`;
+      weights (a plain dict, e.g. from :func:`subspace_jax.models.io.hf.load`;
       donated), in its shardings.
     subspace: Model mode's :class:`~subspace_jax.factored.Subspace` (None
       in transform mode), to merge ``W + P·B`` for an export.

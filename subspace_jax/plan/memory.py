@@ -298,7 +298,7 @@ def breakdown(
       as a real train step does, or ``other`` holds a second copy of it.
     *args: The step's arguments, arrays or ``jax.ShapeDtypeStruct``\\ s.
     weights: The parameter tree among ``args`` (default: ``args[0].params``,
-      e.g. a :class:`~subspace_jax.training.train.TrainState`).
+      e.g. a :class:`~subspace_jax.train.step.TrainState`).
     optimizer_state: The optimizer state among ``args`` (default:
       ``args[0].opt_state``).
     gradients: The differentiated tree (default: ``weights``), or its size

@@ -4,10 +4,10 @@ An encoder is any picklable callable from a document to a mapping of 1-D
 arrays of one length, one value per token, with a ``"tokens"`` entry:
 :class:`TextEncoder` (the default) makes a text its token ids with EOS
 appended; :class:`ExampleEncoder` makes a fine-tuning
-:class:`~subspace_jax.training.sources.Record`
+:class:`~subspace_jax.data.sources.Record`
 ``[BOS] + prompt + response + [EOS]`` with a ``"loss_mask"`` on the
 response. Every extra field travels through packing and batching into the
-batch (see :mod:`~subspace_jax.training.data`).
+batch (see :mod:`~subspace_jax.data.pipeline`).
 
 :func:`tokenize_documents` encodes a whole source and concatenates each
 field over its documents (the pre-tokenized pipeline's stream, cached on
@@ -31,9 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from subspace_jax.training import cache
-from subspace_jax.training.sources import DataError, Record
-from subspace_jax.training.tokenizer import Tokenizer
+from subspace_jax.data import cache
+from subspace_jax.data.sources import DataError, Record
+from subspace_jax.data.tokenizers import Tokenizer
 
 __all__ = ["Encoder", "TextEncoder", "ExampleEncoder", "tokenize_documents"]
 
@@ -73,7 +73,7 @@ class TextEncoder:
 
 
 class ExampleEncoder:
-    """A fine-tuning :class:`~subspace_jax.training.sources.Record` to
+    """A fine-tuning :class:`~subspace_jax.data.sources.Record` to
     ``{"tokens", "loss_mask"}`` (int32 arrays), as LLaMA checkpoints expect
     their input.
 
@@ -84,7 +84,7 @@ class ExampleEncoder:
     ``add_bos`` is False, as ``tokenizer_config.json``'s ``add_bos_token``
     says, or if the prompt already starts with it). A conversation
     (``messages``) is its chat template's rendering, learned on the
-    assistant turns (:func:`subspace_jax.training.chat.encode_conversation`). The prompt and
+    assistant turns (:func:`subspace_jax.data.chat.encode_conversation`). The prompt and
     the response are tokenized apart, so the response starts on a token
     boundary (a SentencePiece tokenizer then starts it with a word, as it
     starts the prompt).
@@ -126,7 +126,7 @@ class ExampleEncoder:
                                         np.int32)}
 
     def _conversation(self, record: Record) -> dict[str, np.ndarray]:
-        from subspace_jax.training import chat  # pylint: disable=import-outside-toplevel
+        from subspace_jax.data import chat  # pylint: disable=import-outside-toplevel
         try:
             ids, mask = chat.encode_conversation(self.tokenizer,
                                                  record.conversation)
@@ -241,7 +241,7 @@ def _cached_stream(docs: Sequence[str], tokenizer: Tokenizer, name: str,
     content hash (when the tokenizer has a fingerprint).
 
     A cached file is used only if it is what was written (its size and
-    SHA-256, :func:`~subspace_jax.training.cache.damage`) and holds ids of
+    SHA-256, :func:`~subspace_jax.data.cache.damage`) and holds ids of
     the tokenizer's vocabulary; a damaged one is made again, with a line on
     stderr naming it.
     """

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 import jax
 
-from subspace_jax.training.config import RunConfig
+from subspace_jax.run.config import RunConfig
 
 __all__ = ["info", "Progress", "MetricsSink", "Timer", "print_summary"]
 
@@ -193,7 +193,7 @@ class Timer:
 
 
 def print_summary(s: Mapping[str, Any]) -> None:
-  """Prints the run's summary (see :func:`~subspace_jax.training.loop.train`)
+  """Prints the run's summary (see :func:`~subspace_jax.run.loop.train`)
   as one ``done: ...`` line on stdout, from every process."""
   parts = [f"{s['step'] - s['start_step']} steps (to step {s['step']})"]
   if s["train_loss"] is not None:

@@ -1,8 +1,8 @@
 """What an exported Hugging Face directory needs beside the weights: the
 chat template and the generation config.
 
-:func:`~subspace_jax.training.loop.train` writes the weights and
-``config.json`` (:func:`subspace_jax.models.hf.save`) and copies the
+:func:`~subspace_jax.run.loop.train` writes the weights and
+``config.json`` (:func:`subspace_jax.models.io.hf.save`) and copies the
 tokenizer's files; :func:`add_chat_files` then adds ``chat_template.jinja``
 and ``generation_config.json`` from the tokenizer's directory or the
 ``--init-from`` checkpoint (a ``generation_config.json`` made from the

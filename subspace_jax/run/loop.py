@@ -3,7 +3,8 @@
 :class:`RunConfig` holds every setting of a run and round-trips through a
 JSON dict; :func:`train` runs it::
 
-    from subspace_jax.training import loop, train
+    from subspace_jax.run import loop
+    from subspace_jax.train import step as train
     cfg = loop.RunConfig(model="tiny", steps=200,
                          optimizer=train.OptimizerConfig(name="golore", rank=16),
                          checkpoint_dir="runs/demo/ckpt",
@@ -30,11 +31,11 @@ Errors in the settings or the data raise ``ValueError`` (the data pipeline's
 change (as its command-line flag, e.g. ``--batch-size``).
 
 This module holds the loop; the rest of a run lives beside it:
-:mod:`~subspace_jax.training.config` (the settings and their checks,
-re-exported here), :mod:`~subspace_jax.training.distributed` (multi-process
-start-up and exchanges), :mod:`~subspace_jax.training.inputs` (tokenizer,
-iterators, data positions), :mod:`~subspace_jax.training.lock` (the run
-lock) and :mod:`~subspace_jax.training.reporting` (status lines, progress,
+:mod:`~subspace_jax.run.config` (the settings and their checks,
+re-exported here), :mod:`~subspace_jax.run.distributed` (multi-process
+start-up and exchanges), :mod:`~subspace_jax.run.inputs` (tokenizer,
+iterators, data positions), :mod:`~subspace_jax.run.lock` (the run
+lock) and :mod:`~subspace_jax.run.reporting` (status lines, progress,
 metrics, summary).
 """
 
@@ -56,24 +57,24 @@ import jax
 import numpy as np
 
 from subspace_jax import models
-from subspace_jax.models import hf
-from subspace_jax.training import answers as answers_lib
-from subspace_jax.training import config as config_lib
-from subspace_jax.training import data as data_lib
-from subspace_jax.training import export as export_lib
-from subspace_jax.training import inputs
-from subspace_jax.training import lock as lock_lib
-from subspace_jax.training import reporting
-from subspace_jax.training import sharding as shd
-from subspace_jax.training import train as train_lib
-from subspace_jax.training.checkpoint import (Checkpointer,
+from subspace_jax.models.io import hf
+from subspace_jax.run import answers as answers_lib
+from subspace_jax.run import config as config_lib
+from subspace_jax.data import pipeline as data_lib
+from subspace_jax.run import export as export_lib
+from subspace_jax.run import inputs
+from subspace_jax.run import lock as lock_lib
+from subspace_jax.run import reporting
+from subspace_jax import sharding as shd
+from subspace_jax.train import step as train_lib
+from subspace_jax.train.checkpoint import (Checkpointer,
                                               CheckpointSaveError,
                                               CheckpointWarning)
-from subspace_jax.training.config import (RESUME_ALTERING_FIELDS,
+from subspace_jax.run.config import (RESUME_ALTERING_FIELDS,
                                           RESUME_SAFE_FIELDS, RunConfig,
                                           check_rank)
-from subspace_jax.training.distributed import any_process, initialize_distributed
-from subspace_jax.training.reporting import info
+from subspace_jax.run.distributed import any_process, initialize_distributed
+from subspace_jax.run.reporting import info
 
 __all__ = ["RunConfig", "NonFiniteError", "OutOfMemoryError", "ExportError",
            "CheckpointSaveError", "RESUME_SAFE_FIELDS",
@@ -605,7 +606,7 @@ def _run(cfg, setup, state, start, train_iter, eval_iter, eval_start, ckpt,
 def _finite_state(setup, state, step: int, progress) -> bool:
   """Whether ``state`` may be checkpointed: every array finite. The step
   skips non-finite gradients, not non-finite updates (see
-  :func:`~subspace_jax.training.train.setup`), so an optimizer that made
+  :func:`~subspace_jax.train.step.setup`), so an optimizer that made
   one from a finite gradient is caught here; the next steps then fail
   their loss check and the run stops."""
   if bool(setup.state_is_finite(state)):

@@ -3,7 +3,7 @@
 A checkpoint is one step directory with five items, written in one Orbax
 save (committed together or not at all):
 
-* ``state``: the :class:`~subspace_jax.training.train.TrainState` (step,
+* ``state``: the :class:`~subspace_jax.train.step.TrainState` (step,
   parameters, optimizer state), written by every process in parallel;
 * ``data``: the data position of every process (its data iterator's
   ``get_state()``, JSON), each written by its process to its own file
@@ -28,7 +28,7 @@ Every JSON item is read bounded in size and depth
 (:mod:`subspace_jax.jsonio`).
 
 The state is restored *into* an abstract state (``ShapeDtypeStruct``\\ s with
-shardings, :attr:`Setup.abstract_state <subspace_jax.training.train.Setup>`),
+shardings, :attr:`Setup.abstract_state <subspace_jax.train.step.Setup>`),
 which gives the exact pytree (NamedTuples, ``optax.MaskedNode`` placeholders)
 and the target shardings, so a run saved on one mesh resumes on another::
 
@@ -85,7 +85,7 @@ from subspace_jax import jsonio
 from subspace_jax.matrix_view import path_str
 
 if TYPE_CHECKING:
-  from subspace_jax.training.train import TrainState
+  from subspace_jax.train.step import TrainState
 
 __all__ = [
     "Restored",

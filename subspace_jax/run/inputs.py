@@ -1,6 +1,6 @@
 """The data of a run: its tokenizer, its iterators and their positions.
 
-Data-pipeline errors come out as :class:`~subspace_jax.training.data.DataError`
+Data-pipeline errors come out as :class:`~subspace_jax.data.pipeline.DataError`
 with the pipeline's argument names replaced by the run's command-line flags.
 """
 
@@ -11,10 +11,10 @@ from typing import Any, Sequence
 
 import jax
 
-from subspace_jax.training import data as data_lib
-from subspace_jax.training import tokenizer as tok_lib
-from subspace_jax.training.config import RunConfig
-from subspace_jax.training.reporting import info
+from subspace_jax.data import pipeline as data_lib
+from subspace_jax.data import tokenizers as tok_lib
+from subspace_jax.run.config import RunConfig
+from subspace_jax.run.reporting import info
 
 __all__ = ["make_tokenizer", "make_iterators", "data_state", "set_data_state",
            "held_out_records"]

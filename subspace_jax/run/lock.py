@@ -18,9 +18,9 @@ from typing import Any, Mapping
 import jax
 
 from subspace_jax import jsonio
-from subspace_jax.training.config import RunConfig
-from subspace_jax.training.distributed import allgather_json
-from subspace_jax.training.reporting import info
+from subspace_jax.run.config import RunConfig
+from subspace_jax.run.distributed import allgather_json
+from subspace_jax.run.reporting import info
 
 __all__ = ["RunLock", "take_lock"]
 

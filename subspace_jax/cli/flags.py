@@ -3,7 +3,7 @@ pretraining example and the benchmarks.
 
 :func:`add_model_flags` and :func:`add_optimizer_flags` declare them on an
 ``argparse`` parser (or argument group); :func:`optimizer_config` turns the
-parsed flags into a :class:`~subspace_jax.training.train.OptimizerConfig`,
+parsed flags into a :class:`~subspace_jax.train.step.OptimizerConfig`,
 and :func:`check_optimizer_flags` refuses, naming the flags, what the
 config would refuse in its own terms.
 """
@@ -15,7 +15,7 @@ from typing import Any
 
 from subspace_jax import models
 from subspace_jax.models import llama
-from subspace_jax.training import train
+from subspace_jax.train import step as train
 
 __all__ = [
     "WARMUP",
@@ -148,7 +148,7 @@ _FIELDS = {
 
 def optimizer_config(args: argparse.Namespace, total_steps: int,
                      **fields: Any) -> train.OptimizerConfig:
-  """The :class:`~subspace_jax.training.train.OptimizerConfig` of parsed
+  """The :class:`~subspace_jax.train.step.OptimizerConfig` of parsed
   flags.
 
   Args:
@@ -177,7 +177,7 @@ def optimizer_config(args: argparse.Namespace, total_steps: int,
 
 def check_optimizer_flags(args: argparse.Namespace) -> None:
   """Refuses, naming the flags, what :class:`OptimizerConfig
-  <subspace_jax.training.train.OptimizerConfig>` would refuse in its own
+  <subspace_jax.train.step.OptimizerConfig>` would refuse in its own
   (Python) terms.
 
   Raises:

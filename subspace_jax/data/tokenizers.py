@@ -40,8 +40,9 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from subspace_jax import jsonio
-from subspace_jax.training import cache, sources
-from subspace_jax.training.cache import default_cache_dir  # Re-exported.
+from subspace_jax.data import cache
+from subspace_jax.data import sources
+from subspace_jax.data.cache import default_cache_dir  # Re-exported.
 
 
 @runtime_checkable
@@ -430,14 +431,14 @@ def load_tokenizer(path: str | os.PathLike[str]
     it (and its ``add_bos``, ``chat_template`` and ``stop_ids``: see
     :func:`_read_extras`); or a ``.gguf`` file, whose metadata's tokenizer
     is written as Hugging Face files into the cache
-    (:func:`subspace_jax.models.gguf.tokenizer_dir`).
+    (:func:`subspace_jax.models.io.gguf.tokenizer_dir`).
 
     Raises:
         ValueError: If there is no tokenizer there, or it is damaged.
     """
     kind, file = tokenizer_file(path)
     if file.suffix.lower() == ".gguf":
-        from subspace_jax.models import gguf  # pylint: disable=import-outside-toplevel
+        from subspace_jax.models.io import gguf  # pylint: disable=import-outside-toplevel
         file = gguf.tokenizer_dir(file) / "tokenizer.json"
     specials = special_tokens(file.parent)
     if kind == "huggingface":

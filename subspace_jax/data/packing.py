@@ -1,7 +1,7 @@
 """Fine-tuning examples packed into rows of whole examples.
 
-A fine-tuning source's examples (:class:`~subspace_jax.training.sources.Record`,
-which :class:`~subspace_jax.training.encoding.ExampleEncoder` makes
+A fine-tuning source's examples (:class:`~subspace_jax.data.sources.Record`,
+which :class:`~subspace_jax.data.encoding.ExampleEncoder` makes
 ``[BOS] + prompt + response + [EOS]`` with a ``"loss_mask"`` on the
 response) are packed example by example rather than cut into windows: an
 example of ``n`` tokens gives ``n - 1`` (input, target) pairs, and whole
@@ -14,7 +14,7 @@ and line; a longer text is cut into pieces of ``seq_len + 1`` tokens that
 share one token, so each of its tokens is a target once, and each piece is
 packed as an example: :func:`_pieces`). The pieces fill the rows best-fit
 decreasing (:func:`pack_examples`). The examples are packed once; the
-pipeline (:mod:`~subspace_jax.training.data`) shuffles the rows anew every
+pipeline (:mod:`~subspace_jax.data.pipeline`) shuffles the rows anew every
 epoch and batches them as the windows of pre-tokenized data.
 
 Usage::

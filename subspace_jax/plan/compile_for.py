@@ -1,7 +1,7 @@
 """A run's train step compiled for a target, to plan its memory (--compile-for).
 
 :func:`compile_for` builds the exact step that :func:`loop.train
-<subspace_jax.training.loop.train>` would run for a :class:`RunConfig` (the
+<subspace_jax.run.loop.train>` would run for a :class:`RunConfig` (the
 same model config, optimizer and sharded ``train.setup``), on a mesh of the
 target's devices with the run's mesh sizes, and compiles it on abstract
 inputs: nothing is allocated or trained, no data is read and no checkpoint
@@ -19,12 +19,13 @@ import math
 import jax
 import jax.numpy as jnp
 
-from subspace_jax import memory, models
-from subspace_jax.training import config as config_lib
-from subspace_jax.training import sharding as shd
-from subspace_jax.training import sources
-from subspace_jax.training import train as train_lib
-from subspace_jax.training.config import RunConfig
+from subspace_jax import models
+from subspace_jax.plan import memory
+from subspace_jax.run import config as config_lib
+from subspace_jax import sharding as shd
+from subspace_jax.data import sources
+from subspace_jax.train import step as train_lib
+from subspace_jax.run.config import RunConfig
 
 __all__ = ["compile_for"]
 
@@ -66,15 +67,15 @@ def compile_for(cfg: RunConfig, target: str, *, devices=None,
   Args:
     cfg: The run (model, optimizer, ``batch_size``, ``seq_len``, ``mesh``).
     target: ``cpu``, ``gpu`` or ``tpu:TOPOLOGY``
-      (:func:`subspace_jax.memory.target_devices`).
+      (:func:`subspace_jax.plan.memory.target_devices`).
     devices: The target's devices, when the caller has them already.
     capacity: Bytes of one device's memory to plan against, instead of the
       device's own figure (``--memory-limit``).
     compiler_options: XLA options for this compile (e.g.
-      :data:`subspace_jax.memory.NO_LOOP_HOISTING` on a CPU).
+      :data:`subspace_jax.plan.memory.NO_LOOP_HOISTING` on a CPU).
 
   Returns:
-    The :class:`~subspace_jax.memory.StepReport` (per device).
+    The :class:`~subspace_jax.plan.memory.StepReport` (per device).
 
   Raises:
     ValueError: One line, on a bad target, mesh, batch or rank.

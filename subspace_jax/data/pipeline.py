@@ -1,7 +1,7 @@
 """Training data pipelines on grain: documents -> tokens -> packed batches.
 
 Every source goes through the same steps: each document is encoded into
-per-token arrays (:mod:`~subspace_jax.training.encoding`: ``"tokens"``, its
+per-token arrays (:mod:`~subspace_jax.data.encoding`: ``"tokens"``, its
 token ids with EOS appended, plus any extra per-token field an encoder
 adds, such as a loss mask), the documents are concatenated, the stream is
 cut into windows of ``seq_len + 1`` tokens, and the windows are batched as
@@ -11,10 +11,10 @@ as ``f = window_f[1:]``, aligned with ``targets`` (a loss mask applies to
 the tokens being predicted). Windows run across document boundaries; the
 EOS tokens mark them and the model attends across them.
 
-Fine-tuning sources (``source.examples``: :class:`~subspace_jax.training.sources.Record`
+Fine-tuning sources (``source.examples``: :class:`~subspace_jax.data.sources.Record`
 examples) are packed otherwise, example by example, into rows of whole
 examples that the model attends within (see
-:mod:`~subspace_jax.training.packing`). The examples are packed once; the
+:mod:`~subspace_jax.data.packing`). The examples are packed once; the
 rows are shuffled anew every epoch and batched as the windows of the
 pre-tokenized pipeline below.
 
@@ -76,17 +76,17 @@ from typing import Any
 import grain
 import numpy as np
 
-from subspace_jax.training.encoding import (Encoder, ExampleEncoder,
+from subspace_jax.data.encoding import (Encoder, ExampleEncoder,
                                             TextEncoder, _brief,
                                             _cached_stream, _read_document,
                                             _ReadAndEncode, tokenize_documents)
-from subspace_jax.training.packing import (PackingStats, _GatherRows, _pieces,
+from subspace_jax.data.packing import (PackingStats, _GatherRows, _pieces,
                                            pack_examples)
-from subspace_jax.training.sources import (DataError, EmbeddedCorpus,
+from subspace_jax.data.sources import (DataError, EmbeddedCorpus,
                                            Instructions, JsonlRecords, Record,
                                            Source, TextFiles, TfdsText,
                                            source_from_spec)
-from subspace_jax.training.tokenizer import ByteTokenizer, Tokenizer
+from subspace_jax.data.tokenizers import ByteTokenizer, Tokenizer
 
 __all__ = ["DataError", "Source", "EmbeddedCorpus", "TextFiles", "TfdsText",
            "Record", "JsonlRecords", "Instructions", "source_from_spec",
@@ -183,7 +183,7 @@ class BatchIterator:
         steps_per_epoch: Batches per epoch (pre-tokenized data), else None.
         num_tokens: Tokens in the stream (pre-tokenized data), else None.
         packing: How the examples were packed (fine-tuning sources:
-            :class:`~subspace_jax.training.packing.PackingStats`), else
+            :class:`~subspace_jax.data.packing.PackingStats`), else
             None.
     """
 
@@ -321,7 +321,7 @@ def _example_iterator(docs: Sequence[Any], encoder: Encoder, *, seq_len: int,
                       batch_size: int, pad_id: int, name: str, **common
                       ) -> BatchIterator:
     """The packed-examples pipeline (see the module docstring and
-    :mod:`~subspace_jax.training.packing`)."""
+    :mod:`~subspace_jax.data.packing`)."""
     encode = _ReadAndEncode(docs, encoder, name)
     fields = [encode(i) for i in range(len(docs))]
     keys = sorted(fields[0]) if fields else ["tokens"]
@@ -482,11 +482,11 @@ def make_iterator(
             streamed source (0: a thread of this process). Pre-tokenized
             sources ignore it: their batches are gathered by a thread.
         encoder: Maps a document to its per-token fields (see
-            :mod:`~subspace_jax.training.encoding`: :class:`TextEncoder`,
+            :mod:`~subspace_jax.data.encoding`: :class:`TextEncoder`,
             the default, and :class:`ExampleEncoder`, that of fine-tuning
             sources); extra fields reach the batch.
         cache_dir: Cache for tokenized embedded/local data; defaults to
-            :func:`~subspace_jax.training.cache.default_cache_dir`.
+            :func:`~subspace_jax.data.cache.default_cache_dir`.
 
     Returns:
         A :class:`BatchIterator` of ``{"inputs", "targets", ...}`` int32

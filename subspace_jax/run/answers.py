@@ -22,8 +22,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from subspace_jax.training import chat
-from subspace_jax.training.sources import Record
+from subspace_jax.data import chat
+from subspace_jax.data.sources import Record
 
 __all__ = ["Question", "questions", "answer", "exact_match", "Scored",
            "score"]

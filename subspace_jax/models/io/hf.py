@@ -4,7 +4,8 @@ A Hugging Face LLaMA checkpoint is a directory with ``config.json`` and the
 weights in ``model.safetensors`` or in several files listed by
 ``model.safetensors.index.json``::
 
-    from subspace_jax.models import hf, llama
+    from subspace_jax.models import llama
+    from subspace_jax.models.io import hf
     config, params = hf.load("path/to/llama", param_dtype="bfloat16")
     logits = llama.forward(config, params, tokens)
     hf.save("path/to/out", config, params)  # transformers loads it
@@ -46,8 +47,8 @@ from subspace_jax import factored
 from subspace_jax import jsonio
 from subspace_jax import matrix_view as mv
 from subspace_jax.models import llama
-from subspace_jax.models import safetensors_file as stf
-from subspace_jax.training import sharding as shd
+from subspace_jax.models.io import safetensors as stf
+from subspace_jax import sharding as shd
 
 __all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "INDEX_FILE", "read_config",
            "load", "save", "hf_config"]
@@ -208,7 +209,7 @@ def _inside(directory: pathlib.Path, name: str, where: str) -> pathlib.Path:
 
 
 def _is_gguf(path: str | os.PathLike[str]) -> bool:
-  """Whether ``path`` is a GGUF file, which :mod:`subspace_jax.models.gguf`
+  """Whether ``path`` is a GGUF file, which :mod:`subspace_jax.models.io.gguf`
   reads (:func:`read_config` and :func:`load` take one too)."""
   return str(path).lower().endswith(".gguf")
 
@@ -272,7 +273,7 @@ def read_config(path: str | os.PathLike[str],
 
   Args:
     path: The checkpoint directory (its ``config.json`` is read), or a
-      ``.gguf`` file (:func:`subspace_jax.models.gguf.read_config`).
+      ``.gguf`` file (:func:`subspace_jax.models.io.gguf.read_config`).
     **overrides: ``LlamaConfig`` fields that do not change the weights'
       shapes: ``param_dtype`` (default: the checkpoint's ``torch_dtype``),
       ``dtype``, ``scan_layers``, ``remat``, ``max_seq_len``, ...
@@ -282,7 +283,7 @@ def read_config(path: str | os.PathLike[str],
       key), a missing key, or an override of a shape field.
   """
   if _is_gguf(path):
-    from subspace_jax.models import gguf  # pylint: disable=import-outside-toplevel
+    from subspace_jax.models.io import gguf  # pylint: disable=import-outside-toplevel
     return gguf.read_config(path, **overrides)
   directory = _directory(path)
   where = str(directory / CONFIG_FILE)
@@ -517,7 +518,7 @@ def load(path: str | os.PathLike[str], *, mesh: jax.sharding.Mesh | None = None,
   Args:
     path: The checkpoint directory (``config.json`` and
       ``model.safetensors`` or ``model.safetensors.index.json``), or a
-      ``.gguf`` file (:func:`subspace_jax.models.gguf.load`: dequantized).
+      ``.gguf`` file (:func:`subspace_jax.models.io.gguf.load`: dequantized).
     mesh: The device mesh (default: this process's first device).
     **config_overrides: See :func:`read_config`; e.g.
       ``param_dtype="float32"`` to train in float32 from a bfloat16
@@ -533,7 +534,7 @@ def load(path: str | os.PathLike[str], *, mesh: jax.sharding.Mesh | None = None,
       unexpected tensor, or a damaged file (one line naming it).
   """
   if _is_gguf(path):
-    from subspace_jax.models import gguf  # pylint: disable=import-outside-toplevel
+    from subspace_jax.models.io import gguf  # pylint: disable=import-outside-toplevel
     return gguf.load(path, mesh=mesh, **config_overrides)
   config = read_config(path, **config_overrides)
   ckpt = _Checkpoint(_directory(path))

@@ -21,9 +21,9 @@ import numpy as np
 
 import subspace_jax as sj
 from subspace_jax import models
-from subspace_jax.models import hf
-from subspace_jax.training import tokenizer as tok_lib
-from subspace_jax.training import train as train_lib
+from subspace_jax.models.io import hf
+from subspace_jax.data import tokenizers as tok_lib
+from subspace_jax.train import step as train_lib
 
 __all__ = ["RunConfig", "RESUME_SAFE_FIELDS", "RESUME_ALTERING_FIELDS",
            "flag_name", "check_resume", "same_model", "check_rank",
@@ -108,7 +108,7 @@ class RunConfig:
     optimizer: The optimizer; its ``total_steps`` is the schedule length.
     data: Source spec: ``"embedded"``, ``"files:GLOB"``, ``"tfds:NAME"``,
       or fine-tuning examples ``"jsonl:PATH"``, ``"instructions"``
-      (:func:`~subspace_jax.training.sources.source_from_spec`).
+      (:func:`~subspace_jax.data.sources.source_from_spec`).
     split: Training split.
     eval_split: Held-out split evaluated every ``eval_every`` steps (None:
       no evaluation).
@@ -119,7 +119,7 @@ class RunConfig:
       ``"huggingface"`` (the ``tokenizer.json`` of ``tokenizer_model``).
     tokenizer_model: An existing tokenizer: a SentencePiece ``.model``, a
       Hugging Face ``tokenizer.json`` or a directory holding one
-      (:func:`~subspace_jax.training.tokenizer.load_tokenizer`); ``tokenizer``
+      (:func:`~subspace_jax.data.tokenizers.load_tokenizer`); ``tokenizer``
       must be its kind. The model's vocabulary is then its own (or, with
       ``init_from``, the checkpoint's, which may be larger).
     vocab_size: SentencePiece vocabulary size when one is trained (the byte
@@ -153,13 +153,13 @@ class RunConfig:
       consecutive steps whose loss or gradient is not finite (each one is
       skipped: it leaves the state unchanged).
     init_from: A Hugging Face LLaMA checkpoint directory or a ``.gguf``
-      file to start from (:func:`subspace_jax.models.hf.load`): its
+      file to start from (:func:`subspace_jax.models.io.hf.load`): its
       ``config.json`` (or GGUF metadata) is the model
       (``model`` is not used; ``scan_layers``, ``remat``, the dtypes and
       ``seq_len`` still apply) and its weights the starting point. A
       resumed run continues from its own checkpoint.
     export_hf: Directory to write the trained model to, as a Hugging Face
-      checkpoint (:func:`subspace_jax.models.hf.save`), when the run ends
+      checkpoint (:func:`subspace_jax.models.io.hf.save`), when the run ends
       (not when a signal stops it); with the tokenizer's files when it was
       loaded from ``tokenizer_model``.
     answers: Greedy answers to the first this many held-out questions
@@ -390,7 +390,7 @@ def _check_int(flag: str, value: Any, least: int) -> None:
 def _check_optimizer(opt: train_lib.OptimizerConfig, steps: int) -> None:
   """Refuses optimizer settings that cannot work or would be ignored.
 
-  :class:`~subspace_jax.training.train.OptimizerConfig` and the transforms
+  :class:`~subspace_jax.train.step.OptimizerConfig` and the transforms
   check some of these too, in their own (Python) terms; these messages name
   the command-line flags.
   """

@@ -9,7 +9,7 @@
 Fine-tuning sources give :class:`Record` examples (a prompt and its
 response, or a text) instead of documents, and set ``examples = True``: the
 data pipeline packs them whole, apart from each other (see
-:mod:`~subspace_jax.training.packing`).
+:mod:`~subspace_jax.data.packing`).
 
 * :class:`JsonlRecords`: a JSON Lines file of ``{"prompt": ..., "response":
   ...}``, ``{"messages": [...]}`` or ``{"text": ...}`` objects; a bad line is
@@ -103,7 +103,7 @@ def _split_documents(docs: list[str], split: str, holdout_fraction: float,
 @functools.lru_cache(maxsize=1)
 def _embedded_records() -> tuple[dict[str, str], ...]:
   """The embedded corpus's ``{"source": book, "text": document}`` lines."""
-  path = importlib.resources.files("subspace_jax") / "data" / _CORPUS_FILE
+  path = importlib.resources.files("subspace_jax.data") / "corpus" / _CORPUS_FILE
   with path.open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as f:
     return tuple(json.loads(line) for line in f if line.strip())
 
@@ -118,7 +118,7 @@ class EmbeddedCorpus:
 
   About 390 KB of text from two Project Gutenberg novels, in 174 documents
   of roughly 2,000 characters (whole paragraphs, never crossing a chapter);
-  see ``subspace_jax/data/README.md``. The last ``holdout_fraction`` of the
+  see ``subspace_jax/data/corpus/README.md``. The last ``holdout_fraction`` of the
   documents is the validation split.
 
   Attributes:

@@ -1,0 +1,1 @@
+"""The ``subspace-jax`` command line."""

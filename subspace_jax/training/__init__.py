@@ -1,1 +1,0 @@
-"""Training utilities: data pipeline, tokenizers and (later) the training loop."""
