@@ -35,7 +35,6 @@ import statistics
 import time
 
 import jax
-import numpy as np
 
 from benchmarks import common
 from subspace_jax.models import llama

@@ -32,8 +32,6 @@ tries the same path in a minute.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import math
 import pathlib
 import sys
 import time
@@ -104,7 +102,7 @@ def calibrate(settings: Mapping[str, Any], methods: list[str]) -> dict[str, tupl
   mesh = shd.make_mesh(-1, 1, 1)
   for method in methods:
     cfg = run_config(settings, method, steps=1000, seed=0)
-    model_config = cfg.model_config()
+    model_config = cfg.model_config
     s = train.setup(model_config, cfg.optimizer, mesh)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, model_config.vocab_size,
@@ -161,8 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
                  help=f"comma-separated, of {', '.join(METHODS)}")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--model", default=None, help="replace the model (a CPU try)")
-  p.add_argument("--batch-size", type=int, default=None, help="replace the batch")
-  p.add_argument("--seq-len", type=int, default=None, help="replace the sequence length")
+  p.add_argument("--batch-size", type=int, default=None, help="replace the "
+                                                              "batch")
+  p.add_argument("--seq-len", type=int, default=None, help="replace the "
+                                                           "sequence length")
   p.add_argument("--steps", type=int, default=None, help="replace the steps")
   p.add_argument("--out", default=str(common.RESULTS / "paper60m.md"),
                  help="the report; the runs go beside it as NAME_runs.jsonl")
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     rec = dict(key, **quality.train_and_measure(cfg), commit=code,
                command=command, data=s["data"], dtype=s["dtype"])
     records.add(rec)
-    rows.append((method, rec, models.param_count(cfg.model_config())))
+    rows.append((method, rec, models.param_count(cfg.model_config)))
   write_report(out, rows, s, steps, command, code, costs)
 
 
@@ -243,13 +243,14 @@ def write_report(out, rows, s, steps, command, code, costs) -> None:
     cells += [f"{tps:,.0f}" if tps else "—", mfu(tps, params),
               f"{rec['wall_s']:.0f}"]
     lines.append("| " + " | ".join(cells) + " |")
-  calib = ("" if not costs else "Calibration (compile s, step ms): " + ", ".join(
+  calib = ("" if not costs else "Calibration (compile s, step "
+                                "ms): " + ", ".join(
       f"{m} ({c:.0f}, {1e3 * t:.0f})" for m, (c, t) in costs.items()) + ".\n\n")
   text = (
-      "# LLaMA-60M, the papers' setting\n\n"
-      f"{common.provenance(command, commit_id=code)}\n"
-      f"Device: {dev.platform} ({dev.device_kind}). Model `{s['model']}`, "
-      f"data `{s['data']}`, {steps} steps of {s['batch_size']} × {s['seq_len']} "
+      "# LLaMA-60M, the papers' "
+      f"setting\n\n{common.provenance(command, commit_id=code)}\nDevice: "
+      f"{dev.platform} ({dev.device_kind}). Model `{s['model']}`, data "
+      f"`{s['data']}`, {steps} steps of {s['batch_size']} × {s['seq_len']} "
       f"tokens, {s['dtype']}, warm-up {min(s['warmup'], steps - 1)}, rank "
       f"{s['rank']}, gap {s['update_gap']}, scale {s['scale']:g}, seed "
       f"{rows[0][1]['seed'] if rows else 0}. Held-out: {s['eval_batches']} "

@@ -224,7 +224,8 @@ def _optimizer_config(task: Mapping[str, Any]):
     name, _, mode = task["variant"].partition(":")
     args.optimizer = name
     args.subspace_mode = mode or "transform"
-    return cli.optimizer_config(args, task["steps"], seed=task["seed"])
+    return cli.optimizer_config(args, task["steps"], seed=task["seed"]
+                                ).with_model(models.get_config(task["model"]))
   v = VARIANTS[task["variant"]]
   hidden = models.get_config(task["model"]).hidden_size
   fields = dict(v.fields, learning_rate=task["lr"], seed=task["seed"],
@@ -232,7 +233,8 @@ def _optimizer_config(task: Mapping[str, Any]):
                 update_gap=task["update_gap"], scale=task["scale"])
   if v.golore_pct:
     fields["svd_steps"] = int(round((1 - v.golore_pct / 100) * task["steps"]))
-  return cli.optimizer_config(args, task["steps"], **fields)
+  return cli.optimizer_config(args, task["steps"], **fields).with_model(
+      models.get_config(task["model"]))
 
 
 def eval_batches(task: Mapping[str, Any]) -> int:
@@ -258,7 +260,7 @@ def run_task(task: Mapping[str, Any]) -> dict[str, Any]:
       eval_batches=eval_batches(task), log_every=max(1, task["steps"] // 60),
       checkpoint_dir=None, tensorboard_dir=None, progress=False)
   return dict(task, **train_and_measure(cfg), lr_used=opt.learning_rate,
-              scale_used=opt.scale, side_used=opt.effective_side,
+              scale_used=opt.scale, side_used=opt.side,
               gap_used=opt.update_gap, rank_used=opt.rank)
 
 
@@ -468,7 +470,7 @@ def _default_task(setting: str, opt: str, seed: int, s: Setting) -> dict:
   cfg = _optimizer_config(t)
   return dict(t, lr=cfg.learning_rate, rank=cfg.rank,
               update_gap=cfg.update_gap, scale=cfg.scale,
-              side=cfg.effective_side)
+              side=cfg.side)
 
 
 def plan(records: Records, settings: Mapping[str, Setting],

@@ -10,6 +10,13 @@ GaLore, GoLore and RSO as composable ``optax.GradientTransformation``\\ s::
   )
 """
 
+import importlib.metadata
+
+from subspace_jax import libtpu
+
+libtpu.skip_runtime()  # Before JAX starts its backends (see libtpu.py).
+
+# pylint: disable=wrong-import-position
 from subspace_jax import factored, matrix_view, projection, transform
 from subspace_jax.plan import memory
 from subspace_jax.matrix_view import MatrixView, default_view, views_by_path
@@ -21,7 +28,10 @@ from subspace_jax.transform import (
     scale_by_subspace,
 )
 
-__version__ = "0.1.0"
+try:
+  __version__ = importlib.metadata.version("subspace_jax")
+except importlib.metadata.PackageNotFoundError:  # Run from a source tree.
+  __version__ = "unknown"
 
 __all__ = [
     "MatrixView",

@@ -27,6 +27,7 @@ import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from subspace_jax.matrix_view import LeafPlan, path_str
+from subspace_jax.naming import setting
 
 __all__ = [
     "MESH_AXES",
@@ -75,14 +76,14 @@ def make_mesh(
     if len(devices) % known:
       raise ValueError(
           f"{len(devices)} devices cannot be split into a mesh with "
-          f"fsdp*tensor*data = {known}*k; change --mesh"
+          f"fsdp*tensor*data = {known}*k; change {setting('mesh')}"
       )
     sizes[sizes.index(-1)] = len(devices) // known
   if math.prod(sizes) != len(devices):
     raise ValueError(
         f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} needs "
         f"{math.prod(sizes)} devices, but {len(devices)} are available; "
-        "change --mesh (one size may be -1)"
+        f"change {setting('mesh')} (one size may be -1)"
     )
   grid = np.asarray(devices).reshape(sizes)
   return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
@@ -280,3 +281,36 @@ def state_shardings(
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Batches ``(batch, seq)`` split over the data-parallel axes."""
   return NamedSharding(mesh, P(("data", "fsdp"), None))
+
+
+def check_batch(batch_size: int, mesh: Mesh, micro_batches: int = 1) -> None:
+  """Refuses a batch size that the mesh or the processes cannot split (into
+  ``micro_batches`` micro-batches of gradient accumulation first).
+
+  Raises:
+    ValueError: Naming the batch size, the mesh or the accumulation.
+  """
+  if batch_size % micro_batches:
+    raise ValueError(
+        f"{setting('batch_size')} {batch_size} is not divisible by "
+        f"{setting('optimizer.grad_accum')} {micro_batches}; use a multiple "
+        f"of {micro_batches}")
+  micro = batch_size // micro_batches
+  what = (f"{setting('batch_size')} {batch_size}" if micro_batches == 1 else
+          f"the micro-batch of {micro} ({setting('batch_size')} / "
+          f"{setting('optimizer.grad_accum')})")
+  dp = mesh.shape["data"] * mesh.shape["fsdp"]
+  if micro % dp:
+    raise ValueError(
+        f"{what} is not divisible by the data-parallel size {dp} (data x fsdp "
+        f"of the mesh {dict(mesh.shape)}); use a multiple of {dp} or change "
+        f"{setting('mesh')}")
+  procs = jax.process_count()
+  if micro % procs:
+    raise ValueError(f"{what} is not divisible by the {procs} processes; use "
+                     f"a multiple of {procs}")
+  if dp % procs:
+    raise ValueError(
+        f"the data-parallel size {dp} (data x fsdp of {setting('mesh')}) is "
+        f"not a multiple of the {procs} processes, so the processes cannot "
+        f"each feed their own share of the batch; change {setting('mesh')}")

@@ -102,6 +102,12 @@ class Method:
       gradient.
     svd_variants: Projection kind for each value of the ``svd`` option
       (empty: the option does not apply and ``projection`` is used).
+    side: The default side rule (:mod:`subspace_jax.matrix_view`). "std"
+      for the random methods: a random projection keeps ``r/d`` of the
+      gradient along the projected dimension ``d``, so projecting the
+      smaller one keeps more (the quality study,
+      ``benchmarks/results/quality.md``); "lean" for GaLore, whose SVD
+      keeps the same energy on either side, with the smaller state.
   """
 
   projection: str
@@ -110,6 +116,7 @@ class Method:
   svd_phase: bool = False
   model_mode: bool = False
   svd_variants: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  side: str = "lean"
 
   def projection_for(self, svd: str = "exact") -> str:
     """The projection kind with the ``svd`` option ``svd``."""
@@ -125,9 +132,10 @@ METHODS: dict[str, Method] = {
     "galore": Method(
         "svd", svd_variants={"exact": "svd", "randomized": "randomized"}
     ),
-    "golore": Method("stiefel", svd_phase=True, model_mode=True),
+    "golore": Method("stiefel", svd_phase=True, model_mode=True, side="std"),
     "rso": Method(
-        "scaled_stiefel", reset_inner=True, proximal=True, model_mode=True
+        "scaled_stiefel", reset_inner=True, proximal=True, model_mode=True,
+        side="std",
     ),
 }
 
@@ -634,6 +642,7 @@ def scale_by_method(
     svd: str = "exact",
     svd_steps: int = 0,
     eta: float | jax.Array | None = None,
+    side: str | None = None,
     **kwargs,
 ) -> optax.GradientTransformation:
   """:func:`scale_by_subspace` with the settings of ``METHODS[method]``.
@@ -644,6 +653,7 @@ def scale_by_method(
     svd: The ``svd`` option (for a method with ``svd_variants``).
     svd_steps: The SVD phase (for a method with ``svd_phase``).
     eta: The proximal coefficient (for a ``proximal`` method).
+    side: The side rule (None: the method's :attr:`Method.side`).
     **kwargs: The other arguments of :func:`scale_by_subspace`.
   """
   m = METHODS[method]
@@ -653,7 +663,8 @@ def scale_by_method(
     raise ValueError(f"{method} has no SVD phase (svd_steps)")
   return scale_by_subspace(
       inner, projection=m.projection_for(svd), svd_steps=svd_steps,
-      reset_inner=m.reset_inner, eta=eta, name=method, **kwargs,
+      reset_inner=m.reset_inner, eta=eta, name=method,
+      side=m.side if side is None else side, **kwargs,
   )
 
 
@@ -663,7 +674,7 @@ def galore(
     rank: int,
     update_gap: int = 200,
     scale: float | jax.Array = 1.0,
-    side: str = "lean",
+    side: str | None = None,
     svd: str = "exact",
     views: Optional[mv.ViewFn] = None,
     moment_dtype: Any = None,
@@ -693,9 +704,10 @@ def galore(
     rank: Subspace rank (clipped to each matrix).
     update_gap: Steps between SVDs.
     scale: Factor on the back-projected update (the paper's alpha).
-    side: ``"lean"`` (default; project the larger dimension, as
-      ``optax.contrib.scale_by_galore``), ``"std"`` (the paper's rule),
-      ``"left"`` or ``"right"``.
+    side: ``"lean"`` (the default, None; project the larger dimension, as
+      ``optax.contrib.scale_by_galore``: the smaller state, and the same
+      energy as ``"std"``), ``"std"`` (the paper's rule), ``"left"`` or
+      ``"right"``.
     svd: ``"exact"`` (full SVD in float32) or ``"randomized"`` (a fast
       warm-started range finder: a few matrix products instead of an SVD).
     views: Which leaves are projected and how (see ``views_by_path``).
@@ -724,7 +736,7 @@ def golore(
     scale: float | jax.Array = 1.0,
     seed: int = 0,
     svd_steps: int = 0,
-    side: str = "lean",
+    side: str | None = None,
     views: Optional[mv.ViewFn] = None,
     moment_dtype: Any = None,
 ) -> optax.GradientTransformation:
@@ -752,7 +764,10 @@ def golore(
     seed: Seed of the projections.
     svd_steps: Use GaLore's SVD projection for steps ``< svd_steps`` first
       (GoLore@x% with ``T`` steps: ``svd_steps = (1 - x) T``).
-    side: Side rule (see :func:`galore`).
+    side: Side rule (see :func:`galore`; default, None: ``"std"``, the
+      smaller dimension projected, which keeps the larger fraction
+      ``r / min(m, n)`` of a random projection's gradient; ``"lean"`` keeps
+      the smaller state ``r × min(m, n)``).
     views: Which leaves are projected and how.
     moment_dtype: dtype of projected gradients and inner moments.
 
@@ -775,7 +790,7 @@ def rso(
     scale: float | jax.Array = 1.0,
     seed: int = 0,
     eta: float | jax.Array | None = None,
-    side: str = "lean",
+    side: str | None = None,
     views: Optional[mv.ViewFn] = None,
     moment_dtype: Any = None,
 ) -> optax.GradientTransformation:
@@ -805,7 +820,7 @@ def rso(
     scale: Factor on the back-projected update.
     seed: Seed of the projections.
     eta: Proximal coefficient (None: no proximal term).
-    side: Side rule (see :func:`galore`).
+    side: Side rule (default, None: ``"std"``, as for :func:`golore`).
     views: Which leaves are projected and how.
     moment_dtype: dtype of projected gradients and inner moments.
 

@@ -55,11 +55,11 @@ def start(args: list[str], cwd: pathlib.Path, *,
                           stdin=subprocess.DEVNULL, text=True)
 
 
-def run_config(args: list[str]):
-  """The example's :class:`~subspace_jax.run.loop.RunConfig` for
-  ``args`` (parsed in this process; nothing runs)."""
-  import importlib.util  # pylint: disable=import-outside-toplevel
-  spec = importlib.util.spec_from_file_location("pretrain_llama", EXAMPLE)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.run_config(module.parse_args(list(map(str, args))))
+def run_config(args: list[str], command: str = "pretrain"):
+  """The :class:`~subspace_jax.run.config.RunConfig` that ``subspace-jax
+  COMMAND ARGS`` would run (parsed in this process; nothing runs)."""
+  from subspace_jax.cli import finetune, flags, pretrain  # pylint: disable=import-outside-toplevel
+  module = {"pretrain": pretrain, "finetune": finetune}[command]
+  with flags.names():
+    return module.run_config(flags.parse(module.build_parser(),
+                                         list(map(str, args))))

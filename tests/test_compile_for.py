@@ -152,7 +152,7 @@ def test_data_parallel_step_all_reduces_every_gradient_once():
   cfg = clirun.run_config(["--mesh", "8,1,1", "--optimizer", "adamw",
                            "--batch-size", "8", "--seq-len", "16"])
   report = plan.compile_for(cfg, "cpu")
-  grads = 4 * llama.param_count(cfg.model_config())
+  grads = 4 * llama.param_count(cfg.model_config)
   c = report.collectives
   assert report.devices == 8 and report.breakdown.gradients == grads
   assert grads <= c.by_kind["all-reduce"].bytes <= grads + 64
@@ -169,7 +169,7 @@ def test_compile_for_cpu_through_the_cli(tmp_path):
   assert r.returncode == 0, r.stderr
   assert "peak" in r.stdout and "capacity unknown" in r.stdout
   report = json.loads(out.read_text())
-  config = clirun.run_config(TINY).model_config()
+  config = clirun.run_config(TINY).model_config
   b = report["breakdown"]
   assert report["target"] == "cpu" and report["devices"] == 1
   assert report["fits"] is None and report["capacity"] is None
@@ -258,7 +258,7 @@ def test_tpu_compile_of_the_tiny_step_fits(tmp_path):
   assert "TPU_ACCELERATOR_TYPE" not in r.stderr, r.stderr
   report = json.loads(out.read_text())
   assert report["devices"] == 4 and report["fits"] is True
-  config = clirun.run_config(TINY).model_config()
+  config = clirun.run_config(TINY).model_config
   # FSDP over 4 chips: the weights' per-chip share (norms replicated).
   assert report["breakdown"]["weights"] < 4 * llama.param_count(config) / 3
   assert report["collectives"]["by_kind"]["all-gather"]["count"] > 0

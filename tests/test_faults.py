@@ -74,7 +74,7 @@ def _records(run_dir):
 def _restore(run_dir, args):
   """The newest checkpoint of a run made with the example's ``args``."""
   cfg = clirun.run_config(args)
-  setup = train.setup(cfg.model_config(), cfg.optimizer, shd.make_mesh(
+  setup = train.setup(cfg.model_config, cfg.optimizer, shd.make_mesh(
       1, 1, 1, devices=jax.devices()[:1]))
   with checkpoint.Checkpointer(run_dir / "ckpt") as ckpt:
     return ckpt.all_steps(), ckpt.restore(setup.abstract_state)

@@ -16,7 +16,6 @@ follows the same learning-rate schedule as one of 30.
 """
 
 import hashlib
-import importlib.util
 import json
 import math
 import pathlib
@@ -33,9 +32,7 @@ from subspace_jax.train import checkpoint
 from subspace_jax.train import step as train
 from subspace_jax import sharding as shd
 
-_spec = importlib.util.spec_from_file_location("pretrain_llama", clirun.EXAMPLE)
-pretrain = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(pretrain)
+from subspace_jax.cli import pretrain  # pylint: disable=wrong-import-order
 
 ARGS = [*clirun.FAST, "--schedule-steps", "30"]
 RUN = pathlib.Path("runs", "tiny_golore")  # Under the working directory.
@@ -64,7 +61,7 @@ def _final_state(cwd, step=None) -> checkpoint.Restored:
   onto this test session's devices; it must carry checksums, and they must
   match."""
   cfg = pretrain.run_config(pretrain.parse_args(ARGS))
-  setup = train.setup(cfg.model_config(), cfg.optimizer, shd.make_mesh(*cfg.mesh))
+  setup = train.setup(cfg.model_config, cfg.optimizer, shd.make_mesh(*cfg.mesh))
   with checkpoint.Checkpointer(cwd / RUN / "ckpt") as ckpt, warnings.catch_warnings():
     warnings.simplefilter("error", checkpoint.CheckpointWarning)
     restored = ckpt.restore(setup.abstract_state, step=step)

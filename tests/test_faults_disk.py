@@ -117,7 +117,7 @@ def _restores(cwd, step) -> bool:
   from subspace_jax import sharding as shd  # pylint: disable=import-outside-toplevel
   from subspace_jax.train import step as train  # pylint: disable=import-outside-toplevel
   cfg = clirun.run_config(ARGS)
-  setup = train.setup(cfg.model_config(), cfg.optimizer,
+  setup = train.setup(cfg.model_config, cfg.optimizer,
                       shd.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
   with checkpoint.Checkpointer(cwd / RUN / "ckpt") as ckpt, \
       warnings.catch_warnings():
@@ -187,12 +187,10 @@ def test_out_of_memory_in_a_step_is_one_line(copy_10, tmp_path):
 def test_metrics_lines_stay_whole_after_a_cut_short_one(tmp_path):
   """A record cut short (the disk filled while it was appended): the next
   record starts a line of its own instead of gluing onto it."""
-  from subspace_jax.run import config as config_lib  # pylint: disable=import-outside-toplevel
   from subspace_jax.run import reporting  # pylint: disable=import-outside-toplevel
   path = tmp_path / "metrics.jsonl"
   path.write_text('{"step": 5, "loss": 1.0}\n{"step": 10, "lo')
-  sink = reporting.MetricsSink(config_lib.RunConfig(
-      metrics_path=str(path), tensorboard_dir=None))
+  sink = reporting.MetricsSink(str(path), None)
   sink.write({"step": 15, "loss": 0.5})
   sink.close()
   assert path.read_text().splitlines() == [

@@ -5,7 +5,6 @@ import dataclasses
 import json
 import pathlib
 import shutil
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -25,11 +24,11 @@ from subspace_jax.data import sources
 from subspace_jax.train import step as train
 from subspace_jax import sharding as shd
 from subspace_jax.data import tokenizers as tok_lib
+from subspace_jax.cli import finetune
+from subspace_jax.train import optimizer as opt_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FINETUNE = ROOT / "examples" / "finetune_llama.py"
-sys.path.insert(0, str(FINETUNE.parent))
-import finetune_llama  # pylint: disable=wrong-import-position  # noqa: E402
 
 BYTE = tok_lib.ByteTokenizer()
 
@@ -290,8 +289,8 @@ def _args(run_dir, *extra):
 
 
 def _final_state(run_dir, argv):
-  cfg = finetune_llama.run_config(finetune_llama.build_parser().parse_args(argv))
-  setup = train.setup(cfg.model_config(), cfg.optimizer, shd.make_mesh(*cfg.mesh))
+  cfg = clirun.run_config(argv, "finetune")
+  setup = train.setup(cfg.model_config, cfg.optimizer, shd.make_mesh(*cfg.mesh))
   with checkpoint.Checkpointer(run_dir / "ckpt") as ckpt:
     return ckpt.restore(setup.abstract_state)
 
@@ -303,20 +302,21 @@ def demo_cache(tmp_path, monkeypatch):
 
 
 def test_defaults_demo_model_and_learning_rate(demo_cache, tmp_path):
-  parse = lambda *a: finetune_llama.run_config(
-      finetune_llama.build_parser().parse_args(list(a)))
+  parse = lambda *a: clirun.run_config(list(a), "finetune")
   demo = parse()
-  assert demo.init_from == str(demo_cache / "finetune" / finetune_llama.DEMO_NAME)
+  assert demo.init_from == str(demo_cache / "finetune" / finetune.DEMO_NAME)
+  # The random demo model trains at pretraining's default learning rate.
   assert (demo.data, demo.tokenizer, demo.optimizer.learning_rate) == (
-      "instructions", "byte", finetune_llama.DEMO_LR)
-  assert demo.model_config() == dataclasses.replace(
-      finetune_llama.DEMO_CONFIG, max_seq_len=demo.seq_len, scan_layers=True)
+      "instructions", "byte", opt_lib.DEFAULTS["golore"]["learning_rate"])
+  assert demo.model_config == dataclasses.replace(
+      finetune.DEMO_CONFIG, max_seq_len=demo.seq_len, scan_layers=True)
   # From a checkpoint: AdamW's 2e-5, and the same step for the subspace
   # methods, whose updates --scale multiplies: 2e-5 / scale.
   pretrained = parse("--init-from", demo.init_from, "--optimizer", "adamw")
-  assert pretrained.optimizer.learning_rate == finetune_llama.PRETRAINED_LR
+  assert pretrained.optimizer.learning_rate == opt_lib.FINETUNE_LEARNING_RATE
   assert pretrained.scan_layers  # Checkpoints load scanned by default.
-  for flags, lr in ((["--optimizer", "golore"], 8e-5),
+  golore_scale = opt_lib.DEFAULTS["golore"]["scale"]
+  for flags, lr in ((["--optimizer", "golore"], 2e-5 / golore_scale),
                     (["--optimizer", "rso", "--scale", "0.5"], 4e-5),
                     (["--optimizer", "rso", "--lr", "1e-3"], 1e-3)):
     got = parse("--init-from", demo.init_from, *flags).optimizer.learning_rate
@@ -348,10 +348,10 @@ def test_resume_is_bit_exact(tmp_path, demo_cache):
                 + [{"text": chars()} for _ in range(20)])
   argv = _args(tmp_path, "--steps", "4", "--optimizer", "rso",
                "--subspace-mode", "model", "--data", f"jsonl:{path}")
-  assert finetune_llama.main(argv)["start_step"] == 0
+  assert finetune.main(argv)["start_step"] == 0
   want = _final_state(tmp_path, argv)
   shutil.rmtree(tmp_path / "ckpt" / "4")
-  assert finetune_llama.main(argv)["start_step"] == 2
+  assert finetune.main(argv)["start_step"] == 2
   got = _final_state(tmp_path, argv)
   assert want.step == got.step == 4 and want.data_state == got.data_state
   for x, y in zip(jax.tree.leaves(want.state), jax.tree.leaves(got.state)):
@@ -386,10 +386,10 @@ def test_the_default_command_runs_offline_and_exports(tmp_path):
   assert json.loads((tmp_path / "out" / "generation_config.json").read_text(
       )) == {"_from_model_config": False, "bos_token_id": 257,
              "eos_token_id": 258, "pad_token_id": 256}
-  demo = cache_dir / "finetune" / finetune_llama.DEMO_NAME
+  demo = cache_dir / "finetune" / finetune.DEMO_NAME
   config, before = hf.load(demo)
   exported, after = hf.load(tmp_path / "out")
-  assert exported == config == finetune_llama.DEMO_CONFIG
+  assert exported == config == finetune.DEMO_CONFIG
   assert json.loads((tmp_path / "out" / "config.json").read_text())[
       "bos_token_id"] == BYTE.bos_id
   moved = [float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
@@ -411,7 +411,7 @@ def test_bad_data_exits_2_with_one_line(tmp_path, demo_cache, capsys, lines,
   path = tmp_path / "train.jsonl"
   path.write_text("".join(line + "\n" for line in lines))
   with pytest.raises(SystemExit) as exit_info:
-    finetune_llama.main(_args(tmp_path, "--data", f"jsonl:{path}", "--split",
+    finetune.main(_args(tmp_path, "--data", f"jsonl:{path}", "--split",
                               "all", "--eval-split", "none"))
   assert exit_info.value.code == 2
   err = [l for l in capsys.readouterr().err.splitlines() if "error:" in l]
@@ -427,10 +427,10 @@ def test_eval_only_reports_the_loaded_models_loss_and_answers(tmp_path,
   argv = [*_args(tmp_path, "--seq-len", "128", "--eval-every", "10",
                  "--eval-batches", "2",
                  "--answers", "4"), "--checkpoint-dir", "none"]
-  only = finetune_llama.main([*argv, "--eval-only"])
+  only = finetune.main([*argv, "--eval-only"])
   assert (only["step"], only["train_loss"], only["answers"]) == (0, None, 4)
   assert np.isfinite(only["eval_loss"])
-  trained = finetune_llama.main([*argv, "--steps", "2"])
+  trained = finetune.main([*argv, "--steps", "2"])
   assert trained["exact_match_before"] == only["exact_match"]
   with pytest.raises(SystemExit):
-    finetune_llama.main([*argv, "--eval-only", "--eval-split", "none"])
+    finetune.main([*argv, "--eval-only", "--eval-split", "none"])

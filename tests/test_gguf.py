@@ -10,11 +10,8 @@ random blocks checked against dequantizers written here from llama.cpp's
 block layouts.
 """
 
-import json
-import pathlib
 
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import pytest
 

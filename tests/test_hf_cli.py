@@ -30,7 +30,7 @@ def test_flags_take_the_model_and_tokenizer_from_the_checkpoint(checkpoint):
   path, cfg, _ = checkpoint
   run = clirun.run_config(["--init-from", path, "--seq-len", "256"])
   assert (run.tokenizer, run.tokenizer_model) == ("sentencepiece", str(path))
-  model = run.model_config()
+  model = run.model_config
   assert model.vocab_size == 32000 and model.kv_heads == 2
   assert model.max_seq_len == 256 and model.hidden_size == cfg.hidden_size
   assert run.optimizer.rank == cfg.hidden_size // 4
@@ -100,7 +100,7 @@ def test_tokenizer_model_sets_the_vocabulary(llama_sp_model):
   default --tokenizer and its vocabulary the model's."""
   run = clirun.run_config(["--tokenizer-model", llama_sp_model])
   assert (run.tokenizer, run.model) == ("sentencepiece", "tiny")
-  assert run.model_config().vocab_size == 32000
+  assert run.model_config.vocab_size == 32000
   with pytest.raises(ValueError, match="is a sentencepiece tokenizer, not "
                      "--tokenizer huggingface"):
     clirun.run_config(["--tokenizer-model", llama_sp_model,

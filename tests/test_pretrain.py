@@ -60,7 +60,7 @@ def _records(path):
 def _final_state(run_dir, argv):
   """The newest checkpoint of a run made with ``argv``."""
   cfg = pretrain.run_config(pretrain.parse_args(argv))
-  setup = train.setup(cfg.model_config(), cfg.optimizer, shd.make_mesh(*cfg.mesh))
+  setup = train.setup(cfg.model_config, cfg.optimizer, shd.make_mesh(*cfg.mesh))
   with checkpoint.Checkpointer(run_dir / "ckpt") as ckpt:
     return ckpt.restore(setup.abstract_state)
 

@@ -95,7 +95,7 @@ def test_side_rules_shape_the_state():
 
 
 def test_rank_is_clipped_to_the_matrix():
-  st = sj.golore(rank=50, update_gap=2).init({"w": jnp.zeros((8, 5))})
+  st = sj.golore(rank=50, update_gap=2, side="lean").init({"w": jnp.zeros((8, 5))})
   assert st.inner_low.mu["w"].shape == (5, 5)
 
 

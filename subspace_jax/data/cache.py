@@ -13,7 +13,7 @@ again rather than trusted::
     key = content_key("tokens-v2|byte-v1", docs)
     path = cache_path(None, "tokens", f"{key[:24]}.npy")
     if damage(path) is not None:  # Missing, or not what was written.
-      write_verified(path, lambda f: np.save(f, tokens), suffix=".tmp.npy")
+      write_verified(path, lambda f: np.save(f, tokens))
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ import hashlib
 import json
 import os
 import pathlib
-import tempfile
 from collections.abc import Callable, Iterable
 from typing import BinaryIO
 
+from subspace_jax import atomic
 from subspace_jax import jsonio
 
 __all__ = ["default_cache_dir", "content_key", "cache_path", "write_atomic",
@@ -82,27 +82,15 @@ def cache_path(cache_dir: str | os.PathLike[str] | None, folder: str,
   return pathlib.Path(cache_dir or default_cache_dir()) / folder / name
 
 
-def write_atomic(path: pathlib.Path, write: Callable[[BinaryIO], None], *,
-                 suffix: str = ".tmp") -> None:
-  """Writes a file in one step: to a temporary file beside it, then renamed.
+def write_atomic(path: pathlib.Path, write: Callable[[BinaryIO], None]) -> None:
+  """Writes a file in one step (:func:`subspace_jax.atomic.replacing`).
 
   Args:
     path: The file; its folder is made if missing.
     write: Writes the content to the binary file it is given.
-    suffix: Suffix of the temporary file's name.
   """
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=suffix)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      write(f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  with atomic.replacing(path) as f:
+    write(f)
 
 
 _MANIFEST_SCHEMA = {
@@ -127,11 +115,11 @@ def _file_digest(path: pathlib.Path) -> tuple[str, int]:
   return digest.hexdigest(), size
 
 
-def write_verified(path: pathlib.Path, write: Callable[[BinaryIO], None], *,
-                   suffix: str = ".tmp") -> None:
+def write_verified(path: pathlib.Path,
+                   write: Callable[[BinaryIO], None]) -> None:
   """:func:`write_atomic`, then the file's manifest (its size and SHA-256)
   beside it, which :func:`damage` checks."""
-  write_atomic(path, write, suffix=suffix)
+  write_atomic(path, write)
   digest, size = _file_digest(path)
   text = json.dumps({"sha256": digest, "bytes": size})
   write_atomic(_manifest(path), lambda f: f.write(text.encode()))

@@ -21,7 +21,6 @@ import jax.numpy as jnp
 
 from subspace_jax import models
 from subspace_jax.plan import memory
-from subspace_jax.run import config as config_lib
 from subspace_jax import sharding as shd
 from subspace_jax.data import sources
 from subspace_jax.train import step as train_lib
@@ -84,10 +83,10 @@ def compile_for(cfg: RunConfig, target: str, *, devices=None,
     devices = memory.target_devices(target)
   devices = _first(devices, cfg.mesh)
   mesh = shd.make_mesh(*cfg.mesh, devices=devices)
-  config_lib.check_batch(cfg, mesh)
-  model_config = cfg.model_config()
+  shd.check_batch(cfg.batch_size, mesh, cfg.optimizer.grad_accum)
+  model_config = cfg.model_config
   s = train_lib.setup(model_config, cfg.optimizer, mesh)
-  config_lib.check_rank(s, cfg.optimizer)
+  train_lib.check_rank(s, cfg.optimizer)
   state = s.abstract_state
   return memory.step_report(
       s.train_step, state, _abstract_batch(cfg, s.batch_sharding),

@@ -1,10 +1,11 @@
-"""The settings of a pretraining run, and the checks of them.
+"""The settings of a training run, and the checks of them.
 
-:class:`RunConfig` holds every setting and round-trips through a JSON dict.
-Settings that cannot work raise ``ValueError`` naming the command-line flag
-to change (:func:`flag_name`); :func:`check_resume` compares this run's
-settings with a checkpoint's (:data:`RESUME_SAFE_FIELDS` may change,
-:data:`RESUME_ALTERING_FIELDS` only with ``allow_changes``).
+:class:`RunConfig` holds every setting, checks them all when it is made
+(settings that cannot work raise ``ValueError`` naming the setting to
+change, :func:`subspace_jax.naming.setting`), resolves the model once
+(:attr:`RunConfig.model_config`) and round-trips through a JSON dict.
+:mod:`~subspace_jax.run.resume` compares a run's settings with a
+checkpoint's.
 """
 
 from __future__ import annotations
@@ -12,22 +13,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 from typing import Any, Mapping
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-import subspace_jax as sj
 from subspace_jax import models
-from subspace_jax.models.io import hf
 from subspace_jax.data import tokenizers as tok_lib
-from subspace_jax.train import step as train_lib
+from subspace_jax.models.io import hf
+from subspace_jax.naming import setting
+from subspace_jax.train import optimizer as opt_lib
 
 __all__ = ["RunConfig", "RESUME_SAFE_FIELDS", "RESUME_ALTERING_FIELDS",
-           "flag_name", "check_resume", "same_model", "check_rank",
-           "check_batch"]
+           "TOKENIZERS", "check_name"]
 
 # Model settings kept outside RunConfig.model_overrides because they have
 # their own fields; vocab_size always comes from the tokenizer.
@@ -60,36 +57,26 @@ TOKENIZERS = ("byte", "sentencepiece", "huggingface")
 # still resume.
 _KEY_DEFAULTS = {"num_kv_heads": None, "tie_embeddings": False}
 
-# Command-line flags of the fields whose flag is not "--" + the name with
-# dashes; optimizer fields are "optimizer.NAME". Fields without a flag keep
-# their name.
-_FLAGS = {
-    "model_overrides": "model_overrides", "metrics_path": "--metrics",
-    "tensorboard_dir": "--tensorboard", "resume": "--no-resume",
-    "progress": "--no-progress", "optimizer.name": "--optimizer",
-    "optimizer.learning_rate": "--lr", "optimizer.warmup_steps": "--warmup",
-    "optimizer.total_steps": "--schedule-steps", "optimizer.clip_norm": "--clip",
-    "optimizer.seed": "--proj-seed", "optimizer.b1": "optimizer.b1",
-    "optimizer.b2": "optimizer.b2", "optimizer.eps": "optimizer.eps",
-}
-# On/off flags that turn a field off.
-_INVERTED = ("resume", "progress")
+DEFAULT_MODEL = "tiny"
 
 
 def _dtype_name(value: Any) -> str:
   return np.dtype(value).name if not isinstance(value, str) else value
 
 
-def _check_float_dtype(flag: str, name: str | None) -> None:
-  if name is None:
-    return
-  try:
-    ok = jnp.issubdtype(jnp.dtype(name), jnp.floating)
-  except TypeError:
-    ok = False
-  if not ok:
-    raise ValueError(f"{flag} {name!r} is not a float dtype; use float32 or "
-                     "bfloat16")
+def _integer(field: str, value: Any, least: int) -> None:
+  if not isinstance(value, int) or isinstance(value, bool) or value < least:
+    raise ValueError(f"{setting(field)} must be an integer >= {least}, got "
+                     f"{value}")
+
+
+def check_name(name: str) -> None:
+  """Refuses a run name that is not a plain name (a run's outputs go to a
+  folder of that name, which must stay inside its parent)."""
+  if (not name or name in (".", "..") or "/" in name or "\0" in name
+      or "\\" in name or any(not c.isprintable() for c in name)):
+    raise ValueError(f"the run name {name!r} is not a plain name; use "
+                     "letters, digits and '.', '_' or '-', without '/'")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +84,8 @@ class RunConfig:
   """Every setting of a pretraining run.
 
   Attributes:
-    model: A key of :data:`subspace_jax.models.CONFIGS`.
+    model: A key of :data:`subspace_jax.models.CONFIGS` (None: ``tiny``,
+      or with ``init_from`` the checkpoint's model; not both).
     scan_layers: Stack the blocks and run them with ``nnx.scan``.
     remat: What the backward pass keeps of each block: a policy of
       :data:`subspace_jax.models.llama.REMAT_POLICIES` (True: "full").
@@ -106,6 +94,7 @@ class RunConfig:
     model_overrides: Other :class:`~subspace_jax.models.llama.LlamaConfig`
       fields to change (JSON values), e.g. ``{"num_layers": 4}``.
     optimizer: The optimizer; its ``total_steps`` is the schedule length.
+      An unset rank becomes the model's hidden size / 4.
     data: Source spec: ``"embedded"``, ``"files:GLOB"``, ``"tfds:NAME"``,
       or fine-tuning examples ``"jsonl:PATH"``, ``"instructions"``
       (:func:`~subspace_jax.data.sources.source_from_spec`).
@@ -195,23 +184,23 @@ class RunConfig:
     if its saved position does not fit the new data settings.
 
   The schedule length is ``optimizer.total_steps``, not ``steps``. The
-  command line's ``--schedule-steps`` defaults to ``--steps``, so raising
-  ``--steps`` alone would stretch the schedule mid-run (the learning rate
-  would jump) and is refused; giving ``--schedule-steps`` of the saved run
+  command line's schedule length defaults to its steps, so raising the
+  steps alone there would stretch the schedule mid-run (the learning rate
+  would jump) and is refused; giving the saved run's schedule length
   extends the run on its own schedule. The model and the kind of optimizer
   (:meth:`model_key`) are checked by the checkpointer, which refuses a
   change even with ``allow_changes``, as it refuses any change of the
   state's shapes (``rank``, ``side``).
   """
 
-  model: str = "tiny"
+  model: str | None = None
   scan_layers: bool = False
   remat: bool | str = "none"
   dtype: str = "float32"
   param_dtype: str = "float32"
   model_overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-  optimizer: train_lib.OptimizerConfig = dataclasses.field(
-      default_factory=train_lib.OptimizerConfig)
+  optimizer: opt_lib.OptimizerConfig = dataclasses.field(
+      default_factory=opt_lib.OptimizerConfig)
   data: str = "embedded"
   split: str = "train"
   eval_split: str | None = "validation"
@@ -250,42 +239,93 @@ class RunConfig:
     object.__setattr__(self, "model_overrides", dict(self.model_overrides))
     object.__setattr__(self, "dtype", _dtype_name(self.dtype))
     object.__setattr__(self, "param_dtype", _dtype_name(self.param_dtype))
-    positive = {"batch-size": self.batch_size, "seq-len": self.seq_len,
-                "eval-batches": self.eval_batches,
-                "log-every": self.log_every, "keep": self.keep,
-                "checkpoint-every": self.checkpoint_every,
-                "max-bad-steps": self.max_bad_steps}
-    for flag, value in positive.items():
-      if value < 1:
-        raise ValueError(f"--{flag} must be >= 1, got {value}")
-    for flag, name in (("--dtype", self.dtype), ("--param-dtype", self.param_dtype),
-                       ("--moment-dtype", self.optimizer.moment_dtype)):
-      _check_float_dtype(flag, name)
-    if self.eval_every < 0:
-      raise ValueError(f"--eval-every must be >= 0, got {self.eval_every}")
-    if self.steps < 0:
-      raise ValueError(f"--steps must be >= 0 (0: evaluate only), got "
-                       f"{self.steps}")
+    if self.model is not None and self.init_from is not None:
+      raise ValueError(f"{setting('model')} and {setting('init_from')} "
+                       "exclude each other: the checkpoint is the model")
+    if self.model is None and self.init_from is None:
+      object.__setattr__(self, "model", DEFAULT_MODEL)
+    for field in ("batch_size", "seq_len", "eval_batches", "log_every", "keep",
+                  "checkpoint_every", "max_bad_steps"):
+      _integer(field, getattr(self, field), 1)
+    for field in ("steps", "eval_every", "seed", "data_workers"):
+      _integer(field, getattr(self, field), 0)
+    for field in ("dtype", "param_dtype"):
+      opt_lib._float_dtype(field, getattr(self, field))  # pylint: disable=protected-access
     if self.steps == 0 and not (self.eval_every and self.eval_split):
-      raise ValueError("--steps 0 (--eval-only) evaluates the model and "
-                       "needs an evaluation; drop --eval-split none and "
-                       "--eval-every 0")
+      raise ValueError(
+          f"{setting('steps')} 0 evaluates the model and needs an "
+          f"evaluation; set {setting('eval_split')} and "
+          f"{setting('eval_every')}")
     if not isinstance(self.answers, int) or self.answers < -1:
-      raise ValueError(f"--answers must be an integer >= -1 (-1: all, 0: "
-                       f"none), got {self.answers}")
-    if len(self.mesh) != 3:
-      raise ValueError(f"--mesh needs three sizes DATA,FSDP,TENSOR, got "
-                       f"{self.mesh}")
+      raise ValueError(f"{setting('answers')} must be an integer >= -1 (-1: "
+                       f"all, 0: none), got {self.answers}")
+    self._check_mesh()
     _check_tokenizer(self.tokenizer, self.tokenizer_model)
     own = sorted(set(self.model_overrides) & set(_OWN_FIELDS))
     if own:
       raise ValueError(f"model_overrides may not set {own}: vocab_size comes "
                        "from the tokenizer and the others are RunConfig fields")
-    _check_optimizer(self.optimizer, self.steps)
-    _check_run(self)
-    self.model_config()  # Unknown model, bad override or dtype: fail now.
+    self._check_data()
+    # The model once (an unknown model, a bad override or checkpoint fails
+    # here), then the optimizer's defaults that need it.
+    object.__setattr__(self, "optimizer",
+                       self.optimizer.with_model(self.model_config))
+    self._check_svd_steps()
+
+  def _check_mesh(self) -> None:
+    sizes = self.mesh
+    if len(sizes) != 3:
+      raise ValueError(f"{setting('mesh')} needs three sizes DATA,FSDP,TENSOR, "
+                       f"got {sizes}")
+    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+      raise ValueError(f"{setting('mesh')} sizes must be >= 1, or -1 for one "
+                       "of them (the rest of the devices), got "
+                       f"{','.join(map(str, sizes))}")
+
+  def _check_data(self) -> None:
+    if (self.tokenizer == "sentencepiece" and self.tokenizer_model is None
+        and self.vocab_size < _SPM_MIN_VOCAB):
+      raise ValueError(f"{setting('vocab_size')} must be >= {_SPM_MIN_VOCAB} "
+                       "for the SentencePiece tokenizer, got "
+                       f"{self.vocab_size}")
+    evaluates = bool(self.eval_every and self.eval_split)
+    if self.data.partition(":")[0] != "tfds":
+      splits = [("split", self.split)]
+      if evaluates:
+        splits.append(("eval_split", self.eval_split))
+      for field, split in splits:
+        if split not in _LOCAL_SPLITS:
+          raise ValueError(f"{setting(field)} must be train, validation or "
+                           f"all for {setting('data')} {self.data}, got "
+                           f"{split!r}")
+    if evaluates and self.split == "all":
+      raise ValueError(
+          f"{setting('split')} all trains on every document, so "
+          f"{setting('eval_split')} {self.eval_split} would evaluate on "
+          f"training documents; set {setting('eval_split')} none (no "
+          f"evaluation), or train on {setting('split')} train")
+    if evaluates and self.eval_split == self.split:
+      raise ValueError(
+          f"{setting('split')} and {setting('eval_split')} are both "
+          f"{self.split!r}, so the evaluation would measure training "
+          f"documents; use another {setting('eval_split')}, or none")
+
+  def _check_svd_steps(self) -> None:
+    opt = self.optimizer
+    length = max(opt.total_steps, self.steps)
+    if opt.svd_steps > length:
+      raise ValueError(
+          f"{setting('optimizer.svd_steps')} {opt.svd_steps} is more than the "
+          f"{length} steps of the run, which would never use a random "
+          f"projection; use at most {length}, or "
+          f"{setting('optimizer.name')} galore for SVD projections throughout")
 
   # -- the model ------------------------------------------------------------
+
+  @property
+  def model_name(self) -> str:
+    """The named config trained (``init_from``'s checkpoint aside)."""
+    return self.model or DEFAULT_MODEL
 
   @property
   def tokenizer_vocab_size(self) -> int:
@@ -296,30 +336,29 @@ class RunConfig:
       return _loaded_vocab_size(self.tokenizer_model)
     return self.vocab_size
 
+  @functools.cached_property
   def model_config(self) -> Any:
-    """The model: the named config with this run's changes.
+    """The model, resolved once: the named config with this run's changes,
+    or with ``init_from`` the checkpoint's config.
 
     The vocabulary is the tokenizer's, and ``max_seq_len`` is raised to
     ``seq_len`` when shorter (it only bounds the input; RoPE has no table).
-    With ``init_from`` the model is the checkpoint's ``config.json``.
     """
+    own = dict(scan_layers=self.scan_layers, remat=self.remat,
+               dtype=self.dtype, param_dtype=self.param_dtype)
     if self.init_from is not None:
-      base = hf.read_config(self.init_from)
       try:
+        base = hf.read_config(self.init_from)
         return hf.read_config(
-            self.init_from, scan_layers=self.scan_layers, remat=self.remat,
-            dtype=self.dtype, param_dtype=self.param_dtype,
-            max_seq_len=max(base.max_seq_len, self.seq_len),
-            **self.model_overrides)
+            self.init_from, max_seq_len=max(base.max_seq_len, self.seq_len),
+            **own, **self.model_overrides)
       except ValueError as e:
-        raise ValueError(f"--init-from: {e}") from None
-    base = models.get_config(self.model)
+        raise ValueError(f"{setting('init_from')}: {e}") from None
+    base = models.get_config(self.model_name)
     try:
       return models.get_config(
-          self.model, vocab_size=self.tokenizer_vocab_size,
-          scan_layers=self.scan_layers, remat=self.remat, dtype=self.dtype,
-          param_dtype=self.param_dtype,
-          max_seq_len=max(base.max_seq_len, self.seq_len),
+          self.model_name, vocab_size=self.tokenizer_vocab_size,
+          max_seq_len=max(base.max_seq_len, self.seq_len), **own,
           **self.model_overrides)
     except TypeError as e:
       raise ValueError(f"bad model override ({e}); use LlamaConfig "
@@ -330,8 +369,8 @@ class RunConfig:
     and the optimizer whose state it holds. Compute-only settings (dtype,
     remat, max_seq_len) are left out, so they may change between a run and
     its resumption."""
-    cfg = self.model_config()
-    key = {"name": self.model, "tokenizer": self.tokenizer,
+    cfg = self.model_config
+    key = {"name": self.model_name, "tokenizer": self.tokenizer,
            "optimizer": self.optimizer.name,
            "subspace_mode": self.optimizer.subspace_mode}
     for field in dataclasses.fields(cfg):
@@ -360,144 +399,37 @@ class RunConfig:
     """The config that :meth:`to_dict` wrote (unknown keys are refused)."""
     run = dict(d["run"])
     names = {f.name for f in dataclasses.fields(cls)}
+    if run.get("model") is not None and run.get("init_from") is not None:
+      run["model"] = None  # Saved before a checkpoint's run named no model.
     unknown = sorted(set(run) - names)
     if unknown:
       raise ValueError(f"unknown RunConfig field(s) {unknown}")
-    run["optimizer"] = train_lib.OptimizerConfig(**run.get("optimizer", {}))
+    run["optimizer"] = opt_lib.OptimizerConfig(**run.get("optimizer", {}))
     run["mesh"] = tuple(run.get("mesh", (-1, 1, 1)))
     return cls(**run)
 
-
-# ----------------------------------------------------------------------------
-# Settings that cannot work, and settings changed since a checkpoint
-# ----------------------------------------------------------------------------
-
-
-def _is_number(value: Any) -> bool:
-  return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _check_positive(flag: str, value: Any) -> None:
-  if not (_is_number(value) and math.isfinite(value) and value > 0):
-    raise ValueError(f"{flag} must be a finite number > 0, got {value}")
-
-
-def _check_int(flag: str, value: Any, least: int) -> None:
-  if not isinstance(value, int) or isinstance(value, bool) or value < least:
-    raise ValueError(f"{flag} must be an integer >= {least}, got {value}")
-
-
-def _check_optimizer(opt: train_lib.OptimizerConfig, steps: int) -> None:
-  """Refuses optimizer settings that cannot work or would be ignored.
-
-  :class:`~subspace_jax.train.step.OptimizerConfig` and the transforms
-  check some of these too, in their own (Python) terms; these messages name
-  the command-line flags.
-  """
-  _check_positive("--lr", opt.learning_rate)
-  schedule = opt.total_steps
-  if opt.warmup_steps > schedule:
-    raise ValueError(
-        f"--warmup {opt.warmup_steps} is longer than the {schedule}-step "
-        f"schedule (--schedule-steps, default --steps); use --warmup "
-        f"{schedule} or less, or a longer schedule")
-  ratio = opt.min_lr_ratio
-  if not (_is_number(ratio) and 0 <= ratio <= 1):
-    raise ValueError(f"--min-lr-ratio must be in [0, 1], got {ratio}")
-  decay = opt.weight_decay
-  if not (_is_number(decay) and math.isfinite(decay) and decay >= 0):
-    raise ValueError(f"--weight-decay must be a finite number >= 0, got {decay}")
-  if opt.clip_norm is not None and opt.clip_norm != 0:
-    if not (_is_number(opt.clip_norm) and math.isfinite(opt.clip_norm)
-            and opt.clip_norm > 0):
-      raise ValueError(f"--clip must be a finite number > 0 (or 0: no "
-                       f"clipping), got {opt.clip_norm}")
-  for name in ("b1", "b2"):
-    value = getattr(opt, name)
-    if not (_is_number(value) and 0 <= value < 1):
-      raise ValueError(f"optimizer.{name} must be in [0, 1), got {value}")
-  if not (_is_number(opt.eps) and math.isfinite(opt.eps) and opt.eps >= 0):
-    raise ValueError(f"optimizer.eps must be a finite number >= 0, got {opt.eps}")
-  _check_int("--rank", opt.rank, 1)
-  _check_int("--update-gap", opt.update_gap, 1)
-  _check_int("--proj-seed", opt.seed, 0)
-  _check_int("--svd-steps", opt.svd_steps, 0)
-  _check_positive("--scale", opt.scale)
-  if opt.eta is not None:
-    _check_positive("--eta", opt.eta)
-    if not (opt.name == "rso" or (opt.name == "golore" and opt.model_mode)):
-      raise ValueError(f"--eta applies to --optimizer rso (and golore with "
-                       f"--subspace-mode model), not {opt.name}; drop it")
-  if opt.svd_steps:
-    if opt.name != "golore":
-      raise ValueError(f"--svd-steps applies to --optimizer golore, not "
-                       f"{opt.name}; drop it")
-    length = max(schedule, steps)
-    if opt.svd_steps > length:
-      raise ValueError(
-          f"--svd-steps {opt.svd_steps} is more than the {length} steps of "
-          f"the run, which would never use a random projection; use at most "
-          f"{length}, or --optimizer galore for SVD projections throughout")
-  sides = sj.matrix_view.SIDES
-  if opt.side is not None and opt.side not in sides:
-    raise ValueError(f"--side must be one of {', '.join(sides)}, got "
-                     f"{opt.side!r}")
-  if opt.svd not in ("exact", "randomized"):
-    raise ValueError(f"--svd must be exact or randomized, got {opt.svd!r}")
-
-
-def _check_run(cfg: RunConfig) -> None:
-  """Refuses run settings (other than the optimizer's) that cannot work."""
-  _check_int("--seed", cfg.seed, 0)
-  _check_int("--data-workers", cfg.data_workers, 0)
-  sizes = cfg.mesh
-  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-    raise ValueError(f"--mesh sizes must be >= 1, or -1 for one of them (the "
-                     f"rest of the devices), got {','.join(map(str, sizes))}")
-  if (cfg.tokenizer == "sentencepiece" and cfg.tokenizer_model is None
-      and cfg.vocab_size < _SPM_MIN_VOCAB):
-    raise ValueError(f"--vocab-size must be >= {_SPM_MIN_VOCAB} for the "
-                     f"SentencePiece tokenizer, got {cfg.vocab_size}")
-  evaluates = bool(cfg.eval_every and cfg.eval_split)
-  if cfg.data.partition(":")[0] != "tfds":
-    splits = [("--split", cfg.split)]
-    if evaluates:
-      splits.append(("--eval-split", cfg.eval_split))
-    for flag, split in splits:
-      if split not in _LOCAL_SPLITS:
-        raise ValueError(f"{flag} must be train, validation or all for "
-                         f"--data {cfg.data}, got {split!r}")
-  if evaluates and cfg.split == "all":
-    raise ValueError(
-        f"--split all trains on every document, so --eval-split "
-        f"{cfg.eval_split} would evaluate on training documents; add "
-        "--eval-split none (no evaluation), or train on --split train")
-  if evaluates and cfg.eval_split == cfg.split:
-    raise ValueError(
-        f"--split and --eval-split are both {cfg.split!r}, so the evaluation "
-        "would measure training documents; use another --eval-split, or "
-        "--eval-split none")
 
 
 def _check_tokenizer(kind: str, model: str | None) -> None:
   """Refuses a tokenizer kind that is unknown or not the kind of
   ``--tokenizer-model``."""
   if kind not in TOKENIZERS:
-    raise ValueError(f"unknown tokenizer {kind!r}; choose "
-                     f"{', '.join(TOKENIZERS)}")
+    raise ValueError(f"{setting('tokenizer')}: unknown tokenizer {kind!r}; "
+                     f"choose {', '.join(TOKENIZERS)}")
   if model is None:
     if kind == "huggingface":
-      raise ValueError("--tokenizer huggingface needs --tokenizer-model (a "
-                       "tokenizer.json or a directory holding one)")
+      raise ValueError(f"{setting('tokenizer')} huggingface needs "
+                       f"{setting('tokenizer_model')} (a tokenizer.json or a "
+                       "directory holding one)")
     return
   try:
     found, _ = tok_lib.tokenizer_file(model)
   except ValueError as e:
-    raise ValueError(f"--tokenizer-model: {e}") from None
+    raise ValueError(f"{setting('tokenizer_model')}: {e}") from None
   if found != kind:
-    raise ValueError(f"--tokenizer-model {model} is a {found} tokenizer, not "
-                     f"--tokenizer {kind}; use --tokenizer {found} (or leave "
-                     "--tokenizer out)")
+    raise ValueError(f"{setting('tokenizer_model')} {model} is a {found} "
+                     f"tokenizer, not {setting('tokenizer')} {kind}; use "
+                     f"{setting('tokenizer')} {found} (or leave it out)")
 
 
 @functools.lru_cache(maxsize=4)
@@ -505,163 +437,4 @@ def _loaded_vocab_size(path: str) -> int:
   try:
     return tok_lib.load_tokenizer(path).vocab_size
   except (ValueError, ImportError) as e:
-    raise type(e)(f"--tokenizer-model: {e}") from None
-
-
-def flag_name(path: str) -> str:
-  """The command-line flag of a field path ("seq_len", "optimizer.rank")."""
-  if path in _FLAGS:
-    return _FLAGS[path]
-  return "--" + path.rpartition(".")[2].replace("_", "-")
-
-
-def _show(path: str, value: Any) -> str:
-  """A saved or new value as the command line spells it."""
-  if path in _INVERTED and isinstance(value, bool):
-    value = not value
-  if value is None:
-    return "0" if path == "optimizer.clip_norm" else "none"
-  if isinstance(value, bool):
-    return "on" if value else "off"
-  if isinstance(value, (list, tuple)):
-    return ",".join(map(str, value))
-  if isinstance(value, dict):
-    return json.dumps(value, sort_keys=True)
-  return str(value)
-
-
-def _flat_settings(run: Mapping[str, Any]) -> dict[str, Any]:
-  """``run`` with the optimizer's fields as "optimizer.NAME" entries."""
-  flat = {}
-  for key, value in run.items():
-    if key == "optimizer" and isinstance(value, Mapping):
-      flat.update({f"optimizer.{k}": v for k, v in value.items()})
-    else:
-      flat[key] = value
-  if flat.get("tokenizer") == "byte" or flat.get("tokenizer_model"):
-    flat.pop("vocab_size", None)  # The tokenizer has its own.
-  return flat
-
-
-def _settings_changes(saved_run: Mapping[str, Any], run: Mapping[str, Any]
-                     ) -> list[tuple[str, Any, Any, bool]]:
-  """How the ``"run"`` entries of two :meth:`RunConfig.to_dict` differ.
-
-  Args:
-    saved_run: The checkpoint's entry.
-    run: This run's entry.
-
-  Returns:
-    ``(field path, saved value, new value, safe)`` of every field that
-    differs, in field order; optimizer fields are ``"optimizer.NAME"``.
-    Fields that one of them lacks (an older version's checkpoint) and
-    ``allow_changes`` are left out.
-  """
-  saved, now = _flat_settings(saved_run), _flat_settings(run)
-  return [(path, saved[path], value, path in RESUME_SAFE_FIELDS)
-          for path, value in now.items()
-          if path in saved and saved[path] != value
-          and path != "allow_changes"]  # Only says how to resume.
-
-
-def same_model(saved: Mapping[str, Any], expected: Mapping[str, Any]) -> bool:
-  """Whether the checkpointer would accept ``saved``'s model entry."""
-  model = saved.get("model")
-  return model is None or model == json.loads(json.dumps(expected["model"]))
-
-
-def check_resume(cfg: RunConfig, saved: Mapping[str, Any] | None, step: int,
-                  directory: str) -> str:
-  """Compares the settings saved at ``step`` with ``cfg``'s.
-
-  Returns:
-    The info line listing the accepted changes ("" if none).
-
-  Raises:
-    ValueError: If a setting that alters the run changed and
-      ``cfg.allow_changes`` is off, naming each such flag.
-  """
-  if not isinstance(saved, Mapping) or not isinstance(saved.get("run"), Mapping):
-    return ""
-  changes = _settings_changes(saved["run"], cfg.to_dict()["run"])
-
-  def listed(items):
-    parts = []
-    for path, old, new, _ in items:
-      text = f"{flag_name(path)} {_show(path, old)} -> {_show(path, new)}"
-      if path == "optimizer.total_steps":
-        text += (f" (it defaults to --steps; give --schedule-steps "
-                 f"{_show(path, old)} to keep the saved schedule)")
-      parts.append(text)
-    return ", ".join(parts)
-
-  safe = [c for c in changes if c[3]]
-  altering = [c for c in changes if not c[3]]
-  if altering and not cfg.allow_changes:
-    raise ValueError(
-        f"checkpoint step {step} in {directory} was made with other settings "
-        f"(saved -> now: {listed(altering)}); use --name NEW (or another "
-        "--checkpoint-dir) for a new run, or --allow-changes to resume with "
-        "the new settings")
-  parts = []
-  if safe:
-    parts.append(f"changed since step {step} (saved -> now): {listed(safe)}")
-  if altering:
-    parts.append(f"allowed by --allow-changes: {listed(altering)}")
-  return "; ".join(parts)
-
-
-# ----------------------------------------------------------------------------
-# Settings that do not fit the model or the mesh
-# ----------------------------------------------------------------------------
-
-
-def check_rank(setup: train_lib.Setup, opt: train_lib.OptimizerConfig) -> None:
-  """Refuses a rank larger than a projected matrix's smaller dimension.
-
-  The transforms would clip it silently (``min(rank, rows, cols)``); a run
-  asked for rank r should know when some matrices cannot have it.
-
-  Raises:
-    ValueError: Naming the smallest projected matrix and its size.
-  """
-  params = setup.abstract_state.params
-  if isinstance(params, sj.factored.FactoredParams):
-    params = params.weights
-  plans = setup.plans
-  if plans is None:
-    return
-  paths = [sj.matrix_view.path_str(p)
-           for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-  projected = [(min(p.rows, p.cols), path, p)
-               for path, p in zip(paths, plans) if p is not None]
-  if not projected:
-    return
-  smallest, path, plan = min(projected, key=lambda t: t[0])
-  if opt.rank > smallest:
-    raise ValueError(
-        f"--rank {opt.rank} is larger than projected matrix {path!r} "
-        f"({plan.rows} x {plan.cols}) allows; use --rank {smallest} or less")
-
-
-def check_batch(cfg: RunConfig, mesh) -> None:
-  """Refuses a batch size that the mesh or the processes cannot split.
-
-  Raises:
-    ValueError: Naming ``--batch-size`` or ``--mesh``.
-  """
-  dp = mesh.shape["data"] * mesh.shape["fsdp"]
-  if cfg.batch_size % dp:
-    raise ValueError(
-        f"--batch-size {cfg.batch_size} is not divisible by the data-parallel "
-        f"size {dp} (data x fsdp of the mesh {dict(mesh.shape)}); use a "
-        f"multiple of {dp} or change --mesh")
-  procs = jax.process_count()
-  if cfg.batch_size % procs:
-    raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by the "
-                     f"{procs} processes; use a multiple of {procs}")
-  if dp % procs:
-    raise ValueError(
-        f"the data-parallel size {dp} (data x fsdp of --mesh) is not a "
-        f"multiple of the {procs} processes, so the processes cannot each "
-        "feed their own share of the batch; change --mesh")
+    raise type(e)(f"{setting('tokenizer_model')}: {e}") from None

@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from subspace_jax.naming import setting
 
 __all__ = ["initialize_distributed", "allgather_json", "any_process"]
 
@@ -45,8 +46,9 @@ def initialize_distributed(coordinator: str | None = None,
   except (RuntimeError, ValueError, TypeError) as e:
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
     raise ValueError(f"cannot start multi-process JAX ({first}); give "
-                     "--coordinator HOST:PORT, --num-processes and "
-                     "--process-id, before JAX is used") from None
+                     f"{setting('coordinator')} HOST:PORT, "
+                     f"{setting('num_processes')} and {setting('process_id')}, "
+                     "before JAX is used") from None
   return True
 
 

@@ -19,20 +19,11 @@ import os
 import pathlib
 from typing import Any
 
-__all__ = ["CHAT_FILES", "add_chat_files", "write_atomic"]
+from subspace_jax import atomic
+
+__all__ = ["CHAT_FILES", "add_chat_files"]
 
 CHAT_FILES = ("chat_template.jinja", "generation_config.json")
-
-
-def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
-  """Writes ``data`` to ``path`` whole or not at all."""
-  path = pathlib.Path(path)
-  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-  try:
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-  finally:
-    tmp.unlink(missing_ok=True)
 
 
 def add_chat_files(out_dir: str | os.PathLike[str], tokenizer: Any,
@@ -73,6 +64,6 @@ def add_chat_files(out_dir: str | os.PathLike[str], tokenizer: Any,
       data = tokenizer.chat_template.encode("utf-8")
     else:
       continue
-    write_atomic(out / name, data)
+    atomic.write_bytes(out / name, data)
     written.append(name)
   return written

@@ -15,6 +15,7 @@ from subspace_jax.data import pipeline as data_lib
 from subspace_jax.data import tokenizers as tok_lib
 from subspace_jax.run.config import RunConfig
 from subspace_jax.run.reporting import info
+from subspace_jax.naming import setting
 
 __all__ = ["make_tokenizer", "make_iterators", "data_state", "set_data_state",
            "held_out_records"]
@@ -24,10 +25,11 @@ __all__ = ["make_tokenizer", "make_iterators", "data_state", "set_data_state",
 _SPM_SAMPLE_DOCS = 20_000
 
 # Python argument names in the data pipeline's messages, and their flags.
-_DATA_WORDS = ((re.compile(r"split='all'"), "--split all with --eval-split none"),
-               (re.compile(r"\bbatch_size\b"), "--batch-size"),
-               (re.compile(r"\bseq_len\b"), "--seq-len"),
-               (re.compile(r"\bworkers\b"), "--data-workers"))
+_DATA_WORDS = ((re.compile(r"split='all'"), f"{setting('split')} all with "
+                                            f"{setting('eval_split')} none"),
+               (re.compile(r"\bbatch_size\b"), f"{setting('batch_size')}"),
+               (re.compile(r"\bseq_len\b"), f"{setting('seq_len')}"),
+               (re.compile(r"\bworkers\b"), f"{setting('data_workers')}"))
 
 
 def _data_error(error: data_lib.DataError) -> data_lib.DataError:
@@ -130,20 +132,20 @@ def set_data_state(iterator, states: Sequence[Any] | None,
   """
   if not states:
     raise ValueError("the checkpoint has no data position; use another "
-                     "--checkpoint-dir")
+                     f"{setting('checkpoint_dir')}")
   if len(states) == jax.process_count():
     state = states[jax.process_index()]
   elif all(s == states[0] for s in states):
     state = states[0]  # Same for all: any process count works.
   else:
-    raise ValueError(f"the checkpoint's data position was saved by "
-                     f"{len(states)} processes; resume with --num-processes "
-                     f"{len(states)}")
+    raise ValueError("the checkpoint's data position was saved by "
+                     f"{len(states)} processes; resume with "
+                     f"{setting('num_processes')} {len(states)}")
   batch = state.get("batch") if isinstance(state, dict) else None
   if (step is not None and isinstance(batch, int)
       and not isinstance(batch, bool) and batch > step):
     raise ValueError(
         f"the data position saved at step {step} is at batch {batch}, past "
         "the batches a run of that many steps takes (the checkpoint is "
-        "damaged or was edited); use another --checkpoint-dir")
+        f"damaged or was edited); use another {setting('checkpoint_dir')}")
   iterator.set_state(state)

@@ -18,9 +18,9 @@ from typing import Any, Mapping
 import jax
 
 from subspace_jax import jsonio
-from subspace_jax.run.config import RunConfig
 from subspace_jax.run.distributed import allgather_json
 from subspace_jax.run.reporting import info
+from subspace_jax.naming import setting
 
 __all__ = ["RunLock", "take_lock"]
 
@@ -128,9 +128,9 @@ class RunLock:
            f"{holder.get('since', '?')}" if holder else "its lock file cannot "
            "be read")
     raise ValueError(
-        f"{directory} is in use by another run ({who}); wait for it to end, "
-        "or use --name NEW (or another --checkpoint-dir) for a new run; if no "
-        f"run is using it, delete {self.path}")
+        f"{directory} is in use by another run ({who}); wait for it to end, or "
+        f"use another {setting('checkpoint_dir')} for a new run; if no run is "
+        f"using it, delete {self.path}")
 
   def release(self) -> None:
     """Deletes the lock file if it is still this process's."""
@@ -143,25 +143,28 @@ class RunLock:
         pass
 
 
-def _lock_path(cfg: RunConfig) -> str | None:
+def _lock_path(checkpoint_dir: str | None, metrics_path: str | None
+               ) -> str | None:
   """The run's lock file: in the checkpoint directory, else next to the
   metrics file; None for neither or for a remote (URL) checkpoint path."""
-  if cfg.checkpoint_dir:
-    if "://" in cfg.checkpoint_dir:
+  if checkpoint_dir:
+    if "://" in checkpoint_dir:
       return None
-    return os.path.join(cfg.checkpoint_dir, _LOCK_FILE)
-  if cfg.metrics_path:
-    return cfg.metrics_path.replace("{process}", "0") + ".lock"
+    return os.path.join(checkpoint_dir, _LOCK_FILE)
+  if metrics_path:
+    return metrics_path.replace("{process}", "0") + ".lock"
   return None
 
 
-def take_lock(cfg: RunConfig) -> RunLock | None:
-  """Process 0 takes the run's lock; all processes raise if it is held.
+def take_lock(checkpoint_dir: str | None, metrics_path: str | None
+              ) -> RunLock | None:
+  """Process 0 takes the lock of the run that writes to ``checkpoint_dir``
+  (else ``metrics_path``); all processes raise if it is held.
 
   Raises:
     ValueError: If another run holds the lock (one line naming it).
   """
-  path = _lock_path(cfg)
+  path = _lock_path(checkpoint_dir, metrics_path)
   if path is None:
     return None
   lock = error = note = None
@@ -174,7 +177,8 @@ def take_lock(cfg: RunConfig) -> RunLock | None:
     except OSError as e:
       lock, error = None, (f"cannot create the lock file {path} "
                            f"({e.strerror or e}); check the directory's "
-                           "permissions or use another --checkpoint-dir")
+                           "permissions or use another "
+                           f"{setting('checkpoint_dir')}")
   error = allgather_json(error)[0]  # Every process stops if process 0 must.
   if error:
     raise ValueError(error)

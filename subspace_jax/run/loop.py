@@ -44,10 +44,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -56,33 +54,29 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
+from subspace_jax import atomic
 from subspace_jax import models
-from subspace_jax.models.io import hf
-from subspace_jax.run import answers as answers_lib
-from subspace_jax.run import config as config_lib
+from subspace_jax import sharding as shd
 from subspace_jax.data import pipeline as data_lib
+from subspace_jax.models.io import hf
+from subspace_jax.naming import setting
+from subspace_jax.run import answers as answers_lib
 from subspace_jax.run import export as export_lib
 from subspace_jax.run import inputs
 from subspace_jax.run import lock as lock_lib
 from subspace_jax.run import reporting
-from subspace_jax import sharding as shd
-from subspace_jax.train import step as train_lib
-from subspace_jax.train.checkpoint import (Checkpointer,
-                                              CheckpointSaveError,
-                                              CheckpointWarning)
+from subspace_jax.run import resume as resume_lib
 from subspace_jax.run.config import (RESUME_ALTERING_FIELDS,
-                                          RESUME_SAFE_FIELDS, RunConfig,
-                                          check_rank)
+                                     RESUME_SAFE_FIELDS, RunConfig)
 from subspace_jax.run.distributed import any_process, initialize_distributed
 from subspace_jax.run.reporting import info
+from subspace_jax.train import step as train_lib
+from subspace_jax.train.checkpoint import (Checkpointer, CheckpointSaveError,
+                                           CheckpointWarning)
 
 __all__ = ["RunConfig", "NonFiniteError", "OutOfMemoryError", "ExportError",
            "CheckpointSaveError", "RESUME_SAFE_FIELDS",
-           "RESUME_ALTERING_FIELDS", "initialize_distributed", "check_rank",
-           "train"]
-
-# The flag of a RunConfig field, under the name it had here.
-_flag = config_lib.flag_name
+           "RESUME_ALTERING_FIELDS", "initialize_distributed", "train"]
 
 
 # ----------------------------------------------------------------------------
@@ -160,8 +154,8 @@ def _restore_or_init(cfg, setup, ckpt, train_iter) -> tuple[Any, int]:
   if latest is not None and not cfg.resume:
     raise ValueError(
         f"{cfg.checkpoint_dir} already holds checkpoints (newest: step "
-        f"{latest}) and resuming is off; use another --checkpoint-dir or drop "
-        "--no-resume")
+        f"{latest}) and resuming is off; use another "
+        f"{setting('checkpoint_dir')} or drop {setting('resume', False)}")
   if latest is None:
     if cfg.init_from is not None:
       return _init_from_hf(cfg, setup), 0
@@ -170,11 +164,11 @@ def _restore_or_init(cfg, setup, ckpt, train_iter) -> tuple[Any, int]:
   # another model is left to the checkpointer, which names it as such.
   expected, changes = cfg.to_dict(), None
   saved = ckpt.saved_config(latest)
-  if saved is not None and config_lib.same_model(saved, expected):
-    changes = config_lib.check_resume(cfg, saved, latest, ckpt.directory)
+  if saved is not None and resume_lib.same_model(saved, expected):
+    changes = resume_lib.check_resume(cfg, saved, latest, ckpt.directory)
   restored = _restore_quietly(ckpt, setup.abstract_state, expected)
   if changes is None or restored.step != latest:  # Fell back to an older one.
-    changes = config_lib.check_resume(cfg, restored.config, restored.step,
+    changes = resume_lib.check_resume(cfg, restored.config, restored.step,
                                       ckpt.directory)
   data_note = _restore_data_state(cfg, train_iter, restored)
   info(f"resumed from step {restored.step} ({ckpt.directory})")
@@ -187,13 +181,13 @@ def _restore_or_init(cfg, setup, ckpt, train_iter) -> tuple[Any, int]:
 def _init_from_hf(cfg: RunConfig, setup) -> Any:
   """The state that starts from the weights of ``--init-from``, each
   loaded straight into its sharding."""
-  model_config = cfg.model_config()
+  model_config = cfg.model_config
   overrides = {f: getattr(model_config, f) for f in (
       "scan_layers", "remat", "dtype", "param_dtype", "max_seq_len")}
   loaded_config, params = hf.load(cfg.init_from, mesh=setup.mesh, **overrides)
   if loaded_config != model_config:  # config.json changed since the start.
-    raise ValueError(f"--init-from {cfg.init_from}: its config.json changed "
-                     "while the run started; start again")
+    raise ValueError(f"{setting('init_from')} {cfg.init_from}: its config.json "
+                     "changed while the run started; start again")
   info(f"starting from the weights of {cfg.init_from}")
   return setup.init_from(params)
 
@@ -204,7 +198,7 @@ def _export(cfg: RunConfig, setup, state, tokenizer) -> None:
   extra = {f"{role}_token_id": getattr(tokenizer, f"{role}_id", None)
            for role in ("bos", "eos", "pad")}
   try:
-    hf.save(cfg.export_hf, cfg.model_config(), state.params,
+    hf.save(cfg.export_hf, cfg.model_config, state.params,
             subspace=setup.subspace, opt_state=state.opt_state,
             extra_config={k: v for k, v in extra.items() if v is not None})
     if cfg.tokenizer_model is not None and jax.process_index() == 0:
@@ -215,35 +209,17 @@ def _export(cfg: RunConfig, setup, state, tokenizer) -> None:
         if (source.parent / name).is_file():
           copies[source.parent / name] = name
       for path, name in copies.items():
-        _copy_atomic(path, os.path.join(cfg.export_hf, name))
+        atomic.copy(path, os.path.join(cfg.export_hf, name))
     if jax.process_index() == 0:
       export_lib.add_chat_files(cfg.export_hf, tokenizer, cfg.init_from)
   except (OSError, ValueError) as e:
     reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
     raise ExportError(
-        f"cannot export the model to --export-hf {cfg.export_hf} ({reason}); "
-        "the files there are as they were and the run's checkpoint is saved: "
-        "free space or fix the directory, then run the same command again "
-        "to export") from None
+        f"cannot export the model to {setting('export_hf')} {cfg.export_hf} "
+        f"({reason}); the files there are as they were and the run's checkpoint "
+        "is saved: free space or fix the directory, then run the same command "
+        "again to export") from None
   info(f"exported the model to {cfg.export_hf} (Hugging Face LLaMA)")
-
-
-def _copy_atomic(source, target: str) -> None:
-  """Copies a file under a temporary name beside ``target``, then renames
-  it into place."""
-  folder = os.path.dirname(target) or "."
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(target)}.",
-                             suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as out, open(source, "rb") as f:
-      shutil.copyfileobj(f, out)
-      out.flush()
-      os.fsync(out.fileno())
-    os.replace(tmp, target)
-  except BaseException:
-    with contextlib.suppress(OSError):
-      os.unlink(tmp)
-    raise
 
 
 def _answers(cfg: RunConfig, setup, state, tokenizer, when: str):
@@ -254,22 +230,22 @@ def _answers(cfg: RunConfig, setup, state, tokenizer, when: str):
   if not (cfg.answers and cfg.eval_every and cfg.eval_split):
     return None
   if jax.process_count() > 1:
-    info("--answers: skipped in a run of several processes")
+    info(f"{setting('answers')}: skipped in a run of several processes")
     return None
   records = inputs.held_out_records(cfg)
   qs = answers_lib.questions(records, tokenizer,
                              None if cfg.answers < 0 else cfg.answers)
   if not qs:
     if records is not None and cfg.eval_split:
-      info("--answers: the held-out split holds no prompt/response pair or "
-           "conversation to answer")
+      info(f"{setting('answers')}: the held-out split holds no prompt/response "
+           "pair or conversation to answer")
     return None
   params = state.params
   if setup.subspace is not None:  # Model mode: the merged W + P·B.
     params = jax.jit(setup.subspace.merged_weights)(state.params,
                                                     state.opt_state)
   t0 = time.perf_counter()
-  scored = answers_lib.score(cfg.model_config(), params, tokenizer, qs)
+  scored = answers_lib.score(cfg.model_config, params, tokenizer, qs)
   for i, line in enumerate(scored.lines()):
     info(f"{when}: {line} [{time.perf_counter() - t0:.0f} s]" if i == 0
          else line)
@@ -292,9 +268,10 @@ def _restore_data_state(cfg, iterator, restored) -> str | None:
     if not cfg.allow_changes:
       raise ValueError(
           f"the data position saved at step {restored.step} does not fit the "
-          "data of this run (have the files of --data or --data-workers "
-          "changed?); use --allow-changes to start the data from its "
-          "beginning, or another --checkpoint-dir") from None
+          f"data of this run (have the files of {setting('data')} or "
+          f"{setting('data_workers')} changed?); use "
+          f"{setting('allow_changes', True)} to start the data from its "
+          f"beginning, or another {setting('checkpoint_dir')}") from None
     return (f"the data position saved at step {restored.step} does not fit "
             "this run's data: the data starts from its beginning")
   return None
@@ -343,8 +320,8 @@ def train(cfg: RunConfig) -> dict[str, Any]:
   initialize_distributed(cfg.coordinator, cfg.num_processes, cfg.process_id)
 
   mesh = shd.make_mesh(*cfg.mesh)
-  config_lib.check_batch(cfg, mesh)
-  lock = lock_lib.take_lock(cfg)
+  shd.check_batch(cfg.batch_size, mesh, cfg.optimizer.grad_accum)
+  lock = lock_lib.take_lock(cfg.checkpoint_dir, cfg.metrics_path)
   try:
     return _train(cfg, mesh, t_begin)
   finally:
@@ -355,19 +332,19 @@ def train(cfg: RunConfig) -> dict[str, Any]:
 def _train(cfg: RunConfig, mesh, t_begin: float) -> dict[str, Any]:
   """:func:`train` once the mesh is made and the run's lock is held."""
   tokenizer = inputs.make_tokenizer(cfg)
-  model_config = cfg.model_config()
+  model_config = cfg.model_config
   if cfg.init_from is not None:
     if tokenizer.vocab_size > model_config.vocab_size:
       raise ValueError(
           f"the tokenizer has {tokenizer.vocab_size} ids, more than the "
-          f"{model_config.vocab_size} of the --init-from model; give its own "
-          "tokenizer with --tokenizer-model")
+          f"{model_config.vocab_size} of the {setting('init_from')} model; give "
+          f"its own tokenizer with {setting('tokenizer_model')}")
   elif tokenizer.vocab_size != model_config.vocab_size:
     raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids, not "
-                     f"{model_config.vocab_size}; set --vocab-size "
+                     f"{model_config.vocab_size}; set {setting('vocab_size')} "
                      f"{tokenizer.vocab_size}")
   setup = train_lib.setup(model_config, cfg.optimizer, mesh)
-  check_rank(setup, cfg.optimizer)
+  train_lib.check_rank(setup, cfg.optimizer)
 
   train_iter, eval_iter, eval_start = inputs.make_iterators(cfg, tokenizer)
 
@@ -388,13 +365,13 @@ def _train(cfg: RunConfig, mesh, t_begin: float) -> dict[str, Any]:
     try:
       state, start = _restore_or_init(cfg, setup, ckpt, train_iter)
       if start == 0:
-        info(f"{cfg.init_from or cfg.model}: {models.param_count(model_config) / 1e6:.2f}M parameters, "
-             f"{cfg.optimizer.name}"
-             f"{' (model mode)' if cfg.optimizer.model_mode else ''}, "
-             f"mesh {dict(mesh.shape)} on "
-             f"{jax.device_count()} {jax.devices()[0].platform} device(s), "
-             f"{jax.process_count()} process(es)")
-      sink = reporting.MetricsSink(cfg)
+        info(f"{cfg.init_from or cfg.model}: "
+             f"{models.param_count(model_config) / 1e6:.2f}M parameters, "
+             f"{cfg.optimizer.name}{' (model mode)' if cfg.optimizer.model_mode else ''}, "
+             f"mesh {dict(mesh.shape)} on {jax.device_count()} "
+             f"{jax.devices()[0].platform} device(s), {jax.process_count()} "
+             "process(es)")
+      sink = reporting.MetricsSink(cfg.metrics_path, cfg.tensorboard_dir)
       progress = reporting.Progress(cfg.steps, cfg.progress and jax.process_index() == 0)
       trains = cfg.steps > start
       before = (_answers(cfg, setup, state, tokenizer, "before training")
@@ -420,8 +397,9 @@ def _train(cfg: RunConfig, mesh, t_begin: float) -> dict[str, Any]:
       newest = ckpt.latest_step() if ckpt is not None else None
       raise OutOfMemoryError(
           f"out of device memory ({_brief(e)}): the step does not fit; use a "
-          "smaller --batch-size or --seq-len, --remat, or split the state "
-          "over the devices with --mesh 1,-1,1 (plan it with --compile-for "
+          f"smaller {setting('batch_size')} or {setting('seq_len')}, "
+          f"{setting('remat')}, or split the state over the devices with "
+          f"{setting('mesh')} 1,-1,1 (plan it with {setting('compile_for')} "
           "first); " + (f"the newest checkpoint, step {newest}, is intact"
                         if newest is not None else "no checkpoint was saved")
       ) from None
@@ -506,11 +484,11 @@ class _Health:
     self.pending.clear()
     if self.run >= self.max_bad_steps:
       raise NonFiniteError(
-          f"stopped at step {step}: the last {self.run} steps had a "
-          "non-finite loss or gradient and were skipped (the state is the "
-          f"one before them, and no checkpoint was written after them); "
-          "lower --lr, check the data, or resume from an earlier "
-          "checkpoint")
+          f"stopped at step {step}: the last {self.run} steps had a non-finite "
+          "loss or gradient and were skipped (the state is the one before "
+          "them, and no checkpoint was written after them); lower "
+          f"{setting('optimizer.learning_rate')}, check the data, or resume "
+          "from an earlier checkpoint")
 
 
 def _run(cfg, setup, state, start, train_iter, eval_iter, eval_start, ckpt,
@@ -544,9 +522,10 @@ def _run(cfg, setup, state, start, train_iter, eval_iter, eval_start, ckpt,
       local = next(train_iter)
     except StopIteration:  # It repeats forever: only a bad position ends it.
       raise data_lib.DataError(
-          f"the training data ended at step {step} (its saved position is "
-          "past its end); use --allow-changes to start the data from its "
-          "beginning, or another --checkpoint-dir") from None
+          f"the training data ended at step {step} (its saved position is past "
+          f"its end); use {setting('allow_changes', True)} to start the data "
+          "from its beginning, or another "
+          f"{setting('checkpoint_dir')}") from None
     batch = _global_batch(local, setup, cfg)
     state, metrics = setup.train_step(state, batch)
     losses.append(metrics["loss"])

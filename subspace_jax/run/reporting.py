@@ -17,7 +17,6 @@ from typing import Any, Mapping
 
 import jax
 
-from subspace_jax.run.config import RunConfig
 
 __all__ = ["info", "Progress", "MetricsSink", "Timer", "print_summary"]
 
@@ -28,7 +27,9 @@ def _format_eta(seconds: float) -> str:
 
 
 class Progress:
-  """A one-line progress bar on stderr: tqdm if installed, else ``\\r``.
+  """Progress on stderr: on a terminal a one-line bar (tqdm if installed,
+  else ``\\r``); elsewhere (a log file, a pipe) a plain line at every
+  logged step, which a file keeps readable.
 
   The bar (and its ETA) starts with :meth:`start`, once the first step has
   compiled and run, so the compile time does not count in the rate. Lines
@@ -36,8 +37,9 @@ class Progress:
   not the bar is.
   """
 
-  def __init__(self, total: int, enabled: bool):
+  def __init__(self, total: int, enabled: bool, terminal: bool | None = None):
     self._enabled, self._total = enabled, total
+    self._terminal = sys.stderr.isatty() if terminal is None else terminal
     self._step = self._start = 0
     self._t0: float | None = None
     self._postfix = ""
@@ -47,7 +49,7 @@ class Progress:
   def start(self, step: int) -> None:
     """Starts the clock at ``step`` (steps before it are not timed)."""
     self._t0, self._start, self._step = time.perf_counter(), step, step
-    if not self._enabled:
+    if not (self._enabled and self._terminal):
       return
     try:
       from tqdm import tqdm  # pylint: disable=import-outside-toplevel
@@ -72,9 +74,12 @@ class Progress:
       rate = done / max(time.perf_counter() - self._t0, 1e-9)
       eta = _format_eta((self._total - step) / rate) if done else "?"
       text = f"step {step}/{self._total} {self._postfix} ETA {eta}"
-      sys.stderr.write(f"\r{text.ljust(self._width)}")
+      if self._terminal:
+        sys.stderr.write(f"\r{text.ljust(self._width)}")
+        self._width = len(text)
+      elif loss is not None:
+        sys.stderr.write(text + "\n")
       sys.stderr.flush()
-      self._width = len(text)
     self._step = step
 
   def write(self, line: str) -> None:
@@ -112,8 +117,8 @@ def _tensorboard_writer(logdir: str):
 class MetricsSink:
   """Appends metric records to a JSONL file and TensorBoard, if set."""
 
-  def __init__(self, cfg: RunConfig):
-    index, path = jax.process_index(), cfg.metrics_path
+  def __init__(self, metrics_path: str | None, tensorboard_dir: str | None):
+    index, path = jax.process_index(), metrics_path
     self._file = self._tb = None
     if path and ("{process}" in path or index == 0):
       path = pathlib.Path(path.replace("{process}", str(index)))
@@ -123,8 +128,8 @@ class MetricsSink:
       # before (a full disk) is ended so that the next record starts its own.
       if path.stat().st_size and not _ends_a_line(path):
         self._file.write("\n")
-    if cfg.tensorboard_dir and index == 0:
-      self._tb = _tensorboard_writer(cfg.tensorboard_dir)
+    if tensorboard_dir and index == 0:
+      self._tb = _tensorboard_writer(tensorboard_dir)
 
   def write(self, record: dict[str, Any]) -> None:
     if self._file is not None:

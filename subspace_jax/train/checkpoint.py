@@ -61,28 +61,25 @@ committed, and one that cannot be deleted is a one-line note.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
-import errno
-import functools
-import gc
 import hashlib
 import json
-import logging
 import os
 import re
-import sys
 import warnings
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 
 from subspace_jax import jsonio
 from subspace_jax.matrix_view import path_str
+from subspace_jax.naming import setting
+from subspace_jax.train import checksums as checksums_lib
+from subspace_jax.train import quiet
+from subspace_jax.train.checksums import state_checksums
 
 if TYPE_CHECKING:
   from subspace_jax.train.step import TrainState
@@ -121,8 +118,6 @@ _VERIFIED_ITEMS_FORMAT = 5
 # Largest JSON item read from a checkpoint (a config, the checksums of
 # every array, one process's data position).
 _MAX_ITEM_BYTES = 64 * 2**20
-# The hash of state_checksums; a checkpoint with another one is unverifiable.
-_CHECKSUM_FORMAT = "subspace_jax.u32x2.v1"
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -144,8 +139,7 @@ class CheckpointWarning(UserWarning):
   not be verified. The message is one line."""
 
 
-class _CorruptError(Exception):
-  """A checkpoint that reads but whose contents are not what was saved."""
+_CorruptError = checksums_lib.CorruptError
 
 
 class Restored(NamedTuple):
@@ -166,11 +160,7 @@ class Restored(NamedTuple):
   config: dict | None
 
 
-def _brief(error: BaseException, limit: int = 160) -> str:
-  """The first line of an error, shortened, for one-line messages."""
-  lines = str(error).strip().splitlines()
-  text = f"{type(error).__name__}: {lines[0] if lines else ''}"
-  return text if len(text) <= limit else text[: limit - 3] + "..."
+_brief = quiet.brief
 
 
 def _shapes(tree) -> dict[str, tuple[int, ...]]:
@@ -224,405 +214,6 @@ def _digest(value: Any) -> str:
   text = json.dumps(value, sort_keys=True, separators=(",", ":"),
                     allow_nan=False)
   return hashlib.sha256(text.encode()).hexdigest()
-
-
-# --------------------------------------------------------------------------
-# Checksums of the arrays
-# --------------------------------------------------------------------------
-
-# Odd constants of the hash (fixed by _CHECKSUM_FORMAT): the position's
-# salt, the multiplier of the mix, the second word's position multiplier.
-_SALT, _MIX, _SECOND = 0x9E3779B1, 0x85EBCA77, 0x27D4EB2F
-
-
-def _as_u32(x: jax.Array) -> jax.Array:
-  """The bits of ``x`` as uint32 (traced): one word per element, or two
-  (a trailing axis) for 64-bit dtypes; injective for every dtype."""
-  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-    x = jax.random.key_data(x)
-  if jnp.iscomplexobj(x):
-    x = jnp.stack([jnp.real(x), jnp.imag(x)], axis=-1)
-  bits = x.dtype.itemsize * 8
-  if x.dtype == jnp.bool_ or jnp.issubdtype(x.dtype, jnp.integer):
-    if bits == 64:
-      return jax.lax.bitcast_convert_type(x, jnp.uint32)
-    # Widening (sign- or zero-extending) keeps distinct values distinct.
-    wide = x.astype(jnp.int32 if jnp.issubdtype(x.dtype, jnp.signedinteger) else jnp.uint32)
-    return jax.lax.bitcast_convert_type(wide, jnp.uint32)
-  if bits in (8, 16, 32, 64) and jnp.finfo(x.dtype).bits == bits:
-    unsigned = {8: jnp.uint8, 16: jnp.uint16, 32: jnp.uint32, 64: jnp.uint32}[bits]
-    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
-  # Sub-byte floats (float4): float32 holds each value exactly.
-  return jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
-
-
-def _leaf_hash(x: jax.Array) -> jax.Array:
-  """Two 32-bit hash words of one array (traced; one fused reduction).
-
-  The bits ``u`` of the element at flat position ``i`` are mixed with the
-  position, ``z = mix(u ^ (i * salt))`` (``mix``: xor-shift, multiply by an
-  odd constant, xor-shift; it carries high bits into low ones), and summed
-  with two position-dependent odd multipliers, mod 2**32::
-
-    word0 = sum(z * (2 * i + 1)),  word1 = sum(z * ((i * c) | 1)).
-
-  ``z`` is a bijection of ``u`` for each ``i`` and the multipliers are odd,
-  so a change of any one element always changes both words; other changes
-  go unnoticed with a chance of about 2**-64. Integer sums do not depend on
-  the order of the reduction: the hash is the same on every mesh and every
-  process.
-  """
-  u = _as_u32(jnp.asarray(x))
-  uint = jnp.uint32
-  pos = jnp.zeros(u.shape, uint)
-  stride = 1
-  for axis in reversed(range(u.ndim)):
-    pos = pos + jax.lax.broadcasted_iota(uint, u.shape, axis) * uint(stride)
-    stride = (stride * u.shape[axis]) % 2**32
-  z = u ^ (pos * uint(_SALT))
-  z = z ^ (z >> 15)
-  z = z * uint(_MIX)
-  z = z ^ (z >> 13)
-  terms = (z * (pos * uint(2) + uint(1)), z * ((pos * uint(_SECOND)) | uint(1)))
-  # Both words in one reduction (on CPU several times faster than two sums).
-  words = jax.lax.reduce(
-      terms, (uint(0), uint(0)), lambda a, b: (a[0] + b[0], a[1] + b[1]),
-      tuple(range(u.ndim)),
-  )
-  return jnp.stack(words)
-
-
-@functools.lru_cache(maxsize=None)
-def _hash_fn(out_sharding) -> Any:
-  """One jitted function: a list of arrays to their hashes,
-  ``uint32[n, 2]``, replicated (``out_sharding``) if not None.
-
-  One program for the whole state, not one per array: XLA:CPU can deadlock
-  when many programs with collectives run at once on its device threads.
-  """
-  def hashes(leaves):
-    if not leaves:
-      return jnp.zeros((0, 2), jnp.uint32)
-    return jnp.stack([_leaf_hash(x) for x in leaves])
-  return jax.jit(hashes, out_shardings=out_sharding)
-
-
-def state_checksums(state: Any) -> dict[str, str]:
-  """A 64-bit hash (16 hex digits) of every array of ``state``, by path.
-
-  One jitted function hashes all arrays where they are, one fused reduction
-  per array (compiled once per process for a given state structure and
-  sharding); only the hashes are copied to the host. Sharded arrays spanning
-  several processes are fine (every process must call this): the hashes are
-  replicated, the same on all of them, and do not depend on the sharding.
-
-  Args:
-    state: A pytree of arrays (``jax.Array``, NumPy or scalars), all on the
-      same devices.
-
-  Returns:
-    ``{"params/embed/embedding": "0123456789abcdef", ...}``, with the paths
-    that the checkpoint's metadata uses.
-  """
-  flat = jax.tree_util.tree_flatten_with_path(state)[0]
-  leaves = [leaf for _, leaf in flat]
-  replicated = None
-  for leaf in leaves:
-    sharding = getattr(leaf, "sharding", None)
-    if isinstance(sharding, jax.sharding.NamedSharding):
-      replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
-      break
-  words = np.asarray(jax.device_get(_hash_fn(replicated)(leaves)))
-  return {
-      path_str(path): f"{int(a):08x}{int(b):08x}"
-      for (path, _), (a, b) in zip(flat, words)
-  }
-
-
-# --------------------------------------------------------------------------
-# Quiet restore attempts
-# --------------------------------------------------------------------------
-
-# Python loggers a failed restore writes to: Orbax logs through absl, and
-# asyncio's loop exception handler ("Task exception was never retrieved",
-# "Task was destroyed but it is pending!") through "asyncio".
-_NOISY_LOGGERS = ("absl", "asyncio")
-
-
-def _close_after_draining(loop: asyncio.AbstractEventLoop, close) -> None:
-  """``loop.close()`` that first cancels and finishes the loop's tasks.
-
-  When one read of a restore fails, Orbax closes its event loop with the
-  other reads still pending; TensorStore then calls back into the closed
-  loop from its threads ("RuntimeError: Event loop is closed", once per
-  read) and the abandoned coroutines raise again when collected
-  ("Exception ignored in: <coroutine ...>"). Ending them here, while the
-  loop can still run, leaves nothing behind.
-  """
-  if not loop.is_closed() and not loop.is_running():
-    pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
-    for task in pending:
-      task.cancel()
-    if pending:
-      done, _ = loop.run_until_complete(asyncio.wait(pending, timeout=30))
-      for task in done:
-        if not task.cancelled():
-          task.exception()  # Retrieved: no "Task exception was never retrieved".
-  close()
-
-
-@functools.cache
-def _draining_policy_class() -> type | None:
-  """A policy class that wraps another one and makes its new loops close
-  by :func:`_close_after_draining`; None where asyncio has no policies
-  (Python 3.16+)."""
-  base_class = getattr(asyncio, "AbstractEventLoopPolicy", None)
-  if base_class is None or not hasattr(asyncio, "set_event_loop_policy"):
-    return None
-
-  class DrainingPolicy(base_class):
-    """The wrapped policy, but for how its new loops close."""
-
-    def __init__(self, base):
-      self._base = base
-
-    def get_event_loop(self):
-      return self._base.get_event_loop()
-
-    def set_event_loop(self, loop):
-      self._base.set_event_loop(loop)
-
-    def new_event_loop(self):
-      loop = self._base.new_event_loop()
-      try:
-        loop.close = functools.partial(_close_after_draining, loop, loop.close)
-      except AttributeError:  # A loop type without instance attributes.
-        pass
-      return loop
-
-    def get_child_watcher(self):  # Python < 3.14.
-      return self._base.get_child_watcher()
-
-    def set_child_watcher(self, watcher):
-      self._base.set_child_watcher(watcher)
-
-  return DrainingPolicy
-
-
-@contextlib.contextmanager
-def _quiet():
-  """Silences what failed Orbax/TensorStore reads print, for the duration.
-
-  Found by reproducing truncated and garbled array files (TensorStore
-  itself writes nothing to the stderr file descriptor; all of it goes
-  through Python):
-
-  * unraisable exceptions (``sys.unraisablehook``), thousands of lines:
-    TensorStore's threads report through it their callbacks into Orbax's
-    closed event loop, and abandoned read coroutines their error once more
-    when collected. The cause is removed as well: while quiet, Orbax's
-    event loops cancel and finish their pending tasks before closing (see
-    :func:`_close_after_draining`), and what is left is collected before
-    the hook is put back;
-  * the ``absl`` (Orbax) and ``asyncio`` loggers;
-  * Python warnings (all; restore warns its own after this).
-
-  Not thread-safe (it swaps process-wide hooks): restores run alone.
-  """
-  loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
-  disabled = [logger.disabled for logger in loggers]
-  unraisablehook = sys.unraisablehook
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    draining = _draining_policy_class()
-    policy = asyncio.get_event_loop_policy() if draining else None
-    try:
-      for logger in loggers:
-        logger.disabled = True
-      sys.unraisablehook = lambda unraisable: None
-      if draining:
-        asyncio.set_event_loop_policy(draining(policy))
-      yield
-    finally:
-      if draining:
-        asyncio.set_event_loop_policy(policy)
-      gc.collect()
-      sys.unraisablehook = unraisablehook
-      for logger, was in zip(loggers, disabled):
-        logger.disabled = was
-
-
-class _QuietSaves(logging.Filter):
-  """While started, holds back what a failing background save prints.
-
-  Orbax's save threads log each failure with its traceback through absl
-  (one record per thread that saw it) and TensorStore's callbacks into
-  Orbax's event loops print "Event loop is closed" once the loop that
-  failed is closed; a full disk gave hundreds of lines. The error records
-  of Orbax's threads are dropped (the first message is kept for the
-  :class:`CheckpointSaveError` the Checkpointer raises), and Orbax's event
-  loops finish their pending tasks before closing
-  (:func:`_close_after_draining`), so that no callback finds them closed.
-  """
-
-  def __init__(self):
-    super().__init__()
-    self.first_error: str | None = None
-    self._policy = self._mine = None
-    self._started = False
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    if record.levelno < logging.ERROR or "orbax" not in record.pathname:
-      return True
-    if self.first_error is None:
-      error = record.exc_info[1] if record.exc_info else None
-      self.first_error = str(error) if error else record.getMessage()
-    return False
-
-  def start(self) -> None:
-    logging.getLogger("absl").addFilter(self)
-    draining = _draining_policy_class()
-    if draining is not None:
-      self._policy = asyncio.get_event_loop_policy()
-      self._mine = draining(self._policy)
-      asyncio.set_event_loop_policy(self._mine)
-    self._started = True
-
-  def stop(self) -> None:
-    if not self._started:
-      return
-    self._started = False
-    logging.getLogger("absl").removeFilter(self)
-    # Put back only if no one has set another policy since (two
-    # Checkpointers closed out of order leave the first one's).
-    if self._policy is not None and asyncio.get_event_loop_policy() is self._mine:
-      asyncio.set_event_loop_policy(self._policy)
-    self._policy = self._mine = None
-
-
-# What to do about a failed save, by the errno it failed with.
-_NO_SPACE = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
-_FORBIDDEN = (errno.EACCES, errno.EPERM, errno.EROFS)
-
-
-def _errno(error: Any) -> int | None:
-  """The OS error code of a failed save: an OSError's, or the one
-  TensorStore names in its message (``[os_error_code='28']``)."""
-  while isinstance(error, BaseException):
-    if isinstance(error, OSError) and error.errno:
-      return error.errno
-    found = re.search(r"os_error_code='?(\d+)", str(error))
-    if found:
-      return int(found.group(1))
-    error = error.__cause__ or error.__context__
-  if isinstance(error, str):
-    found = re.search(r"os_error_code='?(\d+)", error)
-    if found:
-      return int(found.group(1))
-  return None
-
-
-def _os_reason(error: Any) -> str:
-  """Why a save failed, in a few words: the OS error's, else the first
-  line of the error without TensorStore's spec."""
-  code = _errno(error)
-  if code is not None:
-    return os.strerror(code)
-  if error is None:
-    return "the save did not commit"
-  text = str(error).split(" [tensorstore_spec=")[0].strip()
-  text = text.splitlines()[0] if text else type(error).__name__
-  return text if len(text) <= 200 else text[:197] + "..."
-
-
-def _advice(error: Any) -> str:
-  code = _errno(error)
-  if code in _NO_SPACE:
-    return "free space there or give another --checkpoint-dir"
-  if code in _FORBIDDEN:
-    return ("make the directory writable by this user or give another "
-            "--checkpoint-dir")
-  return "check the disk and the directory, or give another --checkpoint-dir"
-
-
-def _root_cause(error: BaseException) -> BaseException:
-  """The innermost cause of ``error``: Orbax wraps TensorStore's error (which
-  names the file) in one that names only the array index."""
-  seen = set()
-  while id(error) not in seen:
-    seen.add(id(error))
-    inner = error.__cause__ or error.__context__
-    if inner is None:
-      break
-    error = inner
-  return error
-
-
-def _reason(error: BaseException, directory: str) -> str:
-  """Why a checkpoint could not be used, in one line: the array and the
-  file (relative to ``directory``) where TensorStore names them."""
-  root = _root_cause(error)
-  for e in (error, root):
-    if isinstance(e, _CorruptError):
-      return str(e)
-  text = str(root).split(" [tensorstore_spec=")[0].strip()
-  text = text.splitlines()[0] if text else ""
-  text = text.replace(directory.rstrip("/") + "/", "")
-  # TensorStore's keys: "params.lm_head.kernel/.zarray", ".../0.1" (chunks).
-  array = re.search(r'"([^"/]+)/(?:\.z\w+|[\d.]+)"', text)
-  if not array:
-    return _brief(root, 200)
-  parts = [f"array {array.group(1).replace('.', '/')}"]
-  files = [f for f in re.findall(r'local file "([^"]*)"', text) if not f.endswith("/")]
-  detail = text.rsplit(": ", 1)[-1]
-  if files:
-    parts.append(f"file {files[-1]}")
-    detail = text.rsplit(f'local file "{files[-1]}": ', 1)[-1]
-  parts.append(detail)
-  line = ": ".join(parts)
-  return line if len(line) <= 240 else line[:237] + "..."
-
-
-_CHECKSUMS_SCHEMA = {
-    "type": "object",
-    "required": ["format", "arrays"],
-    "properties": {
-        "format": {"type": "string"},
-        "arrays": {"type": "object", "additionalProperties": {
-            "type": "array", "minItems": 2, "maxItems": 2,
-            "items": {"type": "string", "maxLength": 64}}},
-        "config": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
-    },
-}
-
-
-def _with_saved_dtypes(abstract_state: Any, checksums: dict) -> Any:
-  """``abstract_state`` with each leaf's dtype as saved, so that what is
-  hashed on restore is the saved bits (Orbax casts to the target dtype)."""
-  def leaf(path, a):
-    name = path_str(path)
-    saved = checksums.get(name)
-    if not saved or saved[0] == jnp.dtype(a.dtype).name:
-      return a
-    try:
-      dtype = jnp.dtype(saved[0])
-    except TypeError:  # Not a plain dtype: Orbax restores it as it can.
-      return a
-    return jax.ShapeDtypeStruct(a.shape, dtype, sharding=a.sharding)
-  return jax.tree_util.tree_map_with_path(leaf, abstract_state)
-
-
-def _verify(state: Any, checksums: dict) -> None:
-  """Raises :class:`_CorruptError` naming the first array whose hash is not
-  the saved one (or that has no saved hash)."""
-  got = state_checksums(state)
-  for name in sorted(got.keys() | checksums.keys()):
-    if name not in checksums:
-      raise _CorruptError(f"array {name} has no saved checksum")
-    if name not in got:
-      raise _CorruptError(f"array {name} has a checksum but was not restored")
-    if got[name] != checksums[name][1]:
-      raise _CorruptError(f"array {name}: checksum mismatch")
 
 
 def _read_item(path) -> Any:
@@ -836,9 +427,9 @@ class Checkpointer:
     self._damaged: set[int] = set()  # Steps a restore found corrupt.
     self._undeletable: set[int] = set()  # Old steps that could not be deleted.
     self._saving: int | None = None  # The step of a save not yet checked.
-    self._quiet_saves = _QuietSaves()
+    self._quiet_saves = quiet.QuietSaves()
     try:
-      with _quiet():  # Orbax logs a step with lost metadata as it lists them.
+      with quiet.restoring():  # Orbax logs a step with lost metadata as it lists them.
         self._manager = ocp.CheckpointManager(
             directory,
             options=options,
@@ -852,8 +443,8 @@ class Checkpointer:
         )
     except OSError as e:
       raise CheckpointSaveError(
-          f"cannot use the checkpoint directory {directory} ({_os_reason(e)}); "
-          f"{_advice(e)}") from None
+          f"cannot use the checkpoint directory {directory} ({quiet.os_reason(e)}); "
+          f"{quiet.advice(e)}") from None
     self._closed = False
     self._quiet_saves.start()
 
@@ -881,7 +472,7 @@ class Checkpointer:
       read (:meth:`restore` then reports the damage).
     """
     try:
-      with _quiet():
+      with quiet.restoring():
         config = self._manager.restore(
             int(step),
             args=ocp.args.Composite(**{_CONFIG: _JsonRestore()}))[_CONFIG]
@@ -938,7 +529,7 @@ class Checkpointer:
     hashes = state_checksums(state)
     dtypes = _dtypes(state)
     checksums = {
-        "format": _CHECKSUM_FORMAT,
+        "format": checksums_lib.FORMAT,
         "arrays": {name: [dtypes[name], h] for name, h in hashes.items()},
     }
     checksums["config"] = _digest(_as_json(config))
@@ -986,7 +577,7 @@ class Checkpointer:
     what = f"step {step}" if step is not None else "a checkpoint"
     return CheckpointSaveError(
         f"cannot save checkpoint {what} in {self.directory} "
-        f"({_os_reason(error)}); {_advice(error)}; {newest}")
+        f"({quiet.os_reason(error)}); {quiet.advice(error)}; {newest}")
 
   def _delete(self, step: int, why: str) -> bool:
     try:
@@ -994,7 +585,7 @@ class Checkpointer:
       return True
     except Exception as e:  # pylint: disable=broad-except
       self._warn(f"could not delete checkpoint step {step} in "
-                 f"{self.directory} ({why}): {_os_reason(e)}; delete it by hand")
+                 f"{self.directory} ({why}): {quiet.os_reason(e)}; delete it by hand")
       return False
 
   def _delete_old_steps(self) -> None:
@@ -1061,7 +652,7 @@ class Checkpointer:
       return None
     bad: list[tuple[int, str]] = []
     restored = unverified = None
-    with _quiet():
+    with quiet.restoring():
       for candidate in reversed(steps):
         try:
           restored, unverified = self._restore_step(
@@ -1071,15 +662,15 @@ class Checkpointer:
         except IncompatibleCheckpointError:
           raise
         except Exception as e:  # pylint: disable=broad-except
-          bad.append((candidate, _reason(e, self.directory)))
+          bad.append((candidate, quiet.reason(e, self.directory)))
     listed = ", ".join(str(s) for s, _ in bad)
     why = bad[0][1] if len(bad) == 1 else "; ".join(f"step {s}: {r}" for s, r in bad)
-    # Raised and warned outside _quiet(), which ignores all warnings.
+    # Raised and warned outside quiet.restoring(), which ignores all warnings.
     if restored is None:
       raise UnreadableCheckpointError(
           f"no readable checkpoint in {self.directory}: step(s) {listed} are "
           f"corrupt or incomplete (step {bad[0][0]}: {bad[0][1]}); remove "
-          "them or use another --checkpoint-dir"
+          f"them or use another {setting('checkpoint_dir')}"
       )
     if bad:
       warnings.warn(CheckpointWarning(
@@ -1125,12 +716,12 @@ class Checkpointer:
       raise IncompatibleCheckpointError(
           f"checkpoint step {step} in {self.directory} does not fit this "
           f"model/optimizer: {mismatch}; use the same settings or another "
-          "--checkpoint-dir"
+          f"{setting('checkpoint_dir')}"
       )
     arrays = None if checksums is None else checksums["arrays"]
     target = abstract_state
     if arrays is not None:
-      target = _with_saved_dtypes(abstract_state, arrays)
+      target = checksums_lib.with_saved_dtypes(abstract_state, arrays)
     out = self._manager.restore(
         step,
         args=ocp.args.Composite(**{
@@ -1140,7 +731,7 @@ class Checkpointer:
     )
     state = out[_STATE]
     if arrays is not None:
-      _verify(state, arrays)
+      checksums_lib.verify(state, arrays)
       # Cast only after verifying the bits as saved.
       state = jax.tree.map(
           lambda x, want: x if x.dtype == want.dtype else x.astype(want.dtype),
@@ -1191,7 +782,7 @@ class Checkpointer:
       raise IncompatibleCheckpointError(
           f"checkpoint step {step} in {self.directory} was written by {age} "
           f"subspace_jax (format {saved}, this one reads {FORMAT}); resume it "
-          "with that version or use another --checkpoint-dir"
+          f"with that version or use another {setting('checkpoint_dir')}"
       )
     return saved
 
@@ -1209,12 +800,12 @@ class Checkpointer:
       )[_CHECKSUMS]
     else:
       return None, "saved by an older version"
-    if not isinstance(saved, dict) or saved.get("format") == _CHECKSUM_FORMAT:
+    if not isinstance(saved, dict) or saved.get("format") == checksums_lib.FORMAT:
       try:
-        jsonio.check(saved, _CHECKSUMS_SCHEMA, "checksums")
+        jsonio.check(saved, checksums_lib.SCHEMA, "checksums")
       except jsonio.JSONError as e:
         raise _CorruptError(f"the checksum item is garbled ({e})") from None
-    if saved.get("format") != _CHECKSUM_FORMAT:
+    if saved.get("format") != checksums_lib.FORMAT:
       return None, f"unknown checksum format {str(saved.get('format'))[:40]!r}"
     return saved, None
 
@@ -1234,7 +825,7 @@ class Checkpointer:
       )
       raise IncompatibleCheckpointError(
           f"checkpoint step {step} in {self.directory} is of another model "
-          f"({diffs}); use another --checkpoint-dir"
+          f"({diffs}); use another {setting('checkpoint_dir')}"
       )
 
   def wait_until_finished(self) -> None:

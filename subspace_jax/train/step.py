@@ -1,4 +1,4 @@
-"""Train state, optimizer factory and the sharded train/eval steps.
+"""The train state and the sharded train/eval steps.
 
 Parameters are a plain nested dict of arrays (``nnx.to_pure_dict`` of the
 model's ``nnx.Param`` state), so the optimizer state, the shardings and the
@@ -7,7 +7,10 @@ checkpoints all see ordinary pytrees with readable paths
 step with :class:`ModelDef`.
 
 Data flows one way: batch → loss → grads → optimizer (clipping, subspace
-transform, weight decay, learning rate) → params.
+transform, weight decay, learning rate; :mod:`~subspace_jax.train.optimizer`)
+→ params. :func:`train_step` and :func:`eval_step` are pure functions of a
+:class:`Mode` (what transform and model mode do differently) and the state;
+:func:`setup` jits them with the run's shardings.
 """
 
 from __future__ import annotations
@@ -25,197 +28,25 @@ from subspace_jax import models
 from subspace_jax.models import constraints
 from subspace_jax.models import llama
 from subspace_jax import sharding as shd
+from subspace_jax.naming import setting
+from subspace_jax.train.optimizer import (OPTIMIZERS, OptimizerConfig,
+                                          make_optimizer)
 
 __all__ = [
     "OPTIMIZERS",
-    "OptimizerConfig",
+    "Mode",
     "ModelDef",
-    "TrainState",
+    "OptimizerConfig",
     "Setup",
+    "TrainState",
+    "check_rank",
+    "eval_step",
     "make_optimizer",
+    "model_mode",
     "setup",
+    "train_step",
+    "transform_mode",
 ]
-
-# The built-in optimizers: adamw and the methods of sj.transform.METHODS
-# (the config reads that table when it checks a name, so an entry added to it
-# later is accepted too).
-OPTIMIZERS = ("adamw", *sj.transform.METHODS)
-SUBSPACE_MODES = ("transform", "model")
-
-
-def _optimizers() -> tuple[str, ...]:
-  return ("adamw", *sj.transform.METHODS)
-
-
-def _model_mode_methods() -> tuple[str, ...]:
-  """Methods that can run in model mode: random projections only (GaLore's
-  SVD needs the full gradient that model mode never builds)."""
-  return tuple(n for n, m in sj.transform.METHODS.items() if m.model_mode)
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimizerConfig:
-  """Optimizer and schedule settings (all serializable).
-
-  Attributes:
-    name: "adamw" or a method of :data:`subspace_jax.transform.METHODS`.
-    learning_rate: Peak learning rate.
-    warmup_steps: Linear warm-up steps from 0.
-    total_steps: Length of the cosine decay (including warm-up).
-    min_lr_ratio: Final learning rate as a fraction of the peak.
-    weight_decay: Decoupled weight decay on matrices (not on norm scales).
-    b1: Adam's first-moment decay.
-    b2: Adam's second-moment decay.
-    eps: Adam's epsilon.
-    clip_norm: Global gradient-norm clip (None: off).
-    rank: Subspace rank (galore/golore/rso).
-    update_gap: Steps between projection changes.
-    scale: Factor on the back-projected update (GaLore's alpha).
-    seed: Projection seed.
-    svd_steps: GoLore's SVD phase (GoLore@x%).
-    eta: RSO's proximal coefficient (None: off).
-    side: Side rule of the projection (None: "lean"). In model mode it
-      also says which side of each layer carries ``B`` ("lean": ``B`` is
-      ``r × min(m, n)``; "left": the input side everywhere, which keeps
-      every layer's activation saving; see :mod:`subspace_jax.factored`).
-    svd: GaLore's SVD: "exact" or "randomized".
-    moment_dtype: dtype name of the low-rank moments (None: the grads'); in
-      model mode also of ``B`` (None: the weights').
-    subspace_mode: "transform" (an optax transform on full gradients) or
-      "model" (the model differentiates ``B`` of ``W + P·B`` directly, see
-      :mod:`subspace_jax.factored`; golore and rso only).
-  """
-
-  name: str = "adamw"
-  learning_rate: float = 1e-3
-  warmup_steps: int = 100
-  total_steps: int = 1000
-  min_lr_ratio: float = 0.1
-  weight_decay: float = 0.0
-  b1: float = 0.9
-  b2: float = 0.999
-  eps: float = 1e-8
-  clip_norm: float | None = 1.0
-  rank: int = 128
-  update_gap: int = 200
-  scale: float = 0.25
-  seed: int = 0
-  svd_steps: int = 0
-  eta: float | None = None
-  side: str | None = None
-  svd: str = "exact"
-  moment_dtype: str | None = None
-  subspace_mode: str = "transform"
-
-  def __post_init__(self):
-    if self.name not in _optimizers():
-      raise ValueError(f"unknown optimizer {self.name!r}; choose one of "
-                       f"{', '.join(_optimizers())}")
-    if self.total_steps <= 0 or self.warmup_steps < 0:
-      raise ValueError("total_steps must be > 0 and warmup_steps >= 0")
-    if self.subspace_mode not in SUBSPACE_MODES:
-      raise ValueError(f"unknown subspace mode {self.subspace_mode!r}; "
-                       f"choose one of {', '.join(SUBSPACE_MODES)}")
-    if self.model_mode:
-      if self.name not in _model_mode_methods():
-        raise ValueError(
-            f"subspace mode 'model' supports "
-            f"{' and '.join(_model_mode_methods())}, not "
-            f"{self.name}: GaLore's SVD needs the full gradient, which model "
-            "mode never builds; use subspace_mode='transform'")
-      if self.svd_steps:
-        raise ValueError("svd_steps (GoLore@x%) needs the full gradient for "
-                         "its SVD phase; it is not available in model mode")
-
-  @property
-  def model_mode(self) -> bool:
-    """Whether the model differentiates the subspace variables directly."""
-    return self.subspace_mode == "model"
-
-  @property
-  def method(self) -> sj.transform.Method | None:
-    """The subspace method of :data:`subspace_jax.transform.METHODS` (None
-    for adamw)."""
-    return sj.transform.METHODS.get(self.name)
-
-  @property
-  def effective_side(self) -> str:
-    return self.side or "lean"
-
-  def subspace(self, params, views: sj.matrix_view.ViewFn
-               ) -> sj.factored.Subspace:
-    """Model mode's factoring of ``params`` (arrays or abstract); ``views``
-    is the model's (:attr:`subspace_jax.models.Model.views`)."""
-    return sj.factored.Subspace.for_params(
-        params, rank=self.rank, update_gap=self.update_gap,
-        projection=self.method.projection, seed=self.seed,
-        side=self.effective_side, views=views)
-
-  def leaf_plans(self, params, views: sj.matrix_view.ViewFn) -> list | None:
-    """The subspace transform's plan of every leaf of ``params`` (flatten
-    order; None for a full leaf), or None for adamw."""
-    if self.method is None:
-      return None
-    return sj.transform.leaf_plans(
-        params, rank=self.rank, side=self.effective_side, views=views)[0]
-
-  def schedule(self) -> optax.Schedule:
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=self.learning_rate,
-        warmup_steps=min(self.warmup_steps, self.total_steps - 1),
-        decay_steps=self.total_steps,
-        end_value=self.learning_rate * self.min_lr_ratio,
-    )
-
-
-def make_optimizer(
-    cfg: OptimizerConfig, model: models.Model, params=None,
-) -> tuple[optax.GradientTransformation, Callable[[Any], list] | None]:
-  """The optax chain for ``cfg`` and the leaf-plan function of its subspace
-  transform (None for adamw), used to shard the low-rank state.
-
-  Args:
-    cfg: The optimizer settings.
-    model: The model family (:data:`subspace_jax.models.MODELS`): its views
-      say which weights are projected, its decay mask which are decayed.
-    params: The (abstract) weights; model mode needs them to know which
-      leaves are factored (its chain runs on the trainable tree,
-      :meth:`subspace_jax.factored.Subspace.trainable`).
-  """
-  inner = optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
-  views = model.views()
-  common = dict(
-      rank=cfg.rank, update_gap=cfg.update_gap, scale=cfg.scale,
-      side=cfg.effective_side, views=views,
-      moment_dtype=jnp.dtype(cfg.moment_dtype) if cfg.moment_dtype else None,
-  )
-  method = cfg.method
-  # Settings a method has no use for are ignored, not refused.
-  eta = cfg.eta if method and method.proximal else None
-  if method is None:
-    core = inner
-  elif cfg.model_mode:
-    if params is None:
-      raise ValueError("model mode needs the weights to build its optimizer")
-    core = sj.factored.scale_by_factored(
-        inner, subspace=cfg.subspace(params, views), scale=cfg.scale,
-        reset_inner=method.reset_inner, eta=eta)
-  else:
-    core = sj.transform.scale_by_method(
-        cfg.name, inner, svd=cfg.svd, seed=cfg.seed, eta=eta,
-        svd_steps=cfg.svd_steps if method.svd_phase else 0, **common)
-  plans = None if method is None else (lambda p: cfg.leaf_plans(p, views))
-  parts = []
-  if cfg.clip_norm:
-    parts.append(optax.clip_by_global_norm(cfg.clip_norm))
-  parts += [
-      core,
-      optax.add_decayed_weights(cfg.weight_decay, mask=model.decay_mask),
-      optax.scale_by_learning_rate(cfg.schedule()),
-  ]
-  return optax.chain(*parts), plans
-
 
 # The LLaMA adapter (init/apply/loss on plain-dict parameters); setup()
 # takes each model's own through the registry.
@@ -272,15 +103,17 @@ class Setup:
   state_is_finite: Callable
 
 
-class _Mode(NamedTuple):
-  """What differs between transform and model mode in :func:`setup`.
+class Mode(NamedTuple):
+  """What differs between transform and model mode in a step.
 
   Attributes:
     init: ``seed -> TrainState``.
     state_of: ``weights -> TrainState``: the state that starts from them.
-    loss_and_grads: ``(state, batch) -> (loss, grads, trainable, keys)``;
-      ``trainable`` is what the optimizer updates, ``keys`` model mode's
-      projection keys (:meth:`subspace_jax.factored.Subspace.keys`).
+    inputs: ``state -> (trainable, keys)``: what the optimizer updates, and
+      model mode's projection keys
+      (:meth:`subspace_jax.factored.Subspace.keys`; None in transform mode).
+    loss_and_grads: ``(state, trainable, keys, batch) -> (loss, grads)``,
+      the gradient of the trainable tree.
     apply_updates: ``(state, trainable, updates, keys, opt_state, finite)
       -> params``, ``opt_state`` the optimizer's new state; when
       ``finite`` is False the result is ``state.params`` unchanged.
@@ -290,13 +123,14 @@ class _Mode(NamedTuple):
 
   init: Callable
   state_of: Callable
+  inputs: Callable
   loss_and_grads: Callable
   apply_updates: Callable
   eval_loss: Callable
   params_shardings: Callable
 
 
-def _transform_mode(model: ModelDef, tx, axes, mesh) -> _Mode:
+def transform_mode(model: ModelDef, tx, axes, mesh) -> Mode:
   """The plain step: the optimizer updates the weights themselves."""
 
   def state_of(params):
@@ -305,9 +139,9 @@ def _transform_mode(model: ModelDef, tx, axes, mesh) -> _Mode:
   def init(seed):
     return state_of(model.init(seed))
 
-  def loss_and_grads(state, batch):
-    loss, grads = jax.value_and_grad(model.loss)(state.params, batch)
-    return loss, grads, state.params, None
+  def loss_and_grads(state, trainable, keys, batch):
+    del state, keys
+    return jax.value_and_grad(model.loss)(trainable, batch)
 
   def apply_updates(state, params, updates, keys, opt_state, finite):
     del state, keys, opt_state
@@ -318,12 +152,13 @@ def _transform_mode(model: ModelDef, tx, axes, mesh) -> _Mode:
   def eval_loss(state, batch):
     return model.loss(state.params, batch)
 
-  return _Mode(init, state_of, loss_and_grads, apply_updates, eval_loss,
-               lambda abstract: shd.tree_shardings(abstract, axes, mesh))
+  return Mode(init, state_of, lambda state: (state.params, None),
+              loss_and_grads, apply_updates, eval_loss,
+              lambda abstract: shd.tree_shardings(abstract, axes, mesh))
 
 
-def _model_mode(model: ModelDef, opt: OptimizerConfig, subspace, weights, tx,
-                plans, axes, mesh) -> _Mode:
+def model_mode(model: ModelDef, opt: OptimizerConfig, subspace, weights, tx,
+               plans, axes, mesh) -> Mode:
   """Model mode's step: the optimizer updates ``B`` and the full leaves."""
   low_dtype = jnp.dtype(opt.moment_dtype) if opt.moment_dtype else None
   schedule = opt.schedule()
@@ -336,16 +171,17 @@ def _model_mode(model: ModelDef, opt: OptimizerConfig, subspace, weights, tx,
   def init(seed):
     return state_of(model.init(seed))
 
-  def loss_and_grads(state, batch):
-    params = state.params
+  def inputs(state):
     # Keys, not projections: each layer draws its P inside the model (in
     # the scan body of a scanned one), so no (L, d, r) array lives through
     # the step.
-    keys = subspace.keys(state.opt_state)
-    trainable = subspace.trainable(params)
-    loss_of = lambda t: model.loss(subspace.factored(params, t, keys), batch)
-    loss, grads = jax.value_and_grad(loss_of)(trainable)
-    return loss, grads, trainable, keys
+    return (subspace.trainable(state.params),
+            subspace.keys(state.opt_state))
+
+  def loss_and_grads(state, trainable, keys, batch):
+    loss_of = lambda t: model.loss(
+        subspace.factored(state.params, t, keys), batch)
+    return jax.value_and_grad(loss_of)(trainable)
 
   def apply_updates(state, trainable, updates, keys, opt_state, finite):
     trainable = optax.apply_updates(trainable, updates)
@@ -362,17 +198,81 @@ def _model_mode(model: ModelDef, opt: OptimizerConfig, subspace, weights, tx,
                            opt_state, decay, finite)
 
   def eval_loss(state, batch):
-    params = state.params
-    return model.loss(subspace.factored(
-        params, subspace.trainable(params),
-        subspace.keys(state.opt_state)), batch)
+    return model.loss(subspace.factored(state.params, *inputs(state)), batch)
 
   def params_shardings(abstract):
     return shd.state_shardings(abstract, weights, axes, mesh, plans,
                                factored=True)
 
-  return _Mode(init, state_of, loss_and_grads, apply_updates, eval_loss,
-               params_shardings)
+  return Mode(init, state_of, inputs, loss_and_grads, apply_updates,
+              eval_loss, params_shardings)
+
+
+def _micro_batches(batch, n: int):
+  """``batch`` (arrays ``[batch, ...]``) as ``n`` micro-batches stacked on
+  a new leading axis. Micro-batch ``j`` is rows ``j, j + n, j + 2n, ...``:
+  each device's rows of the batch hold its share of every micro-batch, so
+  splitting moves no data between devices."""
+  def split(x):
+    if x.shape[0] % n:
+      raise ValueError(f"a batch of {x.shape[0]} rows does not split into "
+                       f"{n} micro-batches")
+    return x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
+  return jax.tree.map(split, batch)
+
+
+def gradients(mode: Mode, state: TrainState, trainable, keys, batch,
+              grad_accum: int = 1):
+  """The mean loss and gradient of ``batch``, computed on ``grad_accum``
+  micro-batches one after another (a scan that holds one micro-batch's
+  activations and the sum of the gradients)."""
+  if grad_accum == 1:
+    return mode.loss_and_grads(state, trainable, keys, batch)
+
+  def add(total, micro):
+    loss, grads = mode.loss_and_grads(state, trainable, keys, micro)
+    return jax.tree.map(jnp.add, total, (loss, grads)), None
+
+  zeros = jax.tree.map(jnp.zeros_like, (jnp.zeros([], jnp.float32), trainable))
+  (loss, grads), _ = jax.lax.scan(add, zeros, _micro_batches(batch, grad_accum))
+  return jax.tree.map(lambda x: x / grad_accum, (loss, grads))
+
+
+def train_step(mode: Mode, tx: optax.GradientTransformation,
+               schedule: optax.Schedule, state: TrainState, batch,
+               grad_accum: int = 1) -> tuple[TrainState, dict]:
+  """One update: ``(state, batch) -> (new state, metrics)``.
+
+  The batch's gradients (averaged over ``grad_accum`` micro-batches) go
+  through the optimizer ``tx``. A step with a non-finite loss or gradient
+  changes nothing, its step counter included: the new state is the old
+  one and ``metrics["finite"]`` is False (the loop counts these and stops
+  after too many). The updates are not part of the test: whether they are
+  finite is known only once every new moment exists, and the state could
+  then not be updated in place (the old and the new optimizer state would
+  both be held: at 7B, rank 1024, 1.75 GiB per chip). From a finite
+  gradient the built-in optimizers make finite updates; a state that still
+  turns non-finite fails the next step's loss, and the loop never
+  checkpoints it (:attr:`Setup.state_is_finite`).
+  """
+  trainable, keys = mode.inputs(state)
+  loss, grads = gradients(mode, state, trainable, keys, batch, grad_accum)
+  updates, opt_state = tx.update(grads, state.opt_state, trainable)
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  keep = lambda n, o: jnp.where(finite, n, o)
+  params = mode.apply_updates(state, trainable, updates, keys, opt_state,
+                              finite)
+  new = TrainState(keep(state.step + 1, state.step), params,
+                   jax.tree.map(keep, opt_state, state.opt_state))
+  metrics = {"loss": loss, "grad_norm": grad_norm,
+             "lr": schedule(state.step), "finite": finite}
+  return new, metrics
+
+
+def eval_step(mode: Mode, state: TrainState, batch) -> jax.Array:
+  """The mean loss of ``batch`` under ``state``'s weights."""
+  return mode.eval_loss(state, batch)
 
 
 def setup(
@@ -383,50 +283,27 @@ def setup(
   In model mode (``opt.subspace_mode == "model"``) the state's ``params``
   are :class:`~subspace_jax.factored.FactoredParams`: the step
   differentiates only ``B`` and the full leaves, and merges ``W ← W + P·B``
-  at the end of every subproblem, inside the jitted step.
+  at the end of every subproblem, inside the jitted step. An unset rank
+  takes its default for the model (:meth:`OptimizerConfig.with_model`).
   """
+  opt = opt.with_model(model_config)
   family = models.for_config(model_config)
   model = family.model_def(model_config)
   weights = jax.eval_shape(lambda: model.init(0))
   tx, plans = make_optimizer(opt, family, weights)
-  schedule = opt.schedule()
   axes = model.logical_axes
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   subspace = None
   if opt.model_mode:
     subspace = opt.subspace(weights, family.views())
-    mode = _model_mode(model, opt, subspace, weights, tx, plans, axes, mesh)
+    mode = model_mode(model, opt, subspace, weights, tx, plans, axes, mesh)
   else:
-    mode = _transform_mode(model, tx, axes, mesh)
-  (init, state_of, loss_and_grads, apply_updates, eval_loss,
-   params_shardings) = mode
+    mode = transform_mode(model, tx, axes, mesh)
 
-  def train_step(state: TrainState, batch):
-    loss, grads, trainable, keys = loss_and_grads(state, batch)
-    updates, opt_state = tx.update(grads, state.opt_state, trainable)
-    grad_norm = optax.tree.norm(grads)
-    # A step with a non-finite loss or gradient changes nothing, its step
-    # counter included; the loop counts these (metrics["finite"]) and stops
-    # after too many. The updates are not part of the test: whether they
-    # are finite is known only once every new moment exists, and the state
-    # could then not be updated in place (the old and the new optimizer
-    # state would both be held: at 7B, rank 1024, 1.75 GiB per chip). From
-    # a finite gradient the built-in optimizers make finite updates; a state
-    # that still turns non-finite fails the next step's loss, and the loop
-    # never checkpoints it (Setup.state_is_finite).
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = lambda n, o: jnp.where(finite, n, o)
-    params = apply_updates(state, trainable, updates, keys, opt_state, finite)
-    new = TrainState(keep(state.step + 1, state.step), params,
-                     jax.tree.map(keep, opt_state, state.opt_state))
-    metrics = {"loss": loss, "grad_norm": grad_norm,
-               "lr": schedule(state.step), "finite": finite}
-    return new, metrics
-
-  abstract = jax.eval_shape(lambda: init(0))
+  abstract = jax.eval_shape(lambda: mode.init(0))
   state_sh = TrainState(
       step=replicated,
-      params=params_shardings(abstract.params),
+      params=mode.params_shardings(abstract.params),
       opt_state=shd.state_shardings(
           abstract.opt_state, weights, axes, mesh, plans,
           factored=opt.model_mode),
@@ -436,6 +313,8 @@ def setup(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
       abstract, state_sh,
   )
+  step = functools.partial(train_step, mode, tx, opt.schedule(),
+                           grad_accum=opt.grad_accum)
   return Setup(
       model=model,
       tx=tx,
@@ -444,19 +323,50 @@ def setup(
       state_shardings=state_sh,
       batch_sharding=batch_sh,
       abstract_state=abstract_state,
-      init=jax.jit(init, static_argnums=0, out_shardings=state_sh),
-      init_from=jax.jit(state_of, out_shardings=state_sh, donate_argnums=0),
+      init=jax.jit(mode.init, static_argnums=0, out_shardings=state_sh),
+      init_from=jax.jit(mode.state_of, out_shardings=state_sh,
+                        donate_argnums=0),
       subspace=subspace,
       train_step=jax.jit(
-          _with_activation_sharding(train_step, mesh),
+          _with_activation_sharding(step, mesh),
           in_shardings=(state_sh, batch_sh),
           out_shardings=(state_sh, None),
           donate_argnums=0,
       ),
-      eval_step=jax.jit(_with_activation_sharding(eval_loss, mesh),
-                        in_shardings=(state_sh, batch_sh)),
+      eval_step=jax.jit(
+          _with_activation_sharding(functools.partial(eval_step, mode), mesh),
+          in_shardings=(state_sh, batch_sh)),
       state_is_finite=jax.jit(_all_finite, in_shardings=(state_sh,)),
   )
+
+
+def check_rank(setup: Setup, opt: OptimizerConfig) -> None:
+  """Refuses a rank larger than a projected matrix's smaller dimension.
+
+  The transforms would clip it silently (``min(rank, rows, cols)``); a run
+  asked for rank r should know when some matrices cannot have it.
+
+  Raises:
+    ValueError: Naming the smallest projected matrix and its size.
+  """
+  params = setup.abstract_state.params
+  if isinstance(params, sj.factored.FactoredParams):
+    params = params.weights
+  plans = setup.plans
+  if plans is None:
+    return
+  paths = [sj.matrix_view.path_str(p)
+           for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  projected = [(min(p.rows, p.cols), path, p)
+               for path, p in zip(paths, plans) if p is not None]
+  if not projected:
+    return
+  smallest, path, plan = min(projected, key=lambda t: t[0])
+  if opt.rank > smallest:
+    raise ValueError(
+        f"{setting('optimizer.rank')} {opt.rank} is larger than projected "
+        f"matrix {path!r} ({plan.rows} x {plan.cols}) allows; use "
+        f"{setting('optimizer.rank')} {smallest} or less")
 
 
 def _all_finite(tree) -> jax.Array:

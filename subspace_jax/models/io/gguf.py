@@ -59,6 +59,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from subspace_jax import matrix_view as mv
 from subspace_jax.models import llama
+from subspace_jax.naming import setting
 
 __all__ = ["is_gguf", "read_config", "load", "tokenizer_files",
            "tokenizer_dir", "to_hf", "SUFFIX"]
@@ -602,12 +603,12 @@ def _tokenizer_json(h: _Header) -> tuple[str, dict[str, Any]]:
   if kind != "gpt2":
     raise ValueError(f"{where}: tokenizer.ggml.model {kind!r} is not supported "
                      "(only 'gpt2', byte-level BPE); give the tokenizer with "
-                     "--tokenizer-model")
+                     f"{setting('tokenizer_model')}")
   pre = _get(h, "tokenizer.ggml.pre", "string", "default")
   if pre not in _PRE_TOKENIZERS:
     raise ValueError(f"{where}: tokenizer.ggml.pre {pre!r} is not supported "
                      f"(known: {', '.join(sorted(_PRE_TOKENIZERS))}); give the "
-                     "tokenizer with --tokenizer-model")
+                     f"tokenizer with {setting('tokenizer_model')}")
   tokens = _get(h, "tokenizer.ggml.tokens", "array[string]")
   types = _get(h, "tokenizer.ggml.token_type", ("array[int32]",
                                                 "array[uint32]"), None)
@@ -682,7 +683,7 @@ def tokenizer_files(path: str | os.PathLike[str]) -> dict[str, str]:
   h = _header(path)
   if "tokenizer.ggml.model" not in h.metadata:
     raise ValueError(f"{h.path} has no tokenizer (no tokenizer.ggml.model); "
-                     "give one with --tokenizer-model")
+                     f"give one with {setting('tokenizer_model')}")
   text, config = _tokenizer_json(h)
   ids = {role: _get(h, f"tokenizer.ggml.{role}_token_id", "int", None)
          for role in ("bos", "eos", "padding")}

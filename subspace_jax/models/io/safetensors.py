@@ -18,17 +18,17 @@ model in host memory and a reader never sees a half-written file.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import struct
-import tempfile
 from typing import Any, BinaryIO, Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import jax.numpy as jnp
 import numpy as np
 import safetensors
+
+from subspace_jax import atomic
 
 __all__ = ["DTYPES", "TensorInfo", "SafetensorsFile", "dtype_name",
            "write"]
@@ -161,19 +161,8 @@ def write(path: str | os.PathLike[str] | BinaryIO,
   """
   if not isinstance(path, (str, os.PathLike)):
     return _write_to(path, list(tensors), metadata)
-  path = os.fspath(path)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".",
-                             prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      size = _write_to(f, list(tensors), metadata)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(OSError):
-      os.unlink(tmp)
-    raise
+  with atomic.replacing(path) as f:
+    size = _write_to(f, list(tensors), metadata)
   return size
 
 

@@ -1,0 +1,5 @@
+"""``python -m subspace_jax COMMAND ...``: the ``subspace-jax`` command."""
+
+from subspace_jax.cli import main
+
+main()
