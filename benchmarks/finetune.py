@@ -267,11 +267,11 @@ def generation_speed(gguf: str, new_tokens: int) -> dict:
   cache, timed after a first (compiling) call of each."""
   import jax  # pylint: disable=import-outside-toplevel
   from subspace_jax.models import llama
-  from subspace_jax.models.io import hf  # pylint: disable=import-outside-toplevel
+  from subspace_jax.models.io import pretrained  # pylint: disable=import-outside-toplevel
   from subspace_jax.data import chat
   from subspace_jax.data import tokenizers as tokenizer  # pylint: disable=import-outside-toplevel
   tok = tokenizer.load_tokenizer(gguf)
-  config, params = hf.load(gguf, scan_layers=True)
+  config, params = pretrained.load(gguf, scan_layers=True)
   ids = chat.prompt_ids(tok, [{"role": "user", "content":
                                "Write a short story about a cat."}])
   out = {"prompt": len(ids), "new": new_tokens}

@@ -1,4 +1,4 @@
-"""Tests of llama.generate (subspace_jax.models.generation): the cached
+"""Tests of subspace_jax.models.generation.generate: the cached
 loop against greedy decoding with the full forward pass, ragged batches,
 stops, sampling, model-mode parameters and compilation per shape."""
 
@@ -38,12 +38,12 @@ def test_cached_greedy_equals_the_reference_for_a_ragged_batch(scan):
   cfg = dataclasses.replace(CFG, scan_layers=scan)
   params = _params(cfg)
   prompts = [[5, 9, 2, 77, 31], [100], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16]]
-  got = llama.generate(cfg, params, prompts, 12)
+  got = generation.generate(cfg, params, prompts, 12)
   for prompt, out in zip(prompts, got):
     want = _greedy_reference(cfg, params, prompt, 12)
     assert out.tolist() == want
   # One prompt in, one array out; and the cache-free baseline agrees.
-  single = llama.generate(cfg, params, prompts[0], 12)
+  single = generation.generate(cfg, params, prompts[0], 12)
   assert single.tolist() == got[0].tolist()
   plain = generation.generate(cfg, params, prompts, 12, use_cache=False)
   assert [p.tolist() for p in plain] == [g.tolist() for g in got]
@@ -52,9 +52,9 @@ def test_cached_greedy_equals_the_reference_for_a_ragged_batch(scan):
 def test_rows_stop_at_their_stop_id_and_keep_it():
   params = _params(CFG)
   prompts = [[5, 9, 2], [40, 41]]
-  free = llama.generate(CFG, params, prompts, 10)
+  free = generation.generate(CFG, params, prompts, 10)
   stop = int(free[0][5])  # The third new token of row 0.
-  got = llama.generate(CFG, params, prompts, 10, stop_ids=[stop, 255])
+  got = generation.generate(CFG, params, prompts, 10, stop_ids=[stop, 255])
   first = free[0].tolist().index(stop, 3)
   assert got[0].tolist() == free[0][:first + 1].tolist()
   other = free[1].tolist()
@@ -65,14 +65,14 @@ def test_rows_stop_at_their_stop_id_and_keep_it():
 def test_sampling_is_reproducible_and_top_p_near_zero_is_greedy():
   params = _params(CFG)
   key = jax.random.key(3)
-  a = llama.generate(CFG, params, [1, 2, 3], 16, temperature=1.0, key=key)
-  b = llama.generate(CFG, params, [1, 2, 3], 16, temperature=1.0, key=key)
-  c = llama.generate(CFG, params, [1, 2, 3], 16, temperature=1.0,
+  a = generation.generate(CFG, params, [1, 2, 3], 16, temperature=1.0, key=key)
+  b = generation.generate(CFG, params, [1, 2, 3], 16, temperature=1.0, key=key)
+  c = generation.generate(CFG, params, [1, 2, 3], 16, temperature=1.0,
                      key=jax.random.key(4))
-  greedy = llama.generate(CFG, params, [1, 2, 3], 16)
+  greedy = generation.generate(CFG, params, [1, 2, 3], 16)
   assert a.tolist() == b.tolist() and a.tolist() != c.tolist()
   assert a.tolist() != greedy.tolist()
-  narrow = llama.generate(CFG, params, [1, 2, 3], 16, temperature=1.0,
+  narrow = generation.generate(CFG, params, [1, 2, 3], 16, temperature=1.0,
                           top_p=1e-6, key=key)
   assert narrow.tolist() == greedy.tolist()
 
@@ -94,9 +94,9 @@ def test_model_mode_kernels_generate_as_the_merged_weights():
   keys = sub.keys(state)
   fact = sub.factored(params, sub.trainable(params), keys)
   merged = sub.merged_weights(params, state)
-  a = llama.generate(cfg, fact, [3, 1, 4, 1, 5], 10)
-  b = llama.generate(cfg, merged, [3, 1, 4, 1, 5], 10)
-  plain = llama.generate(cfg, weights, [3, 1, 4, 1, 5], 10)
+  a = generation.generate(cfg, fact, [3, 1, 4, 1, 5], 10)
+  b = generation.generate(cfg, merged, [3, 1, 4, 1, 5], 10)
+  plain = generation.generate(cfg, weights, [3, 1, 4, 1, 5], 10)
   assert a.tolist() == b.tolist() and a.tolist() != plain.tolist()
 
 
@@ -104,10 +104,10 @@ def test_one_compilation_per_shape_bucket():
   params = _params(CFG)
   generation._run.clear_cache()  # pylint: disable=protected-access
   for prompt in ([1, 2, 3], [1, 2, 3, 4, 5, 6, 7], [9] * 20):
-    llama.generate(CFG, params, prompt, 5)
+    generation.generate(CFG, params, prompt, 5)
   # The three prompts round up to one 32-token bucket, the cache to 64.
   assert generation._run._cache_size() == 1  # pylint: disable=protected-access
-  llama.generate(CFG, params, [9] * 40, 5)
+  generation.generate(CFG, params, [9] * 40, 5)
   assert generation._run._cache_size() == 2  # pylint: disable=protected-access
 
 
@@ -123,5 +123,5 @@ def test_bad_arguments_are_refused(kwargs, words):
   args = dict(prompt_tokens=[1, 2], max_new_tokens=4)
   args.update(kwargs)
   with pytest.raises(ValueError, match=words):
-    llama.generate(CFG, _params(CFG), args.pop("prompt_tokens"),
+    generation.generate(CFG, _params(CFG), args.pop("prompt_tokens"),
                    args.pop("max_new_tokens"), **args)

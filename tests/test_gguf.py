@@ -20,7 +20,7 @@ gguf_lib = pytest.importorskip("gguf")
 from reference_llama import numpy_forward
 from subspace_jax.models import llama
 from subspace_jax.models.io import gguf
-from subspace_jax.models.io import hf
+from subspace_jax.models.io import hf, pretrained
 
 Q = gguf_lib.GGMLQuantizationType
 VOCAB, HIDDEN, MLP, HEADS, KV, LAYERS = 64, 64, 96, 4, 2, 2
@@ -163,7 +163,7 @@ def test_f32_file_gives_the_reference_logits(tmp_path, scan, tied):
   (Without the un-permutation of q/k this fails by O(1).)"""
   arrays = _hf_arrays(tied=tied)
   path = _write_gguf(tmp_path / "m.gguf", arrays)
-  config, params = hf.load(path, scan_layers=scan)
+  config, params = pretrained.load(path, scan_layers=scan)
   assert (config.num_kv_heads, config.tie_embeddings) == (KV, tied)
   assert (config.rope_theta, config.norm_eps) == (500.0, pytest.approx(1e-5))
   got = np.asarray(llama.forward(config, params, jnp.asarray(TOKENS)))

@@ -23,9 +23,9 @@ import pytest
 
 import clirun
 from reference_llama import numpy_forward
-from subspace_jax.models import llama
+from subspace_jax.models import generation, llama
 from subspace_jax.models.io import gguf
-from subspace_jax.models.io import hf
+from subspace_jax.models.io import pretrained
 from subspace_jax.data import chat
 from subspace_jax.data import tokenizers as tok_lib
 
@@ -37,7 +37,7 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def smollm2(smollm2_gguf):
-  config, params = hf.load(smollm2_gguf, scan_layers=True)
+  config, params = pretrained.load(smollm2_gguf, scan_layers=True)
   return config, params, tok_lib.load_tokenizer(smollm2_gguf)
 
 
@@ -92,7 +92,7 @@ def test_logits_match_the_numpy_reference_on_real_weights(smollm2):
 def test_greedy_answer_matches_the_reference_and_is_right(smollm2):
   config, params, tok = smollm2
   prompt = chat.prompt_ids(tok, QUESTION)
-  out = llama.generate(config, params, prompt, 12, stop_ids=tok.stop_ids)
+  out = generation.generate(config, params, prompt, 12, stop_ids=tok.stop_ids)
   answer = tok.decode(out[len(prompt):])
   assert "Paris" in answer and out[-1] == tok.eos_id
   seq = list(prompt)
@@ -184,6 +184,6 @@ def test_transformers_loads_the_conversion_and_agrees(smollm2, smollm2_gguf,
   got = np.asarray(llama.forward(config, params, jnp.asarray([prompt])))
   np.testing.assert_allclose(got, want, atol=5e-3, rtol=0)
   theirs = model.generate(ids, max_new_tokens=10, do_sample=False)[0].tolist()
-  ours = llama.generate(config, params, prompt, 10,
+  ours = generation.generate(config, params, prompt, 10,
                         stop_ids=tok.stop_ids).tolist()
   assert theirs[:len(ours)] == ours

@@ -12,7 +12,7 @@ is continued as plain text:
 The answer is printed on stdout; the token count and speed on stderr.
 Greedy by default (--temperature 0); --temperature T --top-p P --seed S
 sample. Generation keeps a key/value cache and stops at the tokenizer's
-end-of-turn or EOS token (subspace_jax.models.llama.generate).
+end-of-turn or EOS token (subspace_jax.models.generation.generate).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import jax
 from subspace_jax.cli import flags
 from subspace_jax.data import chat
 from subspace_jax.data import tokenizers as tok_lib
-from subspace_jax.models import llama
-from subspace_jax.models.io import hf
+from subspace_jax.models import generation
+from subspace_jax.models.io import pretrained
 
 __all__ = ["build_parser", "main", "prompt_ids"]
 
@@ -90,13 +90,13 @@ def main(argv: list[str] | None = None) -> str:
     tokenizer = _tokenizer(args)
     ids, chatted = prompt_ids(args, tokenizer)
     t0 = time.perf_counter()
-    config, params = hf.load(args.init_from, dtype=args.dtype,
+    config, params = pretrained.load(args.init_from, dtype=args.dtype,
                              param_dtype=args.dtype,
                              scan_layers=not args.no_scan_layers)
     loaded = time.perf_counter() - t0
     key = jax.random.key(args.seed)
     t0 = time.perf_counter()
-    out = llama.generate(config, params, ids, args.max_new_tokens,
+    out = generation.generate(config, params, ids, args.max_new_tokens,
                          temperature=args.temperature, top_p=args.top_p,
                          key=key, stop_ids=tokenizer.stop_ids)
     took = time.perf_counter() - t0

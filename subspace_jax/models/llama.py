@@ -843,23 +843,3 @@ def forward(config: LlamaConfig, params: Any, tokens: Array,
     (2, 8, 256)
   """
   return _model_def(config).apply(params, tokens, segment_ids)
-
-
-def generate(config: LlamaConfig, params: Any, prompt_tokens: Any,
-             max_new_tokens: int, *, temperature: float = 0.0,
-             top_p: float = 1.0, key: Array | None = None, **kwargs: Any):
-  """The prompt(s) followed by up to ``max_new_tokens`` new tokens, greedy
-  at ``temperature`` 0, with a key/value cache (the prefix is never
-  recomputed), one jitted loop per shape; see
-  :func:`subspace_jax.models.generation.generate` (``stop_ids=`` for EOS).
-
-  Example:
-    >>> cfg = get_config("tiny")
-    >>> out = generate(cfg, ModelDef(cfg).init(0), [1, 2, 3], 4)
-    >>> out.shape
-    (7,)
-  """
-  from subspace_jax.models import generation  # pylint: disable=import-outside-toplevel
-  return generation.generate(config, params, prompt_tokens, max_new_tokens,
-                             temperature=temperature, top_p=top_p, key=key,
-                             **kwargs)

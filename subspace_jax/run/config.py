@@ -19,7 +19,7 @@ import numpy as np
 
 from subspace_jax import models
 from subspace_jax.data import tokenizers as tok_lib
-from subspace_jax.models.io import hf
+from subspace_jax.models.io import pretrained
 from subspace_jax.naming import setting
 from subspace_jax.train import optimizer as opt_lib
 
@@ -142,7 +142,7 @@ class RunConfig:
       consecutive steps whose loss or gradient is not finite (each one is
       skipped: it leaves the state unchanged).
     init_from: A Hugging Face LLaMA checkpoint directory or a ``.gguf``
-      file to start from (:func:`subspace_jax.models.io.hf.load`): its
+      file to start from (:func:`subspace_jax.models.io.pretrained.load`): its
       ``config.json`` (or GGUF metadata) is the model
       (``model`` is not used; ``scan_layers``, ``remat``, the dtypes and
       ``seq_len`` still apply) and its weights the starting point. A
@@ -348,8 +348,8 @@ class RunConfig:
                dtype=self.dtype, param_dtype=self.param_dtype)
     if self.init_from is not None:
       try:
-        base = hf.read_config(self.init_from)
-        return hf.read_config(
+        base = pretrained.read_config(self.init_from)
+        return pretrained.read_config(
             self.init_from, max_seq_len=max(base.max_seq_len, self.seq_len),
             **own, **self.model_overrides)
       except ValueError as e:

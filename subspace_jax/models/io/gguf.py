@@ -11,7 +11,7 @@ model, dequantized to the run's dtype::
     logits = llama.forward(config, params, tokens)
     gguf.to_hf("SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-hf")
 
-(``hf.load`` and ``hf.read_config`` take a ``.gguf`` file too, so
+(:mod:`subspace_jax.models.io.pretrained` reads a ``.gguf`` file or a directory, so
 ``--init-from FILE.gguf`` works like a Hugging Face directory.)
 
 * The header is parsed here, every length checked against what is left of
@@ -59,6 +59,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from subspace_jax import matrix_view as mv
 from subspace_jax.models import llama
+from subspace_jax.models.io import hf
 from subspace_jax.naming import setting
 
 __all__ = ["is_gguf", "read_config", "load", "tokenizer_files",
@@ -773,7 +774,6 @@ def to_hf(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[str],
     ValueError: On an unsupported or damaged file, or an ``out_dir`` that
       holds files.
   """
-  from subspace_jax.models.io import hf  # pylint: disable=import-outside-toplevel
   out = pathlib.Path(out_dir).expanduser()
   if out.exists() and (not out.is_dir() or any(out.iterdir())):
     raise ValueError(f"{out} exists and is not an empty directory; give a new "

@@ -101,7 +101,9 @@ def _directory(path: str | os.PathLike[str]) -> pathlib.Path:
   directory = pathlib.Path(path).expanduser()
   if not directory.is_dir():
     raise ValueError(f"{directory} is not a directory; pass a Hugging Face "
-                     "checkpoint directory (config.json and model.safetensors)")
+                     "checkpoint directory (config.json and model.safetensors)"
+                     " (subspace_jax.models.io.pretrained reads .gguf files "
+                     "too)")
   return directory
 
 
@@ -208,10 +210,6 @@ def _inside(directory: pathlib.Path, name: str, where: str) -> pathlib.Path:
   return directory.joinpath(*parts)
 
 
-def _is_gguf(path: str | os.PathLike[str]) -> bool:
-  """Whether ``path`` is a GGUF file, which :mod:`subspace_jax.models.io.gguf`
-  reads (:func:`read_config` and :func:`load` take one too)."""
-  return str(path).lower().endswith(".gguf")
 
 
 def _rope_theta(hf: Mapping[str, Any], where: str) -> float:
@@ -272,8 +270,8 @@ def read_config(path: str | os.PathLike[str],
   """The :class:`~subspace_jax.models.llama.LlamaConfig` of a checkpoint.
 
   Args:
-    path: The checkpoint directory (its ``config.json`` is read), or a
-      ``.gguf`` file (:func:`subspace_jax.models.io.gguf.read_config`).
+    path: The checkpoint directory (its ``config.json`` is read; for a
+      ``.gguf`` file see :mod:`subspace_jax.models.io.pretrained`).
     **overrides: ``LlamaConfig`` fields that do not change the weights'
       shapes: ``param_dtype`` (default: the checkpoint's ``torch_dtype``),
       ``dtype``, ``scan_layers``, ``remat``, ``max_seq_len``, ...
@@ -282,9 +280,6 @@ def read_config(path: str | os.PathLike[str],
     ValueError: On a configuration this model cannot compute (naming the
       key), a missing key, or an override of a shape field.
   """
-  if _is_gguf(path):
-    from subspace_jax.models.io import gguf  # pylint: disable=import-outside-toplevel
-    return gguf.read_config(path, **overrides)
   directory = _directory(path)
   where = str(directory / CONFIG_FILE)
   hf = _read_json(directory / CONFIG_FILE, CONFIG_SCHEMA)
@@ -517,8 +512,8 @@ def load(path: str | os.PathLike[str], *, mesh: jax.sharding.Mesh | None = None,
 
   Args:
     path: The checkpoint directory (``config.json`` and
-      ``model.safetensors`` or ``model.safetensors.index.json``), or a
-      ``.gguf`` file (:func:`subspace_jax.models.io.gguf.load`: dequantized).
+      ``model.safetensors`` or ``model.safetensors.index.json``); for a
+      ``.gguf`` file see :mod:`subspace_jax.models.io.pretrained`.
     mesh: The device mesh (default: this process's first device).
     **config_overrides: See :func:`read_config`; e.g.
       ``param_dtype="float32"`` to train in float32 from a bfloat16
@@ -533,9 +528,6 @@ def load(path: str | os.PathLike[str], *, mesh: jax.sharding.Mesh | None = None,
     ValueError: On an unsupported configuration, a missing, misshapen or
       unexpected tensor, or a damaged file (one line naming it).
   """
-  if _is_gguf(path):
-    from subspace_jax.models.io import gguf  # pylint: disable=import-outside-toplevel
-    return gguf.load(path, mesh=mesh, **config_overrides)
   config = read_config(path, **config_overrides)
   ckpt = _Checkpoint(_directory(path))
   # The checkpoint's tensors are checked against config.json before the
