@@ -37,6 +37,7 @@ __all__ = [
     "MatrixView",
     "SubspaceState",
     "default_view",
+    "factored",
     "galore",
     "golore",
     "matrix_view",

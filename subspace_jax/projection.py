@@ -368,8 +368,8 @@ class Sampler:
   gram: Callable[[int, int], float] = _orthonormal_gram
 
 
-# The samplers below look their functions up by name when called, so a
-# function patched on this module (as the benchmarks do) is the one used.
+# Each sampler's ``make`` adapts one function above to the common signature
+# ``make(key, m, rank, *, dtype, g=None, init=None, transposed=False)``.
 
 
 def _make_svd(key, m, rank, *, dtype, g=None, transposed=False, **_):

@@ -1,5 +1,5 @@
 """The seed counter-example: GaLore stalls under gradient noise; GoLore and
-RSO converge (GoLore paper, §3; DESIGN.md)."""
+RSO converge (GoLore paper, §3)."""
 
 import jax.numpy as jnp
 import numpy as np

@@ -42,7 +42,6 @@ import numpy as np
 from subspace_jax import jsonio
 from subspace_jax.data import cache
 from subspace_jax.data import sources
-from subspace_jax.data.cache import default_cache_dir  # Re-exported.
 
 
 @runtime_checkable

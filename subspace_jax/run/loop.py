@@ -58,7 +58,7 @@ from subspace_jax import atomic
 from subspace_jax import models
 from subspace_jax import sharding as shd
 from subspace_jax.data import pipeline as data_lib
-from subspace_jax.models.io import hf
+from subspace_jax.models.io import hf, pretrained
 from subspace_jax.naming import setting
 from subspace_jax.run import answers as answers_lib
 from subspace_jax.run import export as export_lib
@@ -184,7 +184,7 @@ def _init_from_hf(cfg: RunConfig, setup) -> Any:
   model_config = cfg.model_config
   overrides = {f: getattr(model_config, f) for f in (
       "scan_layers", "remat", "dtype", "param_dtype", "max_seq_len")}
-  loaded_config, params = hf.load(cfg.init_from, mesh=setup.mesh, **overrides)
+  loaded_config, params = pretrained.load(cfg.init_from, mesh=setup.mesh, **overrides)
   if loaded_config != model_config:  # config.json changed since the start.
     raise ValueError(f"{setting('init_from')} {cfg.init_from}: its config.json "
                      "changed while the run started; start again")
@@ -333,16 +333,7 @@ def _train(cfg: RunConfig, mesh, t_begin: float) -> dict[str, Any]:
   """:func:`train` once the mesh is made and the run's lock is held."""
   tokenizer = inputs.make_tokenizer(cfg)
   model_config = cfg.model_config
-  if cfg.init_from is not None:
-    if tokenizer.vocab_size > model_config.vocab_size:
-      raise ValueError(
-          f"the tokenizer has {tokenizer.vocab_size} ids, more than the "
-          f"{model_config.vocab_size} of the {setting('init_from')} model; give "
-          f"its own tokenizer with {setting('tokenizer_model')}")
-  elif tokenizer.vocab_size != model_config.vocab_size:
-    raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids, not "
-                     f"{model_config.vocab_size}; set {setting('vocab_size')} "
-                     f"{tokenizer.vocab_size}")
+  _check_vocab(cfg, tokenizer.vocab_size, model_config.vocab_size)
   setup = train_lib.setup(model_config, cfg.optimizer, mesh)
   train_lib.check_rank(setup, cfg.optimizer)
 
@@ -394,15 +385,8 @@ def _train(cfg: RunConfig, mesh, t_begin: float) -> dict[str, Any]:
     except jax.errors.JaxRuntimeError as e:
       if not _out_of_memory(e):
         raise
-      newest = ckpt.latest_step() if ckpt is not None else None
-      raise OutOfMemoryError(
-          f"out of device memory ({_brief(e)}): the step does not fit; use a "
-          f"smaller {setting('batch_size')} or {setting('seq_len')}, "
-          f"{setting('remat')}, or split the state over the devices with "
-          f"{setting('mesh')} 1,-1,1 (plan it with {setting('compile_for')} "
-          "first); " + (f"the newest checkpoint, step {newest}, is intact"
-                        if newest is not None else "no checkpoint was saved")
-      ) from None
+      raise _out_of_memory_error(
+          e, ckpt.latest_step() if ckpt is not None else None) from None
     finally:
       try:
         if progress is not None:
@@ -435,6 +419,31 @@ class OutOfMemoryError(RuntimeError):
 class ExportError(RuntimeError):
   """``--export-hf`` could not be written; the files that were there are
   as they were."""
+
+
+def _check_vocab(cfg: RunConfig, tokenizer_ids: int, model_ids: int) -> None:
+  """The tokenizer must fit the model: no more ids than a pretrained
+  model's embedding has, exactly as many as a new model's."""
+  if cfg.init_from is not None:
+    if tokenizer_ids > model_ids:
+      raise ValueError(
+          f"the tokenizer has {tokenizer_ids} ids, more than the {model_ids} "
+          f"of the {setting('init_from')} model; give its own tokenizer with "
+          f"{setting('tokenizer_model')}")
+  elif tokenizer_ids != model_ids:
+    raise ValueError(f"the tokenizer has {tokenizer_ids} ids, not {model_ids}; "
+                     f"set {setting('vocab_size')} {tokenizer_ids}")
+
+
+def _out_of_memory_error(error: BaseException,
+                         newest: int | None) -> OutOfMemoryError:
+  return OutOfMemoryError(
+      f"out of device memory ({_brief(error)}): the step does not fit; use a "
+      f"smaller {setting('batch_size')} or {setting('seq_len')}, "
+      f"{setting('remat')}, or split the state over the devices with "
+      f"{setting('mesh')} 1,-1,1 (plan it with {setting('compile_for')} "
+      "first); " + (f"the newest checkpoint, step {newest}, is intact"
+                    if newest is not None else "no checkpoint was saved"))
 
 
 def _out_of_memory(error: BaseException) -> bool:
@@ -491,6 +500,22 @@ class _Health:
           "from an earlier checkpoint")
 
 
+_SUMMARY_KEYS = ("step", "start_step", "train_loss", "eval_loss", "eval_ppl",
+                 "eval_step", "tokens_per_s", "interrupted", "checkpoint_step",
+                 "nonfinite_steps", "answers", "exact_match",
+                 "exact_match_before")
+
+
+def _next_batch(train_iter, step: int):
+  try:
+    return next(train_iter)
+  except StopIteration:  # It repeats forever: only a bad position ends it.
+    raise data_lib.DataError(
+        f"the training data ended at step {step} (its saved position is past "
+        f"its end); use {setting('allow_changes', True)} to start the data "
+        f"from its beginning, or another {setting('checkpoint_dir')}") from None
+
+
 def _run(cfg, setup, state, start, train_iter, eval_iter, eval_start, ckpt,
          sink, progress, stop) -> tuple[dict[str, Any], Any]:
   """The step loop proper; returns the summary (without wall time) and the
@@ -498,11 +523,8 @@ def _run(cfg, setup, state, start, train_iter, eval_iter, eval_start, ckpt,
   config_dict = cfg.to_dict()
   tokens_per_step = cfg.batch_size * cfg.seq_len
   single = jax.process_count() == 1
-  summary = {"step": start, "start_step": start, "train_loss": None,
-             "eval_loss": None, "eval_ppl": None, "eval_step": None,
-             "tokens_per_s": None, "interrupted": None,
-             "checkpoint_step": None, "nonfinite_steps": 0, "answers": None,
-             "exact_match": None, "exact_match_before": None}
+  summary = dict.fromkeys(_SUMMARY_KEYS, None)
+  summary.update(step=start, start_step=start, nonfinite_steps=0)
   losses: list[jax.Array] = []    # Step losses since the last record.
   health = _Health(cfg.max_bad_steps)
   timed = reporting.Timer()
@@ -518,15 +540,7 @@ def _run(cfg, setup, state, start, train_iter, eval_iter, eval_start, ckpt,
 
   step = start
   for step in range(start + 1, cfg.steps + 1):
-    try:
-      local = next(train_iter)
-    except StopIteration:  # It repeats forever: only a bad position ends it.
-      raise data_lib.DataError(
-          f"the training data ended at step {step} (its saved position is past "
-          f"its end); use {setting('allow_changes', True)} to start the data "
-          "from its beginning, or another "
-          f"{setting('checkpoint_dir')}") from None
-    batch = _global_batch(local, setup, cfg)
+    batch = _global_batch(_next_batch(train_iter, step), setup, cfg)
     state, metrics = setup.train_step(state, batch)
     losses.append(metrics["loss"])
     health.pending.append(metrics["finite"])

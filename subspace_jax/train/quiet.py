@@ -65,6 +65,23 @@ def _close_after_draining(loop: asyncio.AbstractEventLoop, close) -> None:
   close()
 
 
+def _closed_loop_error(error: BaseException | None) -> bool:
+  return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+
+def _quiet_excepthook(previous):
+  """``previous``, but silent for "Event loop is closed": TensorStore's
+  threads print that error through ``sys.excepthook`` when their callback
+  finds an Orbax event loop already closed (a race the draining below
+  narrows but cannot close: the callback may come after the close)."""
+
+  def hook(kind, error, tb):
+    if not _closed_loop_error(error):
+      previous(kind, error, tb)
+
+  return hook
+
+
 @functools.cache
 def _draining_policy_class() -> type | None:
   """A policy class that wraps another one and makes its new loops close
@@ -125,7 +142,7 @@ def restoring():
   """
   loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
   disabled = [logger.disabled for logger in loggers]
-  unraisablehook = sys.unraisablehook
+  unraisablehook, excepthook = sys.unraisablehook, sys.excepthook
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     draining = _draining_policy_class()
@@ -134,6 +151,7 @@ def restoring():
       for logger in loggers:
         logger.disabled = True
       sys.unraisablehook = lambda unraisable: None
+      sys.excepthook = _quiet_excepthook(excepthook)
       if draining:
         asyncio.set_event_loop_policy(draining(policy))
       yield
@@ -141,7 +159,7 @@ def restoring():
       if draining:
         asyncio.set_event_loop_policy(policy)
       gc.collect()
-      sys.unraisablehook = unraisablehook
+      sys.unraisablehook, sys.excepthook = unraisablehook, excepthook
       for logger, was in zip(loggers, disabled):
         logger.disabled = was
 
@@ -163,6 +181,7 @@ class QuietSaves(logging.Filter):
     super().__init__()
     self.first_error: str | None = None
     self._policy = self._mine = None
+    self._excepthook = None
     self._started = False
 
   def filter(self, record: logging.LogRecord) -> bool:
@@ -175,6 +194,8 @@ class QuietSaves(logging.Filter):
 
   def start(self) -> None:
     logging.getLogger("absl").addFilter(self)
+    self._excepthook = sys.excepthook
+    sys.excepthook = _quiet_excepthook(self._excepthook)
     draining = _draining_policy_class()
     if draining is not None:
       self._policy = asyncio.get_event_loop_policy()
@@ -187,6 +208,7 @@ class QuietSaves(logging.Filter):
       return
     self._started = False
     logging.getLogger("absl").removeFilter(self)
+    sys.excepthook = self._excepthook
     # Put back only if no one has set another policy since (two
     # Checkpointers closed out of order leave the first one's).
     if self._policy is not None and asyncio.get_event_loop_policy() is self._mine:
