@@ -159,9 +159,12 @@ class OptimizerConfig:
       "model" (the model differentiates ``B`` of ``W + P·B`` directly, see
       :mod:`subspace_jax.factored`; the methods of
       :func:`model_mode_methods`).
-    grad_accum: Batches whose gradients are averaged into each update
-      (``optax.MultiSteps``); the train step splits its batch into this
-      many micro-batches.
+    grad_accum: Micro-batches whose gradients are averaged into each
+      update: the train step splits its batch into this many and computes
+      their gradients one after another (:func:`subspace_jax.train.step.
+      gradients`), so one step is still one update (schedules, the update
+      gap and checkpoints count updates) and only one micro-batch's
+      activations are held.
   """
 
   name: str = "adamw"
@@ -383,7 +386,4 @@ def make_optimizer(
       optax.add_decayed_weights(cfg.weight_decay, mask=model.decay_mask),
       optax.scale_by_learning_rate(cfg.schedule()),
   ]
-  tx = optax.chain(*parts)
-  if cfg.grad_accum > 1:
-    tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum)
-  return tx, plans
+  return optax.chain(*parts), plans
