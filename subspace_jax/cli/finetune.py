@@ -40,7 +40,7 @@ import shutil
 import tempfile
 
 from subspace_jax.cli import pretrain
-from subspace_jax.data import cache
+from subspace_jax import cache
 from subspace_jax.data.tokenizers import ByteTokenizer
 from subspace_jax.models import llama
 from subspace_jax.models.io import hf

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from subspace_jax.data import cache
+from subspace_jax import cache
 from subspace_jax.data.sources import DataError, Record
 from subspace_jax.data.tokenizers import Tokenizer
 
@@ -241,7 +241,7 @@ def _cached_stream(docs: Sequence[str], tokenizer: Tokenizer, name: str,
     content hash (when the tokenizer has a fingerprint).
 
     A cached file is used only if it is what was written (its size and
-    SHA-256, :func:`~subspace_jax.data.cache.damage`) and holds ids of
+    SHA-256, :func:`~subspace_jax.cache.damage`) and holds ids of
     the tokenizer's vocabulary; a damaged one is made again, with a line on
     stderr naming it.
     """

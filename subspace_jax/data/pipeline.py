@@ -486,7 +486,7 @@ def make_iterator(
             the default, and :class:`ExampleEncoder`, that of fine-tuning
             sources); extra fields reach the batch.
         cache_dir: Cache for tokenized embedded/local data; defaults to
-            :func:`~subspace_jax.data.cache.default_cache_dir`.
+            :func:`~subspace_jax.cache.default_cache_dir`.
 
     Returns:
         A :class:`BatchIterator` of ``{"inputs", "targets", ...}`` int32

@@ -40,7 +40,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from subspace_jax import jsonio
-from subspace_jax.data import cache
+from subspace_jax import cache
 from subspace_jax.data import sources
 
 

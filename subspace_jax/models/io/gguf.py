@@ -57,6 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from subspace_jax import cache
 from subspace_jax import matrix_view as mv
 from subspace_jax.models import llama
 from subspace_jax.models.io import hf
@@ -731,7 +732,6 @@ def tokenizer_dir(path: str | os.PathLike[str],
   """A directory holding :func:`tokenizer_files` of the GGUF file, written
   once into the cache (``$SUBSPACE_JAX_CACHE_DIR``, default
   ``~/.cache/subspace_jax``) under a hash of the files' content."""
-  from subspace_jax.data import cache  # pylint: disable=import-outside-toplevel
   files = tokenizer_files(path)
   digest = hashlib.sha256(_json(files).encode()).hexdigest()[:20]
   target = cache.cache_path(cache_dir, "gguf_tokenizers", digest)
