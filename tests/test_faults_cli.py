@@ -59,8 +59,8 @@ def _resume_args(*extra):
 def test_changed_settings_are_refused_naming_the_flags(base):
   line = _one_line_error(clirun.run(_resume_args("--steps", "10", "--lr", "0.003",
                                                  "--scale", "0.5"), base))
-  assert "--lr 0.01 -> 0.003" in line and "--scale 0.25 -> 0.5" in line, line
-  assert "--name NEW" in line and "--allow-changes" in line, line
+  assert "--lr 0.08 -> 0.003" in line and "--scale 0.25 -> 0.5" in line, line
+  assert "another --checkpoint-dir for a new run" in line and "--allow-changes" in line, line
   # The data order's seed: refused as a setting, not by the data iterator.
   line = _one_line_error(clirun.run(_resume_args("--steps", "20", "--seed", "1"), base))
   assert "--seed 0 -> 1" in line and "iterator" not in line, line
@@ -88,7 +88,7 @@ def test_allow_changes_accepts_them(base, tmp_path):
   result = clirun.run(_resume_args(*changed, "--allow-changes"), cwd)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "resumed from step 10" in result.stderr, result.stderr
-  assert "allowed by --allow-changes: --lr 0.01 -> 0.003, --seed 0 -> 1" in result.stderr
+  assert "allowed by --allow-changes: --lr 0.08 -> 0.003, --seed 0 -> 1" in result.stderr
   # The new seed's data order cannot continue the old one's position.
   assert "the data starts from its beginning" in result.stderr, result.stderr
   assert "done: 2 steps (to step 12)" in result.stdout, result.stdout
@@ -116,7 +116,7 @@ def test_second_run_in_one_directory_is_refused(tmp_path):
     assert holder["pid"] == first.pid
     line = _one_line_error(clirun.run(clirun.FAST + ["--steps", "20"], tmp_path))
     assert f"in use by another run (pid {first.pid} on {holder['host']}" in line, line
-    assert "--name NEW" in line and str(LOCK) in line, line
+    assert "another --checkpoint-dir for a new run" in line and str(LOCK) in line, line
     metrics = tmp_path / RUN / "metrics.jsonl"
     _wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 1,
               first, "metrics line")
@@ -164,6 +164,6 @@ def test_a_run_name_with_a_path_exits_2_writing_nothing(tmp_path):
   work = tmp_path / "a" / "b"
   work.mkdir(parents=True)
   line = _one_line_error(clirun.run(["--name", "../../x", "--steps", "2"], work))
-  assert "--name '../../x' is not a plain name" in line, line
+  assert "--name: the run name '../../x' is not a plain name" in line, line
   assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == [
       pathlib.Path("a"), pathlib.Path("a/b")]

@@ -32,9 +32,12 @@ def test_estimate_matches_formula():
   # Lean side: r × min(m, n) moments in each leaf's dtype.
   low = 2 * (r * 128 * 4 + 4 * r * 96 * 2) + 2 * 256 * 4
   counts = 4 + 2 * 4 + 8  # subspace count, two inner counts, a 2×uint32 key
-  go = memory.estimate(p, sj.golore(rank=r))
+  go = memory.estimate(p, sj.golore(rank=r, side="lean"))
   assert go.optimizer_state == low + counts
-  ga = memory.estimate(p, sj.galore(rank=r))
+  # Std side (GoLore's default): r × max(m, n).
+  std = 2 * (r * 512 * 4 + 4 * r * 256 * 2) + 2 * 256 * 4
+  assert memory.estimate(p, sj.golore(rank=r)).optimizer_state == std + counts
+  ga = memory.estimate(p, sj.galore(rank=r, side="lean"))
   assert ga.optimizer_state == go.optimizer_state + 512 * r * 4 + 4 * 256 * r * 2
   assert go.total == 2 * size + go.optimizer_state
 

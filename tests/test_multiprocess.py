@@ -5,7 +5,6 @@ a localhost coordinator. The first launch saves a checkpoint, the second
 resumes from it; both processes must finish and log the same losses.
 """
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -18,6 +17,7 @@ import jax
 import numpy as np
 import pytest
 
+from subspace_jax.cli import pretrain
 from subspace_jax.train import checkpoint
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -76,11 +76,8 @@ def _single_process_run(tmp: pathlib.Path, steps: int) -> list[tuple]:
   """The same run in this process, on the 8 devices of conftest.py."""
   if jax.device_count() < 8:
     pytest.skip("needs 8 devices (tests/conftest.py sets XLA_FLAGS)")
-  spec = importlib.util.spec_from_file_location("pretrain_llama", EXAMPLE)
-  example = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(example)
   tmp.mkdir()
-  example.main(_args(tmp, steps))
+  pretrain.main(list(map(str, _args(tmp, steps))))
   return _losses(tmp / "m0.jsonl")
 
 

@@ -5,7 +5,6 @@ conftest.py (a data-parallel mesh of 8), a few seconds of compiling each.
 """
 
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -27,13 +26,21 @@ from subspace_jax.run import loop
 from subspace_jax.run import reporting
 from subspace_jax.train import step as train
 from subspace_jax import sharding as shd
+from subspace_jax.cli import flags, pretrain
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "pretrain_llama.py"
 
-_spec = importlib.util.spec_from_file_location("pretrain_llama", EXAMPLE)
-pretrain = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(pretrain)
+
+
+def _parse(argv):
+  """The parsed flags of ``subspace-jax pretrain ARGV``."""
+  return flags.parse(pretrain.build_parser(), list(map(str, argv)))
+
+
+def _run_config(argv):
+  with flags.names():
+    return pretrain.run_config(_parse(argv))
 
 # 20 steps: log every 5, evaluate every 10, checkpoint every 10; GoLore
 # changes its subspace every 5 steps, so a resume at step 10 crosses one.
@@ -59,7 +66,7 @@ def _records(path):
 
 def _final_state(run_dir, argv):
   """The newest checkpoint of a run made with ``argv``."""
-  cfg = pretrain.run_config(pretrain.parse_args(argv))
+  cfg = _run_config(argv)
   setup = train.setup(cfg.model_config, cfg.optimizer, shd.make_mesh(*cfg.mesh))
   with checkpoint.Checkpointer(run_dir / "ckpt") as ckpt:
     return ckpt.restore(setup.abstract_state)
@@ -141,16 +148,16 @@ def test_resume_matches_uninterrupted_run(full_run, tmp_path):
 
 
 def test_run_config_round_trips_through_json():
-  cfg = pretrain.run_config(pretrain.parse_args(
+  cfg = _run_config(
       ["--model", "tiny", "--scan-layers", "--dtype", "bfloat16", "--mesh", "2,2,2",
-       "--optimizer", "rso", "--eta", "0.5", "--eval-split", "none"]))
+       "--optimizer", "rso", "--eta", "0.5", "--eval-split", "none"])
   d = json.loads(json.dumps(cfg.to_dict()))
   assert loop.RunConfig.from_dict(d) == cfg
   assert d["model"]["scan_layers"] is True and d["model"]["vocab_size"] == 259
   # Compute-only settings are not part of the model's identity.
   assert "dtype" not in d["model"] and "remat" not in d["model"]
   assert cfg.eval_split is None and cfg.optimizer.eta == 0.5
-  assert pretrain.parse_args(["--mesh", "-1,2,1"]).mesh == (-1, 2, 1)
+  assert _parse(["--mesh", "-1,2,1"]).mesh == (-1, 2, 1)
 
 
 def _bad_cases(tmp):
@@ -159,7 +166,7 @@ def _bad_cases(tmp):
   (empty / "a.txt").write_text("  \n\n")
   (tmp / "one.txt").write_text("A single document.\n")
   return {
-      "model": (["--model", "llama_9b"], ["unknown model config", "llama_60m"]),
+      "model": (["--model", "llama_9b"], ["unknown model 'llama_9b'", "llama_60m"]),
       "optimizer": (["--optimizer", "sgd"], ["unknown optimizer", "golore"]),
       "batch": (["--batch-size", "12"], ["--batch-size 12", "data-parallel size 8"]),
       "mesh": (["--mesh", "16,1,1"], ["needs 16 devices", "8 are available", "--mesh"]),
@@ -167,7 +174,7 @@ def _bad_cases(tmp):
       "rank": (["--rank", "100"], ["--rank 100", "64 x 64", "--rank 64"]),
       "empty_data": (["--data", f"files:{empty}/*.txt"], ["no non-empty document"]),
       "missing_data": (["--data", f"files:{tmp}/nothing/*.txt"], ["matches nothing"]),
-      "steps": (["--steps", "-1"], ["--steps must be >= 0, got -1"]),
+      "steps": (["--steps", "-1"], ["--steps must be an integer >= 0, got -1"]),
       "dtype": (["--dtype", "int8"], ["--dtype 'int8' is not a float dtype"]),
       "moment_dtype": (["--moment-dtype", "foo"], ["--moment-dtype 'foo'"]),
       # Settings that ran (or failed naming no flag) before they were checked.
@@ -182,19 +189,19 @@ def _bad_cases(tmp):
       "scale": (["--scale", "0"], ["--scale must be a finite number > 0, got 0.0"]),
       "scale_nan": (["--scale", "nan"], ["--scale must be a finite number > 0, got nan"]),
       "eta": (["--optimizer", "rso", "--eta", "0"], ["--eta must be a finite number > 0"]),
-      "eta_unused": (["--eta", "0.5"], ["--eta applies to --optimizer rso", "not golore"]),
+      "eta_unused": (["--eta", "0.5"], ["--eta applies to the methods with a proximal term (rso), not --optimizer golore"]),
       "update_gap": (["--update-gap", "0"], ["--update-gap must be an integer >= 1, got 0"]),
       "rank_zero": (["--rank", "0"], ["--rank must be an integer >= 1, got 0"]),
       "svd_steps": (["--svd-steps", "6"], ["--svd-steps 6 is more than the 5 steps"]),
       "svd_steps_unused": (["--optimizer", "rso", "--svd-steps", "2"],
-                           ["--svd-steps applies to --optimizer golore"]),
+                           ["--svd-steps applies to the methods with an SVD phase (golore), not --optimizer rso"]),
       "proj_seed": (["--proj-seed", "-1"], ["--proj-seed must be an integer >= 0"]),
       "seed": (["--seed", "-1"], ["--seed must be an integer >= 0"]),
       "side": (["--side", "up"], ["--side must be one of lean, std, left, right"]),
       "svd": (["--optimizer", "galore", "--svd", "fast"], ["--svd must be exact or randomized"]),
       "subspace_mode": (["--subspace-mode", "layer"], ["--subspace-mode must be one of"]),
       "model_mode_galore": (["--subspace-mode", "model", "--optimizer", "galore"],
-                            ["--subspace-mode model supports --optimizer golore and rso",
+                            ["--subspace-mode model supports golore and rso, not galore",
                              "--subspace-mode transform"]),
       "model_mode_svd_steps": (["--subspace-mode", "model", "--svd-steps", "2"],
                                ["--svd-steps needs the full gradient", "--subspace-mode"]),
@@ -203,9 +210,9 @@ def _bad_cases(tmp):
                 ["--vocab-size must be >= 300"]),
       "split": (["--split", "test"], ["--split must be train, validation or all"]),
       "split_all": (["--split", "all"], ["--split all", "training documents",
-                                         "--eval-split none"]),
+                                         "set --eval-split none"]),
       "eval_split_same": (["--eval-split", "train"], ["--split and --eval-split are both",
-                                                      "--eval-split none"]),
+                                                      "use another --eval-split, or none"]),
       "few_docs": (["--data", f"files:{tmp}/one.txt"],
                    ["too few", "--split all with --eval-split none"]),
       "too_small": (["--seq-len", "60000"], ["too small", "--seq-len 60000",

@@ -91,8 +91,10 @@ def run_config(args: argparse.Namespace) -> RunConfig:
   def output(value: str | None, leaf: str) -> str | None:
     return os.path.join(run_dir, leaf) if value is None else flags._optional(value)  # pylint: disable=protected-access
 
-  # Evaluating only (--steps 0) steps no schedule: any that fits --warmup.
-  schedule = args.schedule_steps or args.steps or max(args.warmup or 0, 1)
+  # Evaluating only (--steps 0) steps no schedule: any that fits --warmup
+  # (a negative --steps is refused by RunConfig, naming it).
+  schedule = args.schedule_steps or (
+      args.steps if args.steps > 0 else max(args.warmup or 0, 1))
   lr = args.lr
   if lr is None and pretrained:
     lr = opt_lib.finetune_learning_rate(args.optimizer, args.scale)

@@ -259,7 +259,7 @@ def _cached_stream(docs: Sequence[str], tokenizer: Tokenizer, name: str,
         print(f"warning: token cache {path} is damaged ({why}); rebuilding it",
               file=sys.stderr, flush=True)
     tokens = tokenize_documents(docs, tokenizer, name=name)["tokens"]
-    cache.write_verified(path, lambda f: np.save(f, tokens), suffix=".tmp.npy")
+    cache.write_verified(path, lambda f: np.save(f, tokens))
     return {"tokens": tokens}
 
 

@@ -24,19 +24,20 @@ __all__ = ["make_tokenizer", "make_iterators", "data_state", "set_data_state",
 # files/TFDS source (the embedded corpus is used whole).
 _SPM_SAMPLE_DOCS = 20_000
 
-# Python argument names in the data pipeline's messages, and their flags.
-_DATA_WORDS = ((re.compile(r"split='all'"), f"{setting('split')} all with "
-                                            f"{setting('eval_split')} none"),
-               (re.compile(r"\bbatch_size\b"), f"{setting('batch_size')}"),
-               (re.compile(r"\bseq_len\b"), f"{setting('seq_len')}"),
-               (re.compile(r"\bworkers\b"), f"{setting('data_workers')}"))
+# Python argument names in the data pipeline's messages, and the settings
+# they are (named when the message is made: the command line names flags).
+_DATA_WORDS = ((re.compile(r"split='all'"), lambda: f"{setting('split')} all "
+                f"with {setting('eval_split')} none"),
+               (re.compile(r"\bbatch_size\b"), lambda: setting("batch_size")),
+               (re.compile(r"\bseq_len\b"), lambda: setting("seq_len")),
+               (re.compile(r"\bworkers\b"), lambda: setting("data_workers")))
 
 
 def _data_error(error: data_lib.DataError) -> data_lib.DataError:
-  """``error`` with the data pipeline's argument names as flags."""
+  """``error`` with the data pipeline's argument names as the run's."""
   text = str(error)
-  for pattern, flag in _DATA_WORDS:
-    text = pattern.sub(flag, text)
+  for pattern, name in _DATA_WORDS:
+    text = pattern.sub(name(), text)
   return data_lib.DataError(text)
 
 
