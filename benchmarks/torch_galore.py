@@ -592,7 +592,8 @@ def print_result(dtype_name, res, args):
           f"{_e(r['signs_in_run'])}")
 
 
-def markdown(results, args, torch):
+def markdown(results, args, torch, *, command="python -m benchmarks.torch_galore",
+             code=None):
   gap = args.update_gap
   torch_v = torch.__version__
   galore_v = importlib.metadata.version("galore-torch")
@@ -603,18 +604,12 @@ def markdown(results, args, torch):
   lines = [
       "# Official PyTorch GaLore vs `sj.galore`",
       "",
-      common.machine_line(),
+      common.provenance(command, commit_id=code),
       f"PyTorch {torch_v} (LAPACK: "
       f"{'MKL' if torch.backends.mkl.is_available() else 'not MKL'}), "
       f"galore-torch {galore_v} (`GaLoreAdamW`), numpy {np.__version__}.",
       "",
-      "Command: `python -m benchmarks.torch_galore "
-      + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in (
-          ("steps", args.steps), ("rank", args.rank),
-          ("update_gap", args.update_gap), ("scale", args.scale),
-          ("lr", args.lr), ("weight_decay", args.weight_decay),
-          ("eps", args.eps), ("seed", args.seed))) + "`",
-      "",
+      *([args.note, ""] if args.note else []),
       f"Problem: tanh MLP {dims} ({shapes}, one bias per layer), mean squared "
       f"error against a random teacher plus noise, batch {args.batch}, a new "
       f"fixed numpy batch every update, the same initial weights in both. "
@@ -707,7 +702,29 @@ def markdown(results, args, torch):
           + f" | {_e(r['moved'])} |")
     lines += ["", "</details>", ""]
   lines += explanation(results, args)
-  return "\n".join(lines) + "\n"
+  lines += ["", common.readme_block("torch_galore", readme_text(results, args))]
+  return "\n".join(lines)
+
+
+def readme_text(results, args) -> str:
+  """The README's paragraph: float32's `signs` and `exact` over all updates."""
+  key = "float32" if "float32" in results else next(iter(results))
+  res = results[key]
+  signs, exact = res["overall"]["signs"], res["overall"]["exact"]
+  refreshes = len(range(1, args.steps + 1, args.update_gap))
+  text = (
+      "**Against the official PyTorch GaLore** ([results/torch_galore.md]"
+      "(torch_galore.md)): `sj.galore` with galore-torch's eps placement and "
+      f"decay order follows `GaLoreAdamW` to {_e(signs)} ({key}) over "
+      f"{args.steps} steps and {refreshes} refreshes once both SVDs use one "
+      "sign rule")
+  if exact > 10 * signs:
+    text += (f"; without it they drift to {_e(exact)} after the first "
+             "refresh because the two LAPACK builds return some singular "
+             "vectors with opposite signs.")
+  else:
+    text += f", and to {_e(exact)} without it."
+  return text
 
 
 def explanation(results, args):
@@ -848,8 +865,9 @@ def main(argv=None):
   parser.add_argument("--torch-requirement", default=TORCH_REQUIREMENT,
                       help="pip arguments --install uses when torch is missing "
                            "(split like a shell command line)")
-  common.add_output_flags(parser, "torch_galore.md", note=False)
+  common.add_output_flags(parser, "torch_galore.md")
   args = parser.parse_args(argv)
+  code = common.commit()  # before the run: later edits do not count
   args.dims = [int(d) for d in args.dims.split(",")]
   dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
   for d in dtypes:
@@ -864,7 +882,9 @@ def main(argv=None):
   for d in dtypes:
     results[d] = run_dtype(torch, adamw_cls, problem, args, d)
     print_result(d, results[d], args)
-  common.write(args.out, markdown(results, args, torch))
+  common.write(args.out, markdown(
+      results, args, torch, code=code,
+      command=common.command_line("benchmarks.torch_galore", argv)))
 
 
 if __name__ == "__main__":
