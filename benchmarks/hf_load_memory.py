@@ -164,7 +164,7 @@ def readme_text(rows: list[dict]) -> str:
   names = sorted(by_name, key=lambda n: by_name[n][False]["params"])
   big = by_name[names[-1]]
   text = (
-      f"Loading a random {names[-1]}-shaped bfloat16 checkpoint "
+      f"`hf.load` of a random {names[-1]}-shaped bfloat16 checkpoint "
       f"({big[False]['params'] / 1e9:.2f}B parameters) needs "
       f"{g(big[False]['overhead'])} GiB of host memory beyond the weights "
       f"themselves ({g(big[True]['overhead'])} GiB with stacked layers; on a "
