@@ -716,8 +716,8 @@ def readme_text(results, args) -> str:
       "**Against the official PyTorch GaLore** ([results/torch_galore.md]"
       "(torch_galore.md)): `sj.galore` with galore-torch's eps placement and "
       f"decay order follows `GaLoreAdamW` to {_e(signs)} ({key}) over "
-      f"{args.steps} steps and {refreshes} refreshes once both SVDs use one "
-      "sign rule")
+      f"{args.steps} steps ({refreshes - 1} refreshes after the first "
+      "projection) once both SVDs use one sign rule")
   if exact > 10 * signs:
     text += (f"; without it they drift to {_e(exact)} after the first "
              "refresh because the two LAPACK builds return some singular "
@@ -812,17 +812,21 @@ def explanation(results, args):
         f"{same_size}. With the SVD in float64 too (`signs64`): "
         f"{_e(f64['overall']['signs64'])} over all updates. So the residual "
         "of `exact`/`signs` is the float32 SVD of two LAPACK builds.")
-    out.append(
-        "* The last ~1e-9 of `signs64` is not rounding of float64: "
-        "`sj.galore` computes PᵀG and P·U with `jnp.einsum(..., "
-        "preferred_element_type=jnp.float32)`, which for float64 leaves "
-        "returns float32, so a float64 run projects in float32 precision. "
-        "Check (identity inner transform, float64 8×16 gradient, rank 4): "
-        f"max |update − P(PᵀG)| = {_e(f64['identity_check'])} instead of "
-        "~1e-16. Harmless for float32/bfloat16 parameters (there float32 is "
-        "an upcast), a precision loss for float64 ones. (In a separate check, "
-        "not run by this script, those two einsums kept in float64 brought "
-        "`signs64` down to 3.5e-15 with the default settings.)")
+    check = f64["identity_check"]
+    if check > 1e-12:
+      out.append(
+          f"* `signs64` ({_e(f64['overall']['signs64'])}) is not rounding of "
+          "float64: the projection PᵀG and P·U ran in float32 for float64 "
+          "leaves. Check (identity inner transform, float64 8×16 gradient, "
+          f"rank 4): max |update − P(PᵀG)| = {_e(check)} instead of ~1e-16. "
+          "Harmless for float32/bfloat16 parameters (there float32 is an "
+          "upcast), a precision loss for float64 ones.")
+    else:
+      out.append(
+          "* A float64 leaf is projected in float64. Check (identity inner "
+          "transform, float64 8×16 gradient, rank 4): max |update − P(PᵀG)| "
+          f"= {_e(check)}, float64 rounding; so `signs64` "
+          f"({_e(f64['overall']['signs64'])}) is float64 rounding too.")
   out.append(
       "* With the same sign rule `sj.galore` follows galore-torch's "
       "`GaLoreAdamW` to float32 SVD precision over every refresh: no "
