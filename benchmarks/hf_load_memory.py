@@ -174,10 +174,12 @@ def readme_text(rows: list[dict]) -> str:
   for name in names[:-1]:
     text += (f", about what {name} needs ({g(by_name[name][False]['overhead'])}"
              f" / {g(by_name[name][True]['overhead'])} GiB)")
-  return text + (
-      f": it follows the largest tensor (the {g(big[False]['largest_tensor'])}"
-      " GiB embedding), not the model ([results/hf_load_memory.md]"
-      "(hf_load_memory.md)).")
+  link = " ([results/hf_load_memory.md](hf_load_memory.md))."
+  largest = g(big[False]["largest_tensor"])
+  if len(names) == 1:  # One size: nothing shows what the overhead follows.
+    return text + f"; its largest tensor (the embedding) is {largest} GiB" + link
+  return text + (f": it follows the largest tensor (the {largest} GiB "
+                 "embedding), not the model" + link)
 
 
 if __name__ == "__main__":
