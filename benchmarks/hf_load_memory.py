@@ -106,6 +106,7 @@ def main(argv=None) -> None:
   if args.measure:  # The child process.
     print(json.dumps(measure(args.measure, args.scan_layers, args.param_dtype)))
     return
+  code = common.commit()  # before the run: later edits do not count
   rows = []
   for name in args.models.split(","):
     config = llama.get_config(name, param_dtype=jnp.bfloat16)
@@ -129,10 +130,9 @@ def main(argv=None) -> None:
   g = lambda b: f"{b / GiB:.2f}"
   lines = [
       "# Host memory of loading a Hugging Face LLaMA checkpoint", "",
-      common.machine_line(), "",
-      "Command: `python -m benchmarks.hf_load_memory --models "
-      f"{args.models} --param-dtype {args.param_dtype}` (and `--dir` where "
-      "the disk has room)", "",
+      common.provenance(common.command_line("benchmarks.hf_load_memory",
+                                            argv), commit_id=code),
+      *([args.note, ""] if args.note else []),
       f"Random bfloat16 checkpoints (one `model.safetensors` each), loaded by "
       f"`hf.load` in a fresh process onto one CPU device as "
       f"{args.param_dtype}, per layer (unscanned) and stacked (scanned: each "
@@ -151,8 +151,35 @@ def main(argv=None) -> None:
         f"{g(r['before'])} | {g(r['peak'])} | {g(r['arrays'])} | "
         f"{g(r['overhead'])} | {g(r['largest_tensor'])} | "
         f"{r['seconds']:.0f} s |")
-  lines.append("")
+  lines += ["", common.readme_block("hf_load_memory", readme_text(rows))]
   common.write(args.out, "\n".join(lines))
+
+
+def readme_text(rows: list[dict]) -> str:
+  """The README's sentence: the largest model's overhead, then the others'."""
+  g = lambda b: f"{b / GiB:.2f}"
+  by_name: dict[str, dict[bool, dict]] = {}
+  for r in rows:
+    by_name.setdefault(r["name"], {})[r["scan"]] = r
+  names = sorted(by_name, key=lambda n: by_name[n][False]["params"])
+  big = by_name[names[-1]]
+  text = (
+      f"`hf.load` of a random {names[-1]}-shaped bfloat16 checkpoint "
+      f"({big[False]['params'] / 1e9:.2f}B parameters) needs "
+      f"{g(big[False]['overhead'])} GiB of host memory beyond the weights "
+      f"themselves ({g(big[True]['overhead'])} GiB with stacked layers; on a "
+      f"CPU, where the weights are host memory too, a peak of "
+      f"{g(big[False]['peak'])} GiB for {g(big[False]['arrays'])} GiB of "
+      "weights)")
+  for name in names[:-1]:
+    text += (f", about what {name} needs ({g(by_name[name][False]['overhead'])}"
+             f" / {g(by_name[name][True]['overhead'])} GiB)")
+  link = " ([results/hf_load_memory.md](hf_load_memory.md))."
+  largest = g(big[False]["largest_tensor"])
+  if len(names) == 1:  # One size: nothing shows what the overhead follows.
+    return text + f"; its largest tensor (the embedding) is {largest} GiB" + link
+  return text + (f": it follows the largest tensor (the {largest} GiB "
+                 "embedding), not the model" + link)
 
 
 if __name__ == "__main__":

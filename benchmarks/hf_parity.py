@@ -167,6 +167,23 @@ def save_direction(torch, transformers, args, tokens) -> list[dict]:
   return rows
 
 
+def readme_text(rows: list[dict]) -> str:
+  """The README's paragraph from the table's rows."""
+  worst = max(r["max_abs"] for r in rows)
+  scale = max(r["scale"] for r in rows)
+  exported = [r for r in rows if "moved" in r]
+  quiet = bool(exported) and all("no warning" in r["report"] for r in exported)
+  return (
+      "On the same weights this model's float32 logits match "
+      f"`transformers.LlamaForCausalLM`'s to {worst:.1e} (logits up to "
+      f"{scale:.1f}), in both directions: a random transformers model loaded "
+      "here, and a model trained here for a few steps (AdamW, and RSO in "
+      "model mode, exported merged) loaded by transformers"
+      + (" with no warning" if quiet else " (see its loading report)")
+      + " ([results/hf_parity.md](hf_parity.md); `python -m "
+      "benchmarks.hf_parity` needs torch and transformers).")
+
+
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--vocab", type=int, default=512)
@@ -184,6 +201,7 @@ def main(argv=None) -> None:
   p.add_argument("--seed", type=int, default=0)
   common.add_output_flags(p, "hf_parity.md")
   args = p.parse_args(argv)
+  code = common.commit()  # before the run: later edits do not count
   torch, transformers = _imports()
   torch.set_num_threads(2)
   tokens = np.random.default_rng(args.seed + 1).integers(
@@ -192,11 +210,11 @@ def main(argv=None) -> None:
   rows += save_direction(torch, transformers, args, tokens)
   lines = [
       "# Logits against transformers' LlamaForCausalLM", "",
-      common.machine_line(),
+      common.provenance(common.command_line("benchmarks.hf_parity", argv),
+                        commit_id=code),
       f"torch {torch.__version__}, transformers {transformers.__version__}, "
       f"numpy {np.__version__}.", "",
-      "Command: `" + " ".join(["python -m benchmarks.hf_parity"] + list(
-          sys.argv[1:] if argv is None else argv)) + "`", "",
+      *([args.note, ""] if args.note else []),
       f"Random `LlamaForCausalLM`: vocab {args.vocab}, hidden {args.hidden}, "
       f"MLP {args.intermediate}, {args.layers} layers, {args.heads} heads, "
       f"initializer_range {args.init_std}, norm scales 1 + 0.2·N(0, 1); "
@@ -212,7 +230,8 @@ def main(argv=None) -> None:
   moved = [r["moved"] for r in rows if "moved" in r]
   lines += ["", "Training here moved the logits by up to "
             f"{max(moved):.2f} from the random model's before the export, so "
-            "the exported weights are not the loaded ones.", ""]
+            "the exported weights are not the loaded ones.", "",
+            common.readme_block("hf_parity", readme_text(rows))]
   print("\n".join(lines))
   common.write(args.out, "\n".join(lines))
 

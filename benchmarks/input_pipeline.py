@@ -133,12 +133,17 @@ def main(argv=None) -> None:
   p.add_argument("--reps", type=int, default=5)
   common.add_output_flags(p, "input_pipeline.md")
   args = p.parse_args(argv)
+  code = common.commit()  # before the run: later edits do not count
 
   spm = SentencePieceTokenizer(spm_path(args.spm_model))
   tokenizers = {"byte": ByteTokenizer(), f"SentencePiece {spm.vocab_size}": spm}
   workers = [int(w) for w in args.workers.split(",")]
-  lines = ["# Input pipeline speed", "", common.machine_line(), "",
-           f"Streamed pipeline alone (`python -m benchmarks.input_pipeline`): "
+  lines = ["# Input pipeline speed", "",
+           common.provenance(common.command_line("benchmarks.input_pipeline",
+                                                 argv), commit_id=code)]
+  if args.note:
+    lines += [args.note, ""]
+  lines += [f"Streamed pipeline alone: "
            f"tokens/s of batches {args.batch_size} x {args.seq_len}, "
            f"{args.batches} batches after the first.", ""]
   lines += ["| tokenizer | " + " | ".join(f"{w} workers" for w in workers) + " |",
@@ -159,8 +164,6 @@ def main(argv=None) -> None:
     a, b, ratio = train_ratio(model, spm, args)
     print(f"{model}: {a:.3f} s vs {b:.3f} s: {ratio:.3f}x", flush=True)
     lines.append(f"| {model} | {a:.3f} | {b:.3f} | {ratio:.3f} |")
-  if args.note:
-    lines += ["", args.note]
   common.write(args.out, "\n".join(lines) + "\n")
 
 

@@ -71,6 +71,7 @@ PEAK_FLOPS = {
 }
 STEADY_TARGET = 1.10   # transform-mode steady step / AdamW
 _LOADS: list[float] = []  # 1-minute load average after every timed round
+_MEDIANS: dict[str, dict[str, float]] = {}  # part -> optimizer -> median ratio
 MODEL_RSO_TARGET = 0.8  # model-mode RSO step / AdamW
 
 
@@ -233,14 +234,16 @@ def _target_text(name, median):
 
 
 def step_section(title, names, cfg, args, update_gap, mesh, log, targets,
-                 builder=build_step, what="step"):
-  """Builds, times and formats one table of ratios to AdamW."""
+                 builder=build_step, what="step", part=None):
+  """Builds, times and formats one table of ratios to AdamW (the medians
+  are kept in ``_MEDIANS[part]`` for the README)."""
   log(f"{title}: building {', '.join(names)}")
   variants = [builder(n, cfg, args, update_gap, mesh, log) for n in names]
   log(f"{title}: timing {args.reps} alternating rounds")
   times = alternate(variants, args.reps, log)
   del variants
   rs = ratios(times)
+  _MEDIANS[part or title] = {n: float(r[0]) for n, r in rs.items()}
   load = times["_load"]
   lines = [
       f"## {title}", "",
@@ -313,6 +316,7 @@ def main(argv=None):
     print(msg, flush=True)
 
   load0 = os.getloadavg()
+  code = common.commit()  # before the run: later edits do not count
   cfg = llama.get_config(args.model, dtype=jnp.dtype(args.dtype))
   mesh = shd.make_mesh(devices=jax.devices()[:1])
   names = [n for n in args.optimizers.split(",") if n and n != "adamw"]
@@ -335,11 +339,13 @@ def main(argv=None):
   if "step" in parts:
     out += step_section(
         "Steady step (no refresh; update_gap = 10⁶, timing after step 0)",
-        ["adamw"] + names, cfg, args, 10**6, mesh, log, targets=True)
+        ["adamw"] + names, cfg, args, 10**6, mesh, log, targets=True,
+        part="step")
   if "refresh" in parts and refresh_names:
     out += step_section(
         "Refresh step (update_gap = 1: every step is a refresh) vs AdamW's step",
-        ["adamw"] + refresh_names, cfg, args, 1, mesh, log, targets=False)
+        ["adamw"] + refresh_names, cfg, args, 1, mesh, log, targets=False,
+        part="refresh")
   update_names = ["adamw"] + [n for n in names if "-" not in n.split(":")[0]]
   if "update" in parts and len(update_names) > 1:
     out += step_section(
@@ -366,10 +372,38 @@ def main(argv=None):
         pr.describe(args.proj_repeats, 1.0, 8, 2), "",
         pr.table(rows), pr.target_line(rows), "",
     ]
-  common.write(args.out, "\n".join(header(args, load0) + out))
+  if "step" in parts:
+    out += [common.readme_block("speed", readme_text(args))]
+  common.write(args.out, "\n".join(header(args, load0, code) + out))
 
 
-def header(args, load0) -> list[str]:
+_README_NAMES = {"galore": "GaLore", "golore": "GoLore", "rso": "RSO",
+                 "golore-model": "GoLore model mode",
+                 "rso-model": "RSO model mode"}
+
+
+def readme_text(args) -> str:
+  """The README's speed sentence from this run's medians."""
+  steady = _MEDIANS.get("step", {})
+  named = ", ".join(f"{_README_NAMES.get(n, n)} {r:.2f}"
+                    for n, r in steady.items() if n != "adamw")
+  text = (f"**Speed** ([results/speed.md](speed.md)): {args.model}, batch "
+          f"{args.batch}×{args.seq}, rank {args.rank}, steady-step time over "
+          f"AdamW's in one process (median of {args.reps} alternating rounds "
+          f"on a shared {os.cpu_count()}-core CPU): {named}")
+  refresh = {n: r for n, r in _MEDIANS.get("refresh", {}).items() if n != "adamw"}
+  if refresh:
+    random = [r for n, r in refresh.items() if n != "galore"]
+    parts = []
+    if "galore" in refresh:
+      parts.append(f"GaLore's exact SVD {refresh['galore']:.1f}")
+    if random:
+      parts.append(f"the random ones {min(random):.2f}–{max(random):.2f}")
+    text += f" (a refresh step: {', '.join(parts)})"
+  return text + "."
+
+
+def header(args, load0, code) -> list[str]:
   """Title, machine, command and how busy the machine was."""
   cores = os.cpu_count()
   during = (f"{min(_LOADS):.1f}–{max(_LOADS):.1f}" if _LOADS else "n/a")
@@ -383,8 +417,7 @@ def header(args, load0) -> list[str]:
     verdict = "the machine was otherwise idle"
   return [
       "# Speed: train steps and projection refresh", "",
-      common.machine_line(), "",
-      f"Command: `{command_line()}`", "",
+      common.provenance(command_line(), commit_id=code),
       f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')}. Load "
       f"average (1 min) before the run: {load0[0]:.1f}, during the timed "
       f"rounds: {during}, on {cores} cores; this run alone keeps about "

@@ -592,7 +592,8 @@ def print_result(dtype_name, res, args):
           f"{_e(r['signs_in_run'])}")
 
 
-def markdown(results, args, torch):
+def markdown(results, args, torch, *, command="python -m benchmarks.torch_galore",
+             code=None):
   gap = args.update_gap
   torch_v = torch.__version__
   galore_v = importlib.metadata.version("galore-torch")
@@ -603,18 +604,12 @@ def markdown(results, args, torch):
   lines = [
       "# Official PyTorch GaLore vs `sj.galore`",
       "",
-      common.machine_line(),
+      common.provenance(command, commit_id=code),
       f"PyTorch {torch_v} (LAPACK: "
       f"{'MKL' if torch.backends.mkl.is_available() else 'not MKL'}), "
       f"galore-torch {galore_v} (`GaLoreAdamW`), numpy {np.__version__}.",
       "",
-      "Command: `python -m benchmarks.torch_galore "
-      + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in (
-          ("steps", args.steps), ("rank", args.rank),
-          ("update_gap", args.update_gap), ("scale", args.scale),
-          ("lr", args.lr), ("weight_decay", args.weight_decay),
-          ("eps", args.eps), ("seed", args.seed))) + "`",
-      "",
+      *([args.note, ""] if args.note else []),
       f"Problem: tanh MLP {dims} ({shapes}, one bias per layer), mean squared "
       f"error against a random teacher plus noise, batch {args.batch}, a new "
       f"fixed numpy batch every update, the same initial weights in both. "
@@ -707,7 +702,29 @@ def markdown(results, args, torch):
           + f" | {_e(r['moved'])} |")
     lines += ["", "</details>", ""]
   lines += explanation(results, args)
-  return "\n".join(lines) + "\n"
+  lines += ["", common.readme_block("torch_galore", readme_text(results, args))]
+  return "\n".join(lines)
+
+
+def readme_text(results, args) -> str:
+  """The README's paragraph: float32's `signs` and `exact` over all updates."""
+  key = "float32" if "float32" in results else next(iter(results))
+  res = results[key]
+  signs, exact = res["overall"]["signs"], res["overall"]["exact"]
+  refreshes = len(range(1, args.steps + 1, args.update_gap))
+  text = (
+      "**Against the official PyTorch GaLore** ([results/torch_galore.md]"
+      "(torch_galore.md)): `sj.galore` with galore-torch's eps placement and "
+      f"decay order follows `GaLoreAdamW` to {_e(signs)} ({key}) over "
+      f"{args.steps} steps ({refreshes - 1} refreshes after the first "
+      "projection) once both SVDs use one sign rule")
+  if exact > 10 * signs:
+    text += (f"; without it they drift to {_e(exact)} after the first "
+             "refresh because the two LAPACK builds return some singular "
+             "vectors with opposite signs.")
+  else:
+    text += f", and to {_e(exact)} without it."
+  return text
 
 
 def explanation(results, args):
@@ -795,17 +812,21 @@ def explanation(results, args):
         f"{same_size}. With the SVD in float64 too (`signs64`): "
         f"{_e(f64['overall']['signs64'])} over all updates. So the residual "
         "of `exact`/`signs` is the float32 SVD of two LAPACK builds.")
-    out.append(
-        "* The last ~1e-9 of `signs64` is not rounding of float64: "
-        "`sj.galore` computes PᵀG and P·U with `jnp.einsum(..., "
-        "preferred_element_type=jnp.float32)`, which for float64 leaves "
-        "returns float32, so a float64 run projects in float32 precision. "
-        "Check (identity inner transform, float64 8×16 gradient, rank 4): "
-        f"max |update − P(PᵀG)| = {_e(f64['identity_check'])} instead of "
-        "~1e-16. Harmless for float32/bfloat16 parameters (there float32 is "
-        "an upcast), a precision loss for float64 ones. (In a separate check, "
-        "not run by this script, those two einsums kept in float64 brought "
-        "`signs64` down to 3.5e-15 with the default settings.)")
+    check = f64["identity_check"]
+    if check > 1e-12:
+      out.append(
+          f"* `signs64` ({_e(f64['overall']['signs64'])}) is not rounding of "
+          "float64: the projection PᵀG and P·U ran in float32 for float64 "
+          "leaves. Check (identity inner transform, float64 8×16 gradient, "
+          f"rank 4): max |update − P(PᵀG)| = {_e(check)} instead of ~1e-16. "
+          "Harmless for float32/bfloat16 parameters (there float32 is an "
+          "upcast), a precision loss for float64 ones.")
+    else:
+      out.append(
+          "* A float64 leaf is projected in float64. Check (identity inner "
+          "transform, float64 8×16 gradient, rank 4): max |update − P(PᵀG)| "
+          f"= {_e(check)}, float64 rounding; so `signs64` "
+          f"({_e(f64['overall']['signs64'])}) is float64 rounding too.")
   out.append(
       "* With the same sign rule `sj.galore` follows galore-torch's "
       "`GaLoreAdamW` to float32 SVD precision over every refresh: no "
@@ -848,8 +869,9 @@ def main(argv=None):
   parser.add_argument("--torch-requirement", default=TORCH_REQUIREMENT,
                       help="pip arguments --install uses when torch is missing "
                            "(split like a shell command line)")
-  common.add_output_flags(parser, "torch_galore.md", note=False)
+  common.add_output_flags(parser, "torch_galore.md")
   args = parser.parse_args(argv)
+  code = common.commit()  # before the run: later edits do not count
   args.dims = [int(d) for d in args.dims.split(",")]
   dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
   for d in dtypes:
@@ -864,7 +886,9 @@ def main(argv=None):
   for d in dtypes:
     results[d] = run_dtype(torch, adamw_cls, problem, args, d)
     print_result(d, results[d], args)
-  common.write(args.out, markdown(results, args, torch))
+  common.write(args.out, markdown(
+      results, args, torch, code=code,
+      command=common.command_line("benchmarks.torch_galore", argv)))
 
 
 if __name__ == "__main__":
