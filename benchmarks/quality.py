@@ -143,6 +143,7 @@ class Setting:
       divided by the scale's ratio to the base scale).
     scale_variants: The variants of the scale stage.
     defaults: Whether the defaults stage runs on this model.
+    defaults_seeds: Seeds of each defaults run (None: ``seeds``).
     grid_points: Learning rates of each initial grid (the variant's
       grid's first ones; the grid still grows past an edge).
     grids: Initial grids that replace the variants' own on this model.
@@ -162,6 +163,7 @@ class Setting:
   scales: tuple[float, ...] = ()
   scale_variants: tuple[str, ...] = ()
   defaults: bool = False
+  defaults_seeds: int | None = None
   grid_points: int = 4
   grids: Mapping[str, tuple[float, ...]] = dataclasses.field(
       default_factory=dict)
@@ -172,7 +174,8 @@ SETTINGS: dict[str, Setting] = {
         "tiny", seq_len=64, batch_size=16, steps=600,
         variants=tuple(VARIANTS), seeds=5, ranks=(1 / 8, 1 / 2),
         gaps=(50, 100, 300), scales=(1.0,),
-        scale_variants=("golore_std", "rso_std"), defaults=True),
+        scale_variants=("golore_std", "rso_std"), defaults=True,
+        defaults_seeds=3),
     "small": Setting(
         "small", seq_len=128, batch_size=16, steps=600,
         variants=("adamw", "galore", "rso_std"), seeds=3, grid_points=2,
@@ -507,7 +510,8 @@ def plan(records: Records, settings: Mapping[str, Setting],
               records, name, v, s, scale=scale)[1]]
           todo += seed_runs(records, name, v, s, "scale", scale=scale)[1]
     if "defaults" in stages and s.defaults:
-      todo += [t for opt in default_optimizers() for seed in range(s.seeds)
+      todo += [t for opt in default_optimizers()
+               for seed in range(s.defaults_seeds or s.seeds)
                if records.get(t := _default_task(name, opt, seed, s)) is None]
   return todo
 
@@ -719,7 +723,8 @@ def defaults_results(records, name, s) -> list[tuple[str, dict, Result]]:
   out = []
   base, _ = seed_runs(records, name, "adamw", s)
   for opt in default_optimizers():
-    tasks = [_default_task(name, opt, seed, s) for seed in range(s.seeds)]
+    tasks = [_default_task(name, opt, seed, s)
+             for seed in range(s.defaults_seeds or s.seeds)]
     runs = [r for t in tasks if (r := records.get(t)) is not None]
     opt_name, _, mode = opt.partition(":")
     flag = f"--optimizer {opt_name}" + (f" --subspace-mode {mode}" if mode else "")
@@ -823,17 +828,18 @@ def report(records: Records, settings: Mapping[str, Setting], command: str,
                   f"lr):\n\n{table}")
     dt = _defaults_table(records, name, s) if s.defaults else ""
     if dt:
+      n = s.defaults_seeds or s.seeds
       parts.append("### The defaults: `--optimizer X` alone\n")
       parts.append(
-          f"`examples/pretrain_llama.py --optimizer X` with every other flag "
+          f"`subspace-jax pretrain --optimizer X` with every other flag "
           f"at its default ({s.steps} steps of {s.batch_size} × {s.seq_len}), "
-          f"seeds 0–{s.seeds - 1} (`--seed S --proj-seed S`):\n")
+          f"seeds 0–{n - 1} (`--seed S --proj-seed S`):\n")
       parts.append(dt)
       readme.append(f"`--optimizer X` alone, on the default run ({name}), "
-                    f"over {s.seeds} seeds:\n\n{dt}")
+                    f"over {n} seeds:\n\n{dt}")
   if out.stem == "quality":  # The study's report feeds the README.
     parts.append(common.readme_block(
-        "quality", "\n".join(readme) + f"\nFrom [quality.md]({out.name}) "
+        "quality", "\n".join(readme) + f"\nFrom [quality.md](benchmarks/results/{out.name}) "
         f"(`{command}`)."))
   common.write(out, "\n".join(parts))
 

@@ -525,7 +525,7 @@ def test_config_of_another_model_is_refused(small, tmp_path):
     ckpt.save(1, _variant(setup, host, 1), config=saved, force=True)
   before = [(p, p.stat().st_mtime_ns) for p in _files(tmp_path)]
   with Checkpointer(tmp_path) as ckpt:
-    with pytest.raises(ValueError, match="hidden_size.*--checkpoint-dir") as err:
+    with pytest.raises(ValueError, match="hidden_size.*checkpoint_dir") as err:
       ckpt.restore(setup.abstract_state, expected_config=wider)
   message = str(err.value)
   assert "\n" not in message and "num_layers" not in message
@@ -549,7 +549,7 @@ def test_tree_of_another_model_is_refused(small, tmp_path, other, match):
   with Checkpointer(tmp_path) as ckpt:
     with pytest.raises(IncompatibleCheckpointError, match=match) as err:
       ckpt.restore(abstract)
-  assert "\n" not in str(err.value) and "--checkpoint-dir" in str(err.value)
+  assert "\n" not in str(err.value) and "checkpoint_dir" in str(err.value)
 
 
 # --------------------------------------------------------------------------
@@ -596,7 +596,7 @@ def test_checkpoint_of_an_older_format_is_refused(small, tmp_path, monkeypatch, 
   assert message == (
       f"checkpoint step 1 in {tmp_path} was written by an older subspace_jax "
       "(format 1, this one reads 2); resume it with that version or use "
-      "another --checkpoint-dir")
+      "another checkpoint_dir")
   assert [(p, p.stat().st_mtime_ns) for p in _files(tmp_path)] == before
 
 

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+from subspace_jax import cache
 from subspace_jax.data import pipeline as data
 from subspace_jax.data import encoding
 from subspace_jax.data import sources
@@ -132,10 +133,10 @@ def test_sentencepiece_bad_arguments(tmp_path):
 
 def test_default_cache_dir_env_override(monkeypatch, tmp_path):
     monkeypatch.setenv("SUBSPACE_JAX_CACHE_DIR", str(tmp_path / "c"))
-    assert tokenizer.default_cache_dir() == tmp_path / "c"
+    assert cache.default_cache_dir() == tmp_path / "c"
     monkeypatch.delenv("SUBSPACE_JAX_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
-    assert tokenizer.default_cache_dir() == tmp_path / "x" / "subspace_jax"
+    assert cache.default_cache_dir() == tmp_path / "x" / "subspace_jax"
 
 
 # ------------------------------------------------------------ embedded corpus

@@ -389,5 +389,5 @@ def test_tensor_past_the_end_is_refused(tmp_path):
 def test_a_gguf_without_tokenizer_says_how_to_give_one(tmp_path):
   path = _write_gguf(tmp_path / "m.gguf", _hf_arrays())
   assert not gguf.has_tokenizer(path)
-  with pytest.raises(ValueError, match="has no tokenizer .*--tokenizer-model"):
+  with pytest.raises(ValueError, match="has no tokenizer .*tokenizer_model"):
     gguf.tokenizer_files(path)
