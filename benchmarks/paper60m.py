@@ -33,12 +33,9 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import sys
 import time
 from typing import Any, Mapping
 
-if __package__ in (None, ""):  # Run as `python benchmarks/paper60m.py`.
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from benchmarks import common  # pylint: disable=wrong-import-position
 from benchmarks import quality  # pylint: disable=wrong-import-position

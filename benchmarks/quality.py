@@ -52,8 +52,6 @@ import tempfile
 import time
 from typing import Any, Iterable, Mapping
 
-if __package__ in (None, ""):  # Run as `python benchmarks/quality.py`.
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from benchmarks import common  # pylint: disable=wrong-import-position
 
@@ -759,6 +757,18 @@ def _param_millions(model: str) -> float:
   return models.param_count(cfg) / 1e6
 
 
+def _golore20_note(s: Setting) -> str:
+  """Where GoLore@20% is GaLore: no subspace is chosen in its random phase."""
+  svd_steps = int(0.8 * s.steps)
+  refreshes = list(range(0, s.steps, s.update_gap))
+  if refreshes[-1] >= svd_steps:
+    return ""
+  return (f" (its subspaces are chosen at steps "
+          f"{', '.join(map(str, refreshes))}, all before step {svd_steps}: "
+          "here it is GaLore, its lean side run for run, its std side GaLore "
+          "on the std side)")
+
+
 def _protocol(name: str, s: Setting, n_eval: int | None) -> str:
   cfg = _hidden(s.model)
   tokens = s.steps * s.batch_size * s.seq_len
@@ -774,7 +784,7 @@ def _protocol(name: str, s: Setting, n_eval: int | None) -> str:
       "papers' rule), attention and MLP matrices projected (embeddings, "
       "output layer and norms in full, with Adam at the peak lr), RSO "
       "without a proximal term; GoLore@20% uses SVD projections for the "
-      f"first 80% of the steps. Held-out: the mean loss over the whole "
+      f"first 80% of the steps{_golore20_note(s)}. Held-out: the mean loss over the whole "
       f"validation split ({n_eval or '?'} batches) after the last step. Seed "
       "S sets the initial weights, the data order and the projections; the "
       f"sweep is at seed 0, then seeds 1–{s.seeds - 1} at the best rate. "

@@ -41,13 +41,10 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse  # pylint: disable=wrong-import-position
-import pathlib  # pylint: disable=wrong-import-position
 import shlex  # pylint: disable=wrong-import-position
 import sys  # pylint: disable=wrong-import-position
 import time  # pylint: disable=wrong-import-position
 
-if __package__ in (None, ""):  # Run as `python benchmarks/speed.py`.
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position

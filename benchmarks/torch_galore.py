@@ -106,15 +106,12 @@ import contextlib
 import importlib
 import importlib.metadata
 import importlib.util
-import pathlib
 import shlex
 import subprocess
 import sys
 import types
 from typing import Any, NamedTuple
 
-if not __package__:  # run as a file: make `benchmarks` importable
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax
 import jax.numpy as jnp
