@@ -16,6 +16,9 @@ Tables (``--tables``, all by default):
 * ``175b``: a 175B-shaped LLaMA on 8 chips with FSDP, sequences of 2048;
 * ``comm``: the collective bytes of one 7B step on 8 chips, data parallel
   and FSDP, for every optimizer;
+* ``refresh``: GaLore's exact and randomized refresh at 1B and 7B: the
+  compile time of the step and of the optimizer update alone, and their
+  memory;
 * ``sizes``: LLaMA 60M to 7B, every optimizer, one sequence of 256 tokens
   per chip, one data-parallel replica per chip (optax.contrib.galore on the
   CPU compiler only: the TPU compiler took over 30 minutes on its 56
@@ -47,6 +50,7 @@ import optax
 
 import subspace_jax as sj
 from benchmarks import common
+from subspace_jax import models
 from subspace_jax.plan import memory
 from subspace_jax.models import llama
 from subspace_jax.plan import compile_for as plan
@@ -72,6 +76,7 @@ STEPS = {
     "optax_adamw": ("optax.adamw", None),
     "optax_galore": ("optax.contrib.galore", None),
     "galore": ("galore", "transform"),
+    "galore_randomized": ("galore", "transform"),
     "golore": ("golore", "transform"),
     "rso": ("rso", "transform"),
     "golore_model": ("golore", "model"),
@@ -80,7 +85,7 @@ STEPS = {
 LABELS = {
     "adamw": "AdamW", "optax_adamw": "optax.adamw ¹",
     "optax_galore": "optax.contrib.galore ¹",
-    "galore": "sj.galore (randomized SVD)",
+    "galore": "sj.galore", "galore_randomized": "sj.galore (randomized SVD)",
     "golore": "sj.golore", "rso": "sj.rso", "golore_model": "GoLore, model mode",
     "rso_model": "RSO, model mode",
 }
@@ -130,10 +135,7 @@ def run_config(case: Case) -> RunConfig:
   """The run whose train step ``case`` compiles: bf16 weights and moments,
   scanned layers, full remat, a 32000-token vocabulary."""
   name, mode = STEPS[case.step]
-  # GaLore refreshes with the randomized range finder: libtpu's compile of
-  # the exact SVD of the 7B gradients ran 20 minutes and 17 GB of host
-  # memory without finishing (60M: 8 minutes).
-  svd = "randomized" if name == "galore" else "exact"
+  svd = "randomized" if case.step == "galore_randomized" else "exact"
   opt = train.OptimizerConfig(name=name, rank=case.rank, subspace_mode=mode,
                               weight_decay=case.weight_decay, svd=svd)
   return RunConfig(
@@ -188,6 +190,25 @@ def _optax_report(case: Case, devices, options) -> memory.StepReport:
       compiler_options=options)
 
 
+def _update_report(model: str, svd: str, device) -> dict[str, int]:
+  """Compiles ``sj.galore``'s update (as ``train.make_optimizer`` builds it,
+  at ``RANKS[model]``) for ``model``'s bf16 weights on ``device``."""
+  opt = train.OptimizerConfig(name="galore", rank=RANKS[model], svd=svd)
+  tx, _ = train.make_optimizer(opt, models.MODELS["llama"])
+  sharding = jax.sharding.SingleDeviceSharding(device)
+  params = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+      jax.eval_shape(lambda: train.ModelDef(model_config(model)).init(0)))
+  state = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+      jax.eval_shape(tx.init, params))
+  compiled = jax.jit(lambda g, s, p: tx.update(g, s, p),
+                     donate_argnums=1).lower(params, state, params).compile()
+  m = memory.memory_of(compiled)
+  return {"temporaries": m.temporaries, "peak": m.peak,
+          "state": memory.tree_bytes(state)}
+
+
 class Runner:
   """Compiles each case once; results kept in a JSON file (``--cache``)."""
 
@@ -211,24 +232,42 @@ class Runner:
     if key not in self.cache:
       options = memory.NO_LOOP_HOISTING if case.target == "cpu" else None
       devices = self._devices(case)
-      start = time.perf_counter()
+      start, cpu = time.perf_counter(), time.process_time()
       if case.step.startswith("optax_"):
         report = _optax_report(case, devices, options)
       else:
         report = plan.compile_for(run_config(case), case.target,
                                   devices=devices, compiler_options=options)
       seconds = time.perf_counter() - start
+      cpu = time.process_time() - cpu
       print(f"{case.model} {case.step} r{case.rank} batch {case.batch} "
             f"mesh {case.mesh} {case.target}: "
             + " / ".join(report.lines()[1:]) + f" ({seconds:.0f} s)",
             flush=True)
-      self.cache[key] = {"report": report.to_dict(), "seconds": seconds}
+      self.cache[key] = {"report": report.to_dict(), "seconds": seconds,
+                         "cpu_seconds": cpu}
       if self.file:
         self.file.write_text(json.dumps(self.cache, indent=0))
     return self.cache[key]
 
   def compile_seconds(self) -> float:
     return sum(self.cache[k]["seconds"] for k in self.used)
+
+  def update_alone(self, model: str, svd: str) -> dict[str, Any]:
+    """GaLore's optimizer update alone (``svd``), jitted on one chip for
+    the model's bf16 weights at a refresh step: compile time and memory
+    (cached like the steps)."""
+    key = json.dumps({"update_alone": model, "svd": svd})
+    self.used.add(key)
+    if key not in self.cache:
+      device = self._devices(Case(TPU4, model, "galore", 0, 1, 1, (1, 1, 1)))[0]
+      start, cpu = time.perf_counter(), time.process_time()
+      report = _update_report(model, svd, device)
+      self.cache[key] = dict(report, seconds=time.perf_counter() - start,
+                             cpu_seconds=time.process_time() - cpu)
+      print(f"{model} galore {svd} update alone: {self.cache[key]}",
+            flush=True)
+    return self.cache[key]
 
 
 def g(x: float | None) -> str:
@@ -293,7 +332,8 @@ def _7b_cases() -> list[tuple[str, Case, Case | None]]:
   adam, adam8, adam1 = dp("adamw"), dp("adamw", batch=32), one("adamw")
   return [
       ("1 sequence / chip, 4 chips", adam, None),
-      ("", dp("galore"), adam), ("", dp("golore"), adam), ("", dp("rso"), adam),
+      ("", dp("galore"), adam), ("", dp("galore_randomized"), adam),
+      ("", dp("golore"), adam), ("", dp("rso"), adam),
       ("", dp("golore_model"), adam), ("", dp("rso_model"), adam),
       ("rank 512", dp("rso_model", 512), adam),
       ("weight decay 0.1", dp("rso_model", weight_decay=0.1), adam),
@@ -340,9 +380,9 @@ def llama175b_table(runner: Runner) -> str:
   return "\n".join(lines) + "\n"
 
 
-# sj.galore is left out: a 7B compile of it takes over 15 minutes. On 4
-# chips, data parallel, it all-reduces what GoLore does (the full gradients,
-# 12.55 GiB; each chip runs the SVD on its own copy).
+# sj.galore is left out: under FSDP each step gathers its stored
+# projections (3.06 GiB at rank 1024) and a refresh every gradient matrix
+# whole for its SVD; data parallel, it all-reduces what GoLore does.
 COMM_STEPS = ("adamw", "golore", "rso", "golore_model", "rso_model")
 COMM_KINDS = ("all-reduce", "all-gather", "reduce-scatter")
 
@@ -374,6 +414,38 @@ def comm_table(runner: Runner) -> str:
       lines.append(f"| {name} | {LABELS[step]} | {cells} | "
                    f"**{g(c['bytes'])}** | {ratio} | {g(c['wire'])} | "
                    f"{g(peak(r))} |")
+  return "\n".join(lines) + "\n"
+
+
+REFRESH_MODELS = ("llama_1b", "llama_7b")
+
+
+def _refresh_cases(model: str) -> list[Case]:
+  return [Case(TPU4, model, step, RANKS[model], 4, 256, (4, 1, 1))
+          for step in ("galore", "galore_randomized")]
+
+
+def refresh_table(runner: Runner) -> str:
+  """GaLore's exact refresh (on a TPU: the Gram matrix's Jacobi eigh)
+  against the randomized one: compile time and memory of the whole step
+  (v5p, 4 chips, data parallel) and of the optimizer update alone (one
+  chip), which holds the refresh."""
+  lines = [
+      "| model | rank | refresh | step: compile, min (CPU min) | step: "
+      "peak / chip | update alone: compile, min (CPU min) | update alone: "
+      "temporaries |",
+      "|---|---|---|---|---|---|---|",
+  ]
+  for model in REFRESH_MODELS:
+    for case in _refresh_cases(model):
+      r = runner.get(case)
+      svd = "randomized" if case.step == "galore_randomized" else "exact"
+      u = runner.update_alone(model, svd)
+      minutes = lambda x: (f"{x['seconds'] / 60:.1f} "
+                           f"({x.get('cpu_seconds', 0) / 60:.1f})")
+      lines.append(
+          f"| {model} | {case.rank} | {svd} | {minutes(r)} | {g(peak(r))} | "
+          f"{minutes(u)} | {g(u['temporaries'])} |")
   return "\n".join(lines) + "\n"
 
 
@@ -437,19 +509,21 @@ def targets(runner: Runner, tables) -> str:
   if "7b" in tables:
     cases = {(c.step, c.rank, c.batch, c.mesh, c.weight_decay): c
              for _, c, _ in _7b_cases()}
-    get = lambda step, rank=1024: peak(runner.get(
-        cases[(step, rank, 4, (4, 1, 1), 0.0)]))
+    get = lambda step, rank=1024, batch=4, mesh=(4, 1, 1): peak(runner.get(
+        cases[(step, rank, batch, mesh, 0.0)]))
     adam = get("adamw")
-    for rank, limit in ((1024, 22), (512, 18)):
-      p = get("rso_model", rank)
-      out.append(f"- 7B, RSO in model mode, rank {rank}, one sequence per "
-                 f"chip: {g(p)} GiB per chip, target ≤ {limit}: "
-                 f"{_verdict(p <= limit * GiB)} (AdamW {g(adam)}).")
+    for rank, batch, mesh, limit, where in (
+        (1024, 1, (1, 1, 1), 21, "one chip alone (a 24 GB card)"),
+        (512, 4, (4, 1, 1), 18, "4 chips, one sequence per chip"),
+        (1024, 4, (4, 1, 1), 22, "4 chips, one sequence per chip")):
+      p = get("rso_model", rank, batch, mesh)
+      out.append(f"- 7B, RSO in model mode, rank {rank}, {where}: {g(p)} GiB "
+                 f"per chip, target ≤ {limit}: {_verdict(p <= limit * GiB)}.")
     for step in ("golore", "rso"):
       ratio = get(step) / adam
-      out.append(f"- 7B, {LABELS[step]} (transform), rank 1024: "
-                 f"{ratio:.2f}× AdamW's peak, target ≤ 0.70×: "
-                 f"{_verdict(ratio <= 0.70)}.")
+      out.append(f"- 7B, {LABELS[step]} (transform), rank 1024, 4 chips data "
+                 f"parallel: {ratio:.2f}× AdamW's peak (AdamW with ZeRO-1: "
+                 f"{g(adam)}), target ≤ 0.70×: {_verdict(ratio <= 0.70)}.")
   if "175b" in tables:
     adam, rso = (runner.get(c) for c in (_175b_cases()[0], _175b_cases()[-1]))
     out.append(f"- 175B, RSO in model mode, rank 1024, 8 chips FSDP: "
@@ -457,16 +531,54 @@ def targets(runner: Runner, tables) -> str:
                f"{_verdict(peak(rso) <= 80 * GiB)} (AdamW needs "
                f"{g(peak(adam))}).")
   if "comm" in tables:
-    c = lambda step: runner.get(_comm_case(step, (8, 1, 1)))[
-        "report"]["collectives"]["bytes"]
+    report = lambda step, mesh: runner.get(_comm_case(step, mesh))["report"]
+    c = lambda step, mesh=(8, 1, 1): report(step, mesh)["collectives"]["bytes"]
     ratio = c("rso_model") / c("adamw")
     out.append(f"- 7B on 8 chips, data parallel: RSO in model mode moves "
                f"{ratio:.2f}× AdamW's collective bytes per step, target ≤ "
                f"0.25×: {_verdict(ratio <= 0.25)}.")
+    fsdp = (1, 8, 1)
+    adam_peak = report("adamw", fsdp)["required"]
+    for step in ("golore", "rso"):
+      p = report(step, fsdp)["required"] / adam_peak
+      b = c(step, fsdp) / c("adamw", fsdp)
+      out.append(f"- 7B under FSDP over 8 chips, {LABELS[step]} (transform), "
+                 f"rank 1024: peak {p:.2f}× AdamW's, target ≤ 0.80×: "
+                 f"{_verdict(p <= 0.80)}; collective bytes {b:.2f}× AdamW's, "
+                 f"target ≤ 1.05×: {_verdict(b <= 1.05)}.")
+  if "refresh" in tables:
+    r = runner.get(_refresh_cases("llama_1b")[0])
+    out.append(f"- GaLore's exact SVD, llama_1b on v5p 2x2x1: the step "
+               f"compiles in {r['seconds'] / 60:.1f} min "
+               f"({r.get('cpu_seconds', 0) / 60:.1f} CPU min), target ≤ 4: "
+               f"{_verdict(r['seconds'] <= 240)}.")
   return "\n".join(out) + "\n"
 
 
-TABLES = ("7b", "175b", "comm", "sizes")
+def readme_summary(runner: Runner, tables, models) -> str:
+  """What the README shows: peak per chip by model and optimizer, and the
+  one-line results of the other tables."""
+  out = []
+  if "sizes" in tables and "7b" in tables:
+    out += ["| model | rank | AdamW | GaLore | GoLore / RSO | GoLore / RSO, "
+            "model mode |", "|---|---|---|---|---|---|"]
+    steps = ("adamw", "galore", "golore", "golore_model")
+    for name in dict.fromkeys([*models, "llama_7b"]):
+      case = lambda step: Case(TPU4, name, step, RANKS[name], 4, 256,
+                               (4, 1, 1))
+      if any(case(s).key() not in runner.cache for s in steps):
+        continue
+      p = {s: peak(runner.get(case(s))) for s in steps}
+      cell = lambda s: f"{g(p[s])} ({p[s] / p['adamw']:.2f}×)"
+      out.append(f"| {name} | {RANKS[name]} | {g(p['adamw'])} | "
+                 f"{cell('galore')} | {cell('golore')} | "
+                 f"**{cell('golore_model')}** |")
+    out.append("")
+  out.append(targets(runner, tables).replace("## Targets\n", "").strip())
+  return "\n".join(out) + "\n"
+
+
+TABLES = ("7b", "175b", "comm", "refresh", "sizes")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -475,7 +587,8 @@ def _parser() -> argparse.ArgumentParser:
                       help=f"comma-separated, of {', '.join(TABLES)}")
   parser.add_argument("--models", default=",".join(RANKS),
                       help="models of the sizes table")
-  parser.add_argument("--optimizers", default=",".join(STEPS),
+  parser.add_argument("--optimizers", default=",".join(
+      s for s in STEPS if s != "galore_randomized"),
                       help=f"optimizers of the sizes table, of "
                       f"{', '.join(STEPS)}")
   parser.add_argument("--no-cpu", action="store_true",
@@ -506,13 +619,12 @@ def main(argv=None):
     parser.error(f"{e}")
   start = time.perf_counter()
   runner = Runner(args.cache)
-  command = "python -m benchmarks.memory " + " ".join(
-      sys.argv[1:] if argv is None else argv)
+  command = common.command_line("benchmarks.memory", argv)
   parts = [
       "# Train-step memory per chip, on the TPU compiler\n",
-      common.machine_line() + f" TPU figures: libtpu "
-      f"{importlib.metadata.version('libtpu')}, compile-only devices.\n",
-      f"Command: `{command.strip()}`\n",
+      common.provenance(command),
+      f"TPU figures: libtpu {importlib.metadata.version('libtpu')}, "
+      "compile-only devices.\n",
       HOW,
   ]
   sections = {
@@ -526,6 +638,9 @@ def main(argv=None):
       "comm": ("## Collectives of one 7B step on 8 chips (v5p 2x2x2, 8 "
                "sequences of 256 tokens, rank 1024)\n",
                lambda: comm_table(runner)),
+      "refresh": ("## GaLore's refresh: exact SVD and randomized (v5p, 4 "
+                  "chips data parallel; the update alone on one chip)\n",
+                  lambda: refresh_table(runner)),
   }
   for name in (t for t in TABLES if t in tables):
     title, make = sections[name]
@@ -542,6 +657,8 @@ def main(argv=None):
       f"all; this invocation took {(time.perf_counter() - start) / 60:.1f} "
       "min" + (" (measurements reused from --cache)" if args.cache else "")
       + ".\n")
+  parts.append(common.readme_block("memory", readme_summary(
+      runner, tables, models)))
   common.write(args.out, "\n".join(parts) + "\n" + NOTES)
 
 
@@ -556,7 +673,8 @@ step's inputs, exact (model mode's weights include `B`). temporaries: the
 compiler's, with the gradients' analytic size in brackets (gradients live
 inside the step). peak = weights + state + temporaries + the batch and
 outputs. A step the compiler refuses is shown with the bytes it says it
-needs. CPU peak: the same step on one CPU device (one chip's share of the
+needs. Data-parallel replicas split the moments of the weights kept in
+full (all of AdamW's) over the data axis (ZeRO-1). CPU peak: the same step on one CPU device (one chip's share of the
 batch), XLA's CPU backend with loop hoisting off (`memory.NO_LOOP_HOISTING`):
 an upper bound, see the notes.
 """
@@ -568,13 +686,26 @@ NOTES = """## Notes
   refuses what does not fit (v5p: 95.74 GiB per chip, libtpu's own figure).
   The CPU compiler computes bf16 matmuls in float32 and keeps float32
   copies of weights and gradients; its peaks are secondary.
-- Model mode at 7B, rank 1024, one sequence per chip: the floor is the
-  weights (12.55), `B` (1.75), `B`'s moments and the full leaves' (4.48),
-  and the gradients of `B` and of the embedding and lm_head (2.24): 21.0
-  GiB. What the compiler adds to it: on 4 data-parallel chips, the
-  all-reduce outputs of the two 32000 x 4096 gradients (0.49) and block
-  activations; on one chip alone, copies of the stacked q/k/v kernels in
-  the layout the backward pass's loop wants.
+- Model mode at 7B, rank 1024, one chip alone: the step's inputs are the
+  weights (12.55), `B` (1.75) and the moments of `B` and of the full leaves
+  (4.48), 18.78 GiB; the gradients of `B` (1.75, every layer's at once at
+  the end of the backward loop, which the global-norm clip needs) and of
+  the embedding and lm_head (0.49) bring the floor to 21.02. The live
+  bytes at the step's peak (libtpu's live-range dump) are 20.88 GiB; the
+  compiler's figure adds its packing of the loops' temporaries (per-layer
+  kernel slices and projection draws). Two copies are gone: the TPU
+  compiler wrote a transposed copy of every stacked q/k/v kernel and `B`
+  (3.75 GiB) before the remat forward loop, so that the projections'
+  matmuls produced the sequence-minor layout the attention wants (an
+  optimization barrier on the projections' outputs now makes the
+  activations take the transpose), and the zeroed `B` of a merge took a
+  second buffer (0.25 GiB).
+- ZeRO-1: on 4 data-parallel chips the moments of the leaves kept in full
+  (the 32000 x 4096 embedding and lm_head for the subspace methods, every
+  weight for AdamW) are split over the data axis; each replica updates its
+  slice and the updated slices are gathered (the all-gather column of the
+  collectives), so the gradients' all-reduce outputs no longer sit whole
+  beside the moments.
 - Three things in the step used to hold weight-sized copies and no longer
   do: the merge `W + P·B` (now a loop over the stacked matrices that
   rewrites W in place, with a trip count of zero between merges), the
@@ -587,12 +718,24 @@ NOTES = """## Notes
   time. Drawn for all 32 layers at once, the random bits, float32
   Gaussians and QR of every layer added 12.6 GiB to a 7B GoLore or RSO
   step (45.37 GiB per chip, 0.85x AdamW; now 32.77, 0.61x).
-- Under FSDP the transform's step holds more than AdamW's (7B on 8 chips:
-  GoLore 8.40 GiB per chip against 7.37; the 175B transform step does not
-  fit): its 3.6 GiB of extra temporaries match every layer's `P` in
-  bfloat16 (3.06 GiB), which the transform, knowing no mesh, leaves
-  unsharded. Model mode draws `P` inside the layer loop and is not
-  affected.
+- Under FSDP the transform follows the weights' sharding (its
+  `shardings` option, which `train.setup` passes): each matrix's `P` is
+  drawn whole on every device (no collective) and split along the
+  projected dimension as its gradient is, `PᵀG` is reduced into the
+  state's sharding (one `r x k` reduction per matrix split along its
+  projected dimension: q, k and v), the update is gathered along the rank
+  (`r x k`) and `P U` is formed in the gradient's sharding, one matrix at
+  a time, `P` drawn again for it. Before, XLA's propagation split each
+  draw into small collectives and all-reduced the back-projection in
+  float32: 7B on 8 chips needed 8.40 GiB per chip (AdamW 7.37) and 51.23
+  GiB of collectives (AdamW 40.68).
+- GaLore's exact SVD on a TPU: `jnp.linalg.svd` (QDWH and spectral divide
+  and conquer written in JAX) took libtpu 659 CPU-s (18 min on this shared
+  machine) to compile for one 2048 x 2048 matrix, so the 1B step did not
+  compile in 30 minutes; the TPU's refresh now takes the eigenvectors of
+  the smaller Gram matrix from the compiler's Jacobi solver (one custom
+  call, 29 CPU-s for 2048 x 2048), the CPU and GPU keep the library SVD
+  (`lax.platform_dependent`).
 - Collectives are read off the compiled program, a loop body counted once
   per iteration (`memory.collective_bytes`); the ring estimate is what a
   ring algorithm sends from each chip. Model mode all-reduces the
