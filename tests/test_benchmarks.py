@@ -183,3 +183,33 @@ def test_a_damaged_runs_file_line_is_skipped(tmp_path, capsys):
   records = quality.Records(path)
   assert records.loss(t) == 1.0
   assert "skipping damaged line 2" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------
+# benchmarks/memory.py: tables copied from an earlier results file
+# ----------------------------------------------------------------------------
+
+
+def test_memory_earlier_sections_keeps_only_tables_not_measured(monkeypatch):
+  """`--earlier COMMIT`: the earlier file's tables whose titles this run did
+  not measure, one heading level down, under a heading naming the commit;
+  the sections every run writes itself are never copied."""
+  from benchmarks import memory as bench  # pylint: disable=import-outside-toplevel
+  old = ("# Title\n\nCommand: `python -m benchmarks.memory --x`\n\n"
+         "## A\n\n| a |\n\n## B\n\n| b |\n\n## Targets\n\n- t\n\n"
+         "## Notes\n\n- n\n")
+  seen = []
+
+  def fake_run(cmd, **kwargs):
+    seen.append(cmd)
+    return subprocess.CompletedProcess(cmd, 0, stdout=old, stderr="")
+
+  monkeypatch.setattr(bench.subprocess, "run", fake_run)
+  text = bench.earlier_sections("abc1234", {"## B"})
+  assert seen == [["git", "show", "abc1234:benchmarks/results/memory.md"]]
+  assert text.startswith("## Earlier measurements (commit `abc1234`, not re-run)")
+  assert "`python -m benchmarks.memory --x`" in text
+  assert "### A\n\n| a |\n" in text
+  for gone in ("| b |", "Targets", "Notes", "\n## A"):
+    assert gone not in text
+  assert bench.earlier_sections("abc1234", {"## A", "## B"}) == ""
