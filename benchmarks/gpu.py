@@ -260,7 +260,7 @@ def _memory_child(case: MemoryCase, target: str) -> dict[str, Any]:
                                     case.batch, case.seq, (1, 1, 1)))
   devices = memory.target_devices(target)[:1]
   mesh = shd.make_mesh(1, 1, 1, devices=devices)
-  s = train.setup(cfg.model_config(), cfg.optimizer, mesh)
+  s = train.setup(cfg.model_config, cfg.optimizer, mesh)
   t0 = time.perf_counter()
   abstract_batch = plan._abstract_batch(cfg, s.batch_sharding)  # pylint: disable=protected-access
   executable = s.train_step.lower(s.abstract_state, abstract_batch).compile()
