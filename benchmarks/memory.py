@@ -704,8 +704,8 @@ def _parser() -> argparse.ArgumentParser:
                       "shown as not measured")
   parser.add_argument("--earlier", default=None, metavar="COMMIT",
                       help="also copy the tables that this run does not "
-                      "measure from this file as COMMIT has it, under a "
-                      "heading naming that commit")
+                      "measure in full from this file as COMMIT has it, "
+                      "under a heading naming that commit")
   common.add_output_flags(parser, "memory.md", note=False)
   return parser
 
@@ -777,12 +777,15 @@ def main(argv=None):
                   "chips data parallel; the update alone on one chip)\n",
                   lambda: refresh_table(runner, models)),
   }
+  complete = set()  # Titles of the tables with every row measured.
   for name in (t for t in TABLES if t in tables):
     title, make = sections[name]
-    parts += [title, make()]
+    text = make()
+    parts += [title, text]
+    if "not measured" not in text:
+      complete.add(title.strip())
   if args.earlier:
-    parts.append(earlier_sections(
-        args.earlier, {sections[t][0].strip() for t in tables}))
+    parts.append(earlier_sections(args.earlier, complete))
   parts += [targets(runner, tables),
             "## Against the papers (analytic, bf16 weights and moments, "
             "GiB)\n",
