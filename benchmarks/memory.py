@@ -13,9 +13,16 @@ Tables (``--tables``, all by default):
 
 * ``7b``: LLaMA 7B against the targets: ranks, weight decay, 8 sequences
   per chip, and one card alone;
+* ``onecard``: only the 7B model-mode rows that must fit a small memory
+  (one chip at ranks 1024 and 512, 4 chips at rank 512), without the rest
+  of ``7b``;
 * ``175b``: a 175B-shaped LLaMA on 8 chips with FSDP, sequences of 2048;
 * ``comm``: the collective bytes of one 7B step on 8 chips, data parallel
   and FSDP, for every optimizer;
+* ``refresh``: GaLore's exact and randomized refresh at 1B and 7B (those
+  of ``--models``): the
+  compile time of the step and of the optimizer update alone, and their
+  memory;
 * ``sizes``: LLaMA 60M to 7B, every optimizer, one sequence of 256 tokens
   per chip, one data-parallel replica per chip (optax.contrib.galore on the
   CPU compiler only: the TPU compiler took over 30 minutes on its 56
@@ -34,6 +41,8 @@ import argparse
 import importlib.metadata
 import json
 import pathlib
+import re
+import subprocess
 import sys
 import time
 from typing import Any, NamedTuple
@@ -47,6 +56,7 @@ import optax
 
 import subspace_jax as sj
 from benchmarks import common
+from subspace_jax import models
 from subspace_jax.plan import memory
 from subspace_jax.models import llama
 from subspace_jax.plan import compile_for as plan
@@ -72,6 +82,7 @@ STEPS = {
     "optax_adamw": ("optax.adamw", None),
     "optax_galore": ("optax.contrib.galore", None),
     "galore": ("galore", "transform"),
+    "galore_randomized": ("galore", "transform"),
     "golore": ("golore", "transform"),
     "rso": ("rso", "transform"),
     "golore_model": ("golore", "model"),
@@ -80,7 +91,7 @@ STEPS = {
 LABELS = {
     "adamw": "AdamW", "optax_adamw": "optax.adamw ¹",
     "optax_galore": "optax.contrib.galore ¹",
-    "galore": "sj.galore (randomized SVD)",
+    "galore": "sj.galore", "galore_randomized": "sj.galore (randomized SVD)",
     "golore": "sj.golore", "rso": "sj.rso", "golore_model": "GoLore, model mode",
     "rso_model": "RSO, model mode",
 }
@@ -110,9 +121,16 @@ class Case(NamedTuple):
   seq: int
   mesh: tuple[int, int, int]
   weight_decay: float = 0.0
+  side: str | None = None  # None: the method's own side rule.
 
   def key(self) -> str:
-    return json.dumps(self._asdict(), sort_keys=True)
+    fields = self._asdict()
+    if fields["side"] is None:  # The keys cached before there was a side.
+      del fields["side"]
+    return json.dumps(fields, sort_keys=True)
+
+  def label(self) -> str:
+    return LABELS[self.step] + (f", side {self.side}" if self.side else "")
 
   def on_cpu(self) -> Case:
     """The same step on one CPU device, with one device's share of the
@@ -130,12 +148,10 @@ def run_config(case: Case) -> RunConfig:
   """The run whose train step ``case`` compiles: bf16 weights and moments,
   scanned layers, full remat, a 32000-token vocabulary."""
   name, mode = STEPS[case.step]
-  # GaLore refreshes with the randomized range finder: libtpu's compile of
-  # the exact SVD of the 7B gradients ran 20 minutes and 17 GB of host
-  # memory without finishing (60M: 8 minutes).
-  svd = "randomized" if name == "galore" else "exact"
+  svd = "randomized" if case.step == "galore_randomized" else "exact"
   opt = train.OptimizerConfig(name=name, rank=case.rank, subspace_mode=mode,
-                              weight_decay=case.weight_decay, svd=svd)
+                              weight_decay=case.weight_decay, svd=svd,
+                              side=case.side)
   return RunConfig(
       model=case.model, scan_layers=True, remat="full", dtype="bfloat16",
       param_dtype="bfloat16", tokenizer="sentencepiece", vocab_size=32000,
@@ -188,10 +204,32 @@ def _optax_report(case: Case, devices, options) -> memory.StepReport:
       compiler_options=options)
 
 
-class Runner:
-  """Compiles each case once; results kept in a JSON file (``--cache``)."""
+def _update_report(model: str, svd: str, device) -> dict[str, int]:
+  """Compiles ``sj.galore``'s update (as ``train.make_optimizer`` builds it,
+  at ``RANKS[model]``) for ``model``'s bf16 weights on ``device``."""
+  opt = train.OptimizerConfig(name="galore", rank=RANKS[model], svd=svd)
+  tx, _ = train.make_optimizer(opt, models.MODELS["llama"])
+  sharding = jax.sharding.SingleDeviceSharding(device)
+  params = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+      jax.eval_shape(lambda: train.ModelDef(model_config(model)).init(0)))
+  state = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+      jax.eval_shape(tx.init, params))
+  compiled = jax.jit(lambda g, s, p: tx.update(g, s, p),
+                     donate_argnums=1).lower(params, state, params).compile()
+  m = memory.memory_of(compiled)
+  return {"temporaries": m.temporaries, "peak": m.peak,
+          "state": memory.tree_bytes(state)}
 
-  def __init__(self, cache_file: str | None):
+
+class Runner:
+  """Compiles each case once; results kept in a JSON file (``--cache``).
+  With ``compile=False`` a case not in the cache is not compiled: ``get``
+  and ``update_alone`` return None for it."""
+
+  def __init__(self, cache_file: str | None, compile: bool = True):  # pylint: disable=redefined-builtin
+    self.compile = compile
     self.file = pathlib.Path(cache_file) if cache_file else None
     self.cache: dict[str, Any] = {}
     if self.file and self.file.exists():
@@ -205,30 +243,52 @@ class Runner:
     n = case.mesh[0] * case.mesh[1] * case.mesh[2]
     return self.devices[case.target][:n]
 
-  def get(self, case: Case) -> dict[str, Any]:
+  def get(self, case: Case) -> dict[str, Any] | None:
     key = case.key()
+    if key not in self.cache and not self.compile:
+      return None
     self.used.add(key)
     if key not in self.cache:
       options = memory.NO_LOOP_HOISTING if case.target == "cpu" else None
       devices = self._devices(case)
-      start = time.perf_counter()
+      start, cpu = time.perf_counter(), time.process_time()
       if case.step.startswith("optax_"):
         report = _optax_report(case, devices, options)
       else:
         report = plan.compile_for(run_config(case), case.target,
                                   devices=devices, compiler_options=options)
       seconds = time.perf_counter() - start
+      cpu = time.process_time() - cpu
       print(f"{case.model} {case.step} r{case.rank} batch {case.batch} "
             f"mesh {case.mesh} {case.target}: "
             + " / ".join(report.lines()[1:]) + f" ({seconds:.0f} s)",
             flush=True)
-      self.cache[key] = {"report": report.to_dict(), "seconds": seconds}
+      self.cache[key] = {"report": report.to_dict(), "seconds": seconds,
+                         "cpu_seconds": cpu}
       if self.file:
         self.file.write_text(json.dumps(self.cache, indent=0))
     return self.cache[key]
 
   def compile_seconds(self) -> float:
     return sum(self.cache[k]["seconds"] for k in self.used)
+
+  def update_alone(self, model: str, svd: str) -> dict[str, Any]:
+    """GaLore's optimizer update alone (``svd``), jitted on one chip for
+    the model's bf16 weights at a refresh step: compile time and memory
+    (cached like the steps)."""
+    key = json.dumps({"update_alone": model, "svd": svd})
+    if key not in self.cache and not self.compile:
+      return None
+    self.used.add(key)
+    if key not in self.cache:
+      device = self._devices(Case(TPU4, model, "galore", 0, 1, 1, (1, 1, 1)))[0]
+      start, cpu = time.perf_counter(), time.process_time()
+      report = _update_report(model, svd, device)
+      self.cache[key] = dict(report, seconds=time.perf_counter() - start,
+                             cpu_seconds=time.process_time() - cpu)
+      print(f"{model} galore {svd} update alone: {self.cache[key]}",
+            flush=True)
+    return self.cache[key]
 
 
 def g(x: float | None) -> str:
@@ -293,7 +353,8 @@ def _7b_cases() -> list[tuple[str, Case, Case | None]]:
   adam, adam8, adam1 = dp("adamw"), dp("adamw", batch=32), one("adamw")
   return [
       ("1 sequence / chip, 4 chips", adam, None),
-      ("", dp("galore"), adam), ("", dp("golore"), adam), ("", dp("rso"), adam),
+      ("", dp("galore"), adam), ("", dp("galore_randomized"), adam),
+      ("", dp("golore"), adam), ("", dp("rso"), adam),
       ("", dp("golore_model"), adam), ("", dp("rso_model"), adam),
       ("rank 512", dp("rso_model", 512), adam),
       ("weight decay 0.1", dp("rso_model", weight_decay=0.1), adam),
@@ -320,6 +381,44 @@ def llama7b_table(runner: Runner) -> str:
   return "\n".join(lines) + "\n"
 
 
+# 7B RSO in model mode where it has to fit a small memory: (setting, case,
+# the target in GiB per chip).
+# The memory-lean side (B on each kernel's smaller side), and the method's
+# own (GoLore's and RSO's "std") for the first case.
+ONE_CARD = (
+    ("one chip alone (a 24 GB card)",
+     Case(TPU4, "llama_7b", "rso_model", 1024, 1, 256, (1, 1, 1)), 21),
+    ("one chip alone (a 24 GB card)",
+     Case(TPU4, "llama_7b", "rso_model", 1024, 1, 256, (1, 1, 1),
+          side="lean"), 21),
+    ("one chip alone, rank 512",
+     Case(TPU4, "llama_7b", "rso_model", 512, 1, 256, (1, 1, 1),
+          side="lean"), 21),
+    ("4 chips, one sequence per chip, rank 512",
+     Case(TPU4, "llama_7b", "rso_model", 512, 4, 256, (4, 1, 1),
+          side="lean"), 18),
+)
+
+
+def one_card_table(runner: Runner) -> str:
+  """The small-memory cases of :data:`ONE_CARD` (no AdamW baseline: these
+  rows are about fitting, not ratios)."""
+  lines = [
+      "| optimizer | rank | setting | weights | optimizer state | "
+      "temporaries (gradients) | **peak / chip** | target |",
+      "|---|---|---|---|---|---|---|---|",
+  ]
+  for setting, case, limit in ONE_CARD:
+    r = runner.get(case)
+    if r is None:
+      lines.append(f"| {case.label()} | {case.rank} | {setting} | not "
+                   f"measured | | | | ≤ {limit} |")
+      continue
+    lines.append(f"| {case.label()} | {case.rank} | {setting} | "
+                 f"{memory_cells(r)} | ≤ {limit} |")
+  return "\n".join(lines) + "\n"
+
+
 def _175b_cases() -> list[Case]:
   return [Case(TPU8, "llama_175b", step, 1024, 8, 2048, (1, 8, 1))
           for step in ("adamw", "rso", "golore_model", "rso_model")]
@@ -340,15 +439,26 @@ def llama175b_table(runner: Runner) -> str:
   return "\n".join(lines) + "\n"
 
 
-# sj.galore is left out: a 7B compile of it takes over 15 minutes. On 4
-# chips, data parallel, it all-reduces what GoLore does (the full gradients,
-# 12.55 GiB; each chip runs the SVD on its own copy).
+# sj.galore is left out: under FSDP each step gathers its stored
+# projections (3.06 GiB at rank 1024) and a refresh every gradient matrix
+# whole for its SVD; data parallel, it all-reduces what GoLore does.
 COMM_STEPS = ("adamw", "golore", "rso", "golore_model", "rso_model")
+# Under FSDP also the memory-lean side (the larger dimension projected):
+# the embed dimension that FSDP splits is then kept, not summed over, in
+# the MLP's kernels (see the notes).
+LEAN = ("golore", "rso_model")
+
+
+def _comm_case(step: str, mesh, side: str | None = None) -> Case:
+  return Case(TPU8, "llama_7b", step, 1024, 8, 256, mesh, side=side)
+
+
+def _comm_rows(mesh) -> list[Case]:
+  cases = [_comm_case(step, mesh) for step in COMM_STEPS]
+  if mesh == (1, 8, 1):
+    cases += [_comm_case(step, mesh, "lean") for step in LEAN]
+  return cases
 COMM_KINDS = ("all-reduce", "all-gather", "reduce-scatter")
-
-
-def _comm_case(step: str, mesh) -> Case:
-  return Case(TPU8, "llama_7b", step, 1024, 8, 256, mesh)
 
 
 def comm_table(runner: Runner) -> str:
@@ -359,21 +469,58 @@ def comm_table(runner: Runner) -> str:
   ]
   for mesh, name in (((8, 1, 1), "data parallel, 8"), ((1, 8, 1), "FSDP, 8")):
     base = None
-    for step in COMM_STEPS:
-      r = runner.get(_comm_case(step, mesh))
+    for case in _comm_rows(mesh):
+      step = case.step
+      r = runner.get(case)
+      if r is None:
+        lines.append(f"| {name} | {case.label()} | not measured |")
+        continue
       c = r["report"]["collectives"]
       if c is None:
-        lines.append(f"| {name} | {LABELS[step]} | does not fit |")
+        lines.append(f"| {name} | {case.label()} | does not fit |")
         continue
       kinds = c["by_kind"]
       cells = " | ".join(
           f"{g(kinds[k]['bytes'])} ({kinds[k]['count']}×)" if k in kinds
           and kinds[k]["count"] else "–" for k in COMM_KINDS)
       base = c["bytes"] if step == "adamw" else base
+      del step
       ratio = f"{c['bytes'] / base:.2f}×" if base else "–"
-      lines.append(f"| {name} | {LABELS[step]} | {cells} | "
+      lines.append(f"| {name} | {case.label()} | {cells} | "
                    f"**{g(c['bytes'])}** | {ratio} | {g(c['wire'])} | "
                    f"{g(peak(r))} |")
+  return "\n".join(lines) + "\n"
+
+
+REFRESH_MODELS = ("llama_1b", "llama_7b")
+
+
+def _refresh_cases(model: str) -> list[Case]:
+  return [Case(TPU4, model, step, RANKS[model], 4, 256, (4, 1, 1))
+          for step in ("galore", "galore_randomized")]
+
+
+def refresh_table(runner: Runner, models=REFRESH_MODELS) -> str:
+  """GaLore's exact refresh (on a TPU: the Gram matrix's Jacobi eigh)
+  against the randomized one: compile time and memory of the whole step
+  (v5p, 4 chips, data parallel) and of the optimizer update alone (one
+  chip), which holds the refresh."""
+  lines = [
+      "| model | rank | refresh | step: compile, min (CPU min) | step: "
+      "peak / chip | update alone: compile, min (CPU min) | update alone: "
+      "temporaries |",
+      "|---|---|---|---|---|---|---|",
+  ]
+  for model in (m for m in REFRESH_MODELS if m in models):
+    for case in _refresh_cases(model):
+      r = runner.get(case)
+      svd = "randomized" if case.step == "galore_randomized" else "exact"
+      u = runner.update_alone(model, svd)
+      minutes = lambda x: "not measured" if x is None else (
+          f"{x['seconds'] / 60:.1f} ({x.get('cpu_seconds', 0) / 60:.1f})")
+      lines.append(
+          f"| {model} | {case.rank} | {svd} | {minutes(r)} | "
+          f"{g(r and peak(r))} | {minutes(u)} | {g(u and u['temporaries'])} |")
   return "\n".join(lines) + "\n"
 
 
@@ -437,19 +584,29 @@ def targets(runner: Runner, tables) -> str:
   if "7b" in tables:
     cases = {(c.step, c.rank, c.batch, c.mesh, c.weight_decay): c
              for _, c, _ in _7b_cases()}
-    get = lambda step, rank=1024: peak(runner.get(
-        cases[(step, rank, 4, (4, 1, 1), 0.0)]))
+    get = lambda step, rank=1024, batch=4, mesh=(4, 1, 1): peak(runner.get(
+        cases[(step, rank, batch, mesh, 0.0)]))
     adam = get("adamw")
-    for rank, limit in ((1024, 22), (512, 18)):
-      p = get("rso_model", rank)
-      out.append(f"- 7B, RSO in model mode, rank {rank}, one sequence per "
-                 f"chip: {g(p)} GiB per chip, target ≤ {limit}: "
-                 f"{_verdict(p <= limit * GiB)} (AdamW {g(adam)}).")
+    for rank, batch, mesh, limit, where in (
+        (1024, 1, (1, 1, 1), 21, "one chip alone (a 24 GB card)"),
+        (512, 4, (4, 1, 1), 18, "4 chips, one sequence per chip"),
+        (1024, 4, (4, 1, 1), 22, "4 chips, one sequence per chip")):
+      p = get("rso_model", rank, batch, mesh)
+      out.append(f"- 7B, RSO in model mode, rank {rank}, {where}: {g(p)} GiB "
+                 f"per chip, target ≤ {limit}: {_verdict(p <= limit * GiB)}.")
     for step in ("golore", "rso"):
       ratio = get(step) / adam
-      out.append(f"- 7B, {LABELS[step]} (transform), rank 1024: "
-                 f"{ratio:.2f}× AdamW's peak, target ≤ 0.70×: "
-                 f"{_verdict(ratio <= 0.70)}.")
+      out.append(f"- 7B, {LABELS[step]} (transform), rank 1024, 4 chips data "
+                 f"parallel: {ratio:.2f}× AdamW's peak (AdamW with ZeRO-1: "
+                 f"{g(adam)}), target ≤ 0.70×: {_verdict(ratio <= 0.70)}.")
+  if "onecard" in tables and "7b" not in tables:
+    for setting, case, limit in ONE_CARD:
+      if runner.get(case) is None:
+        continue
+      p = peak(runner.get(case))
+      out.append(f"- 7B, {case.label()}, rank {case.rank}, {setting}: "
+                 f"{g(p)} GiB per chip, target ≤ {limit}: "
+                 f"{_verdict(p <= limit * GiB)}.")
   if "175b" in tables:
     adam, rso = (runner.get(c) for c in (_175b_cases()[0], _175b_cases()[-1]))
     out.append(f"- 175B, RSO in model mode, rank 1024, 8 chips FSDP: "
@@ -457,16 +614,73 @@ def targets(runner: Runner, tables) -> str:
                f"{_verdict(peak(rso) <= 80 * GiB)} (AdamW needs "
                f"{g(peak(adam))}).")
   if "comm" in tables:
-    c = lambda step: runner.get(_comm_case(step, (8, 1, 1)))[
-        "report"]["collectives"]["bytes"]
-    ratio = c("rso_model") / c("adamw")
-    out.append(f"- 7B on 8 chips, data parallel: RSO in model mode moves "
-               f"{ratio:.2f}× AdamW's collective bytes per step, target ≤ "
-               f"0.25×: {_verdict(ratio <= 0.25)}.")
+    out += _comm_targets(runner)
+  if "refresh" in tables:
+    r = runner.get(_refresh_cases("llama_1b")[0])
+    if r is not None:
+      out.append(f"- GaLore's exact SVD, llama_1b on v5p 2x2x1: the step "
+                 f"compiles in {r['seconds'] / 60:.1f} min "
+                 f"({r.get('cpu_seconds', 0) / 60:.1f} CPU min), target ≤ 4: "
+                 f"{_verdict(r['seconds'] <= 240)}.")
   return "\n".join(out) + "\n"
 
 
-TABLES = ("7b", "175b", "comm", "sizes")
+def _comm_targets(runner: Runner) -> list[str]:
+  """The collectives' targets, of the steps measured: data parallel, model
+  mode against AdamW; under FSDP, the transform against AdamW."""
+  out = []
+  dp = [runner.get(_comm_case(s, (8, 1, 1))) for s in ("adamw", "rso_model")]
+  if None not in dp:
+    ratio = (dp[1]["report"]["collectives"]["bytes"]
+             / dp[0]["report"]["collectives"]["bytes"])
+    out.append(f"- 7B on 8 chips, data parallel: RSO in model mode moves "
+               f"{ratio:.2f}× AdamW's collective bytes per step, target ≤ "
+               f"0.25×: {_verdict(ratio <= 0.25)}.")
+  fsdp = _comm_rows((1, 8, 1))
+  adam = runner.get(fsdp[0])
+  for case in fsdp[1:]:
+    r = runner.get(case)
+    if adam is None or r is None:
+      continue
+    r, a = r["report"], adam["report"]
+    p = r["required"] / a["required"]
+    b = r["collectives"]["bytes"] / a["collectives"]["bytes"]
+    targeted = STEPS[case.step][1] == "transform"
+
+    def check(ratio: float, limit: float) -> str:
+      return (f", target ≤ {limit:.2f}×: {_verdict(ratio <= limit)}"
+              if targeted else "")
+
+    out.append(f"- 7B under FSDP over 8 chips, {case.label()}, rank 1024: "
+               f"peak {p:.2f}× AdamW's{check(p, 0.80)}; collective bytes "
+               f"{b:.2f}× AdamW's{check(b, 1.05)}.")
+  return out
+
+
+def readme_summary(runner: Runner, tables, models) -> str:
+  """What the README shows: peak per chip by model and optimizer, and the
+  one-line results of the other tables."""
+  out = []
+  if "sizes" in tables and "7b" in tables:
+    out += ["| model | rank | AdamW | GaLore | GoLore / RSO | GoLore / RSO, "
+            "model mode |", "|---|---|---|---|---|---|"]
+    steps = ("adamw", "galore", "golore", "golore_model")
+    for name in dict.fromkeys([*models, "llama_7b"]):
+      case = lambda step: Case(TPU4, name, step, RANKS[name], 4, 256,
+                               (4, 1, 1))
+      if any(case(s).key() not in runner.cache for s in steps):
+        continue
+      p = {s: peak(runner.get(case(s))) for s in steps}
+      cell = lambda s: f"{g(p[s])} ({p[s] / p['adamw']:.2f}×)"
+      out.append(f"| {name} | {RANKS[name]} | {g(p['adamw'])} | "
+                 f"{cell('galore')} | {cell('golore')} | "
+                 f"**{cell('golore_model')}** |")
+    out.append("")
+  out.append(targets(runner, tables).replace("## Targets\n", "").strip())
+  return "\n".join(out) + "\n"
+
+
+TABLES = ("7b", "onecard", "175b", "comm", "refresh", "sizes")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -475,7 +689,8 @@ def _parser() -> argparse.ArgumentParser:
                       help=f"comma-separated, of {', '.join(TABLES)}")
   parser.add_argument("--models", default=",".join(RANKS),
                       help="models of the sizes table")
-  parser.add_argument("--optimizers", default=",".join(STEPS),
+  parser.add_argument("--optimizers", default=",".join(
+      s for s in STEPS if s != "galore_randomized"),
                       help=f"optimizers of the sizes table, of "
                       f"{', '.join(STEPS)}")
   parser.add_argument("--no-cpu", action="store_true",
@@ -484,8 +699,39 @@ def _parser() -> argparse.ArgumentParser:
                       help="JSON file of measurements: reused when it "
                       "exists, extended as the run goes (re-render the "
                       "tables without compiling again)")
+  parser.add_argument("--no-compile", action="store_true",
+                      help="only what --cache holds: a step not in it is "
+                      "shown as not measured")
+  parser.add_argument("--earlier", default=None, metavar="COMMIT",
+                      help="also copy the tables that this run does not "
+                      "measure in full from this file as COMMIT has it, "
+                      "under a heading naming that commit")
   common.add_output_flags(parser, "memory.md", note=False)
   return parser
+
+
+# Sections every run writes itself (never copied by --earlier).
+_OWN_SECTIONS = ("## Targets", "## Against the papers", "## Notes")
+
+
+def earlier_sections(commit: str, measured: set[str]) -> str:
+  """The table sections of ``results/memory.md`` at ``commit`` whose titles
+  are not in ``measured``, one heading level down, under a heading that
+  says where they come from."""
+  path = "benchmarks/results/memory.md"
+  text = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=common.ROOT,
+                        capture_output=True, text=True, check=True).stdout
+  found = re.search(r"(?m)^Command: (.*)$", text)
+  kept = [part for part in re.split(r"(?m)^(?=## )", text)[1:]
+          if part.splitlines()[0].strip() not in measured
+          and not part.startswith(_OWN_SECTIONS)]
+  if not kept:
+    return ""
+  head = (f"## Earlier measurements (commit `{commit}`, not re-run)\n\n"
+          f"Copied from this file as commit `{commit}` wrote it ("
+          f"{found.group(1) if found else 'its command unrecorded'}): the code "
+          "of that commit, before the changes the tables above measure.\n")
+  return head + "\n" + "".join("#" + part for part in kept)
 
 
 def main(argv=None):
@@ -505,14 +751,13 @@ def main(argv=None):
   except ValueError as e:
     parser.error(f"{e}")
   start = time.perf_counter()
-  runner = Runner(args.cache)
-  command = "python -m benchmarks.memory " + " ".join(
-      sys.argv[1:] if argv is None else argv)
+  runner = Runner(args.cache, compile=not args.no_compile)
+  command = common.command_line("benchmarks.memory", argv)
   parts = [
       "# Train-step memory per chip, on the TPU compiler\n",
-      common.machine_line() + f" TPU figures: libtpu "
-      f"{importlib.metadata.version('libtpu')}, compile-only devices.\n",
-      f"Command: `{command.strip()}`\n",
+      common.provenance(command),
+      f"TPU figures: libtpu {importlib.metadata.version('libtpu')}, "
+      "compile-only devices.\n",
       HOW,
   ]
   sections = {
@@ -521,15 +766,26 @@ def main(argv=None):
                                                     not args.no_cpu)),
       "7b": ("## LLaMA 7B (v5p, sequences of 256 tokens)\n",
              lambda: llama7b_table(runner)),
+      "onecard": ("## LLaMA 7B in a small memory (v5p, sequences of 256 "
+                  "tokens)\n", lambda: one_card_table(runner)),
       "175b": ("## A 175B LLaMA on 8 chips (v5p 2x2x2, FSDP over 8, 8 "
                "sequences of 2048 tokens)\n", lambda: llama175b_table(runner)),
       "comm": ("## Collectives of one 7B step on 8 chips (v5p 2x2x2, 8 "
                "sequences of 256 tokens, rank 1024)\n",
                lambda: comm_table(runner)),
+      "refresh": ("## GaLore's refresh: exact SVD and randomized (v5p, 4 "
+                  "chips data parallel; the update alone on one chip)\n",
+                  lambda: refresh_table(runner, models)),
   }
+  complete = set()  # Titles of the tables with every row measured.
   for name in (t for t in TABLES if t in tables):
     title, make = sections[name]
-    parts += [title, make()]
+    text = make()
+    parts += [title, text]
+    if "not measured" not in text:
+      complete.add(title.strip())
+  if args.earlier:
+    parts.append(earlier_sections(args.earlier, complete))
   parts += [targets(runner, tables),
             "## Against the papers (analytic, bf16 weights and moments, "
             "GiB)\n",
@@ -542,6 +798,8 @@ def main(argv=None):
       f"all; this invocation took {(time.perf_counter() - start) / 60:.1f} "
       "min" + (" (measurements reused from --cache)" if args.cache else "")
       + ".\n")
+  parts.append(common.readme_block("memory", readme_summary(
+      runner, tables, models)))
   common.write(args.out, "\n".join(parts) + "\n" + NOTES)
 
 
@@ -556,8 +814,9 @@ step's inputs, exact (model mode's weights include `B`). temporaries: the
 compiler's, with the gradients' analytic size in brackets (gradients live
 inside the step). peak = weights + state + temporaries + the batch and
 outputs. A step the compiler refuses is shown with the bytes it says it
-needs. CPU peak: the same step on one CPU device (one chip's share of the
-batch), XLA's CPU backend with loop hoisting off (`memory.NO_LOOP_HOISTING`):
+needs. Data-parallel replicas split the moments of the weights kept in
+full (all of AdamW's) over the data axis (ZeRO-1). CPU peak: the same step
+on one CPU device (one chip's share of the batch), XLA's CPU backend with loop hoisting off (`memory.NO_LOOP_HOISTING`):
 an upper bound, see the notes.
 """
 
@@ -568,13 +827,29 @@ NOTES = """## Notes
   refuses what does not fit (v5p: 95.74 GiB per chip, libtpu's own figure).
   The CPU compiler computes bf16 matmuls in float32 and keeps float32
   copies of weights and gradients; its peaks are secondary.
-- Model mode at 7B, rank 1024, one sequence per chip: the floor is the
-  weights (12.55), `B` (1.75), `B`'s moments and the full leaves' (4.48),
-  and the gradients of `B` and of the embedding and lm_head (2.24): 21.0
-  GiB. What the compiler adds to it: on 4 data-parallel chips, the
-  all-reduce outputs of the two 32000 x 4096 gradients (0.49) and block
-  activations; on one chip alone, copies of the stacked q/k/v kernels in
-  the layout the backward pass's loop wants.
+- Model mode at 7B, rank 1024, one chip alone, `B` on the lean side: the
+  step's inputs are the weights (12.55), `B` (1.75) and the moments of `B`
+  and of the full leaves (4.48), 18.78 GiB; the gradients of `B` (1.75,
+  every layer's at once at the end of the backward loop, which the
+  global-norm clip needs) and of the embedding and lm_head (0.49) bring the
+  floor to 21.02, so the 21 GiB target needs one of these gone (e.g. a clip
+  that does not hold every layer's gradient). The compiler's figure adds
+  its loops' temporaries (per-layer kernel slices and projection draws).
+  Two copies are gone since the earlier 7B table: the TPU compiler wrote a
+  transposed copy of every stacked q/k/v kernel and `B` before the remat
+  forward loop, so that the projections' matmuls produced the
+  sequence-minor layout the attention wants (an optimization barrier on
+  the projections' outputs now makes the activations take the transpose),
+  and the zeroed `B` of a merge took a second buffer. With GoLore's and
+  RSO's own side rule ("std", `B` on each kernel's larger side: r x 11008
+  for the MLP's) `B`, its moments and its gradient grow by 1.27, 2.53 and
+  1.27 GiB.
+- ZeRO-1: on 4 data-parallel chips the moments of the leaves kept in full
+  (the 32000 x 4096 embedding and lm_head for the subspace methods, every
+  weight for AdamW) are split over the data axis; each replica updates its
+  slice and the updated slices are gathered (the all-gather column of the
+  collectives), so the gradients' all-reduce outputs no longer sit whole
+  beside the moments.
 - Three things in the step used to hold weight-sized copies and no longer
   do: the merge `W + P·B` (now a loop over the stacked matrices that
   rewrites W in place, with a trip count of zero between merges), the
@@ -587,12 +862,28 @@ NOTES = """## Notes
   time. Drawn for all 32 layers at once, the random bits, float32
   Gaussians and QR of every layer added 12.6 GiB to a 7B GoLore or RSO
   step (45.37 GiB per chip, 0.85x AdamW; now 32.77, 0.61x).
-- Under FSDP the transform's step holds more than AdamW's (7B on 8 chips:
-  GoLore 8.40 GiB per chip against 7.37; the 175B transform step does not
-  fit): its 3.6 GiB of extra temporaries match every layer's `P` in
-  bfloat16 (3.06 GiB), which the transform, knowing no mesh, leaves
-  unsharded. Model mode draws `P` inside the layer loop and is not
-  affected.
+- Under FSDP the transform follows the weights' sharding (its
+  `shardings` option, which `train.setup` passes): each matrix's `P` is
+  drawn whole on every device (no collective) and split along the
+  projected dimension as its gradient is, `PᵀG` is reduced into the
+  state's sharding (one `r x k` reduction per matrix split along its
+  projected dimension), the update is gathered along the rank
+  (`r x k`) and `P U` is formed in the gradient's sharding, one matrix at
+  a time, `P` drawn again for it. Before, XLA's propagation split each
+  draw into small collectives and all-reduced the back-projection in
+  float32: 7B on 8 chips needed 8.40 GiB per chip (AdamW 7.37) and 51.23
+  GiB of collectives (AdamW 40.68). FSDP splits the embed dimension: with
+  the "std" side (GoLore's and RSO's default) it is the projected one of
+  `o_proj` and of the three MLP kernels, which then exchange two
+  `r x 11008` (`r x 4096` for `o_proj`) bf16 arrays per layer and step;
+  with "lean" only q, k and v exchange (`r x 4096`).
+- GaLore's exact SVD on a TPU: `jnp.linalg.svd` (QDWH and spectral divide
+  and conquer written in JAX) took libtpu 659 CPU-s (18 min on this shared
+  machine) to compile for one 2048 x 2048 matrix, so the 1B step did not
+  compile in 30 minutes; the TPU's refresh now takes the eigenvectors of
+  the smaller Gram matrix from the compiler's Jacobi solver (one custom
+  call, 29 CPU-s for 2048 x 2048), the CPU and GPU keep the library SVD
+  (`lax.platform_dependent`).
 - Collectives are read off the compiled program, a loop body counted once
   per iteration (`memory.collective_bytes`); the ring estimate is what a
   ring algorithm sends from each chip. Model mode all-reduces the
@@ -611,10 +902,11 @@ NOTES = """## Notes
   our "embeddings full" and "all matrices" columns; RSO's 1.46 is GaLore's
   (std) state without the 0.49 GiB of embedding/lm_head moments, and RSO
   stores no projection, so its own state is smaller.
-- Sides: sj's default "lean" projects the larger dimension (state
-  r x min(m, n), like optax.contrib.galore); the GaLore paper projects the
-  smaller one (state r x max(m, n), plus P of m x r). Model mode puts `B`
-  on the same lean side: r x 4096 for every 7B kernel.
+- Sides: "lean" projects the larger dimension (state r x min(m, n), like
+  optax.contrib.galore), sj.galore's default; "std", the papers' rule and
+  GoLore's and RSO's default, projects the smaller one (state r x max(m,
+  n), plus GaLore's P of m x r). Model mode puts `B` on the method's side
+  (lean: r x 4096 for every 7B kernel). Rows marked "side lean" choose it.
 """
 
 

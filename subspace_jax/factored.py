@@ -375,8 +375,13 @@ class Subspace:
         # donated W, so XLA updates it in place.
         c = jnp.where(stepped, weight_decay, 0).astype(w.dtype)
         w = w - c * w
-      weights.append(self._merge(w, keep(t, b), k, plan, merge))
-      low.append(jnp.where(merge, jnp.zeros_like(t), keep(t, b)))
+      b = keep(t, b)
+      # Zeroing B after the merge has read it (the barrier orders the two)
+      # lets it happen in B's own buffer, not in a second B-sized one.
+      w, b = jax.lax.optimization_barrier(
+          (self._merge(w, b, k, plan, merge), b))
+      weights.append(w)
+      low.append(jnp.where(merge, jnp.zeros_like(b), b))
     return FactoredParams(weights=self.treedef.unflatten(weights),
                           low=self.treedef.unflatten(low))
 

@@ -7,13 +7,14 @@ JAX start the TPU runtime in every program, which on a machine without TPU
 chips fails and prints several lines of errors. :func:`skip_runtime` (run
 when ``subspace_jax`` is imported) stops that: with no TPU chip attached,
 no ``JAX_PLATFORMS`` given and JAX's backends not started yet, JAX leaves
-the TPU runtime out. Compile-only TPU devices do not need it and still
-work. A program that never imports ``subspace_jax`` is not changed (run it
+the TPU runtime out (the platform stays known: its start fails quietly).
+Compile-only TPU devices do not need it and still work. A program that never imports ``subspace_jax`` is not changed (run it
 with ``JAX_PLATFORMS=cpu``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 
@@ -33,6 +34,18 @@ def skip_runtime() -> bool:
       return False
     if xla_bridge.backends_are_initialized():
       return False
-    return xla_bridge._backend_factories.pop("tpu", None) is not None  # pylint: disable=protected-access
+    factories = xla_bridge._backend_factories  # pylint: disable=protected-access
+    registration = factories.get("tpu")
+    if registration is None:
+      return False
+    # The platform stays registered (modules register TPU lowerings for it,
+    # and compile-only devices need it); only its start fails, quietly.
+    factories["tpu"] = dataclasses.replace(
+        registration, factory=_no_chip, fail_quietly=True)
+    return True
   except (ImportError, AttributeError, TypeError):
     return False
+
+
+def _no_chip():
+  raise RuntimeError("no TPU chip is attached (left out by subspace_jax)")

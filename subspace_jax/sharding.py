@@ -9,7 +9,8 @@ mesh works for any model, only less sharded.
 
 The optimizer state is sharded leaf by leaf, by the role of the leaf (see
 :func:`state_shardings`): a state leaf that mirrors a parameter (Adam moments
-of a full leaf, gradient accumulators) takes that parameter's sharding; a
+of a full leaf, gradient accumulators) takes that parameter's sharding and,
+ZeRO-1, is split over the data-parallel axes too (:func:`zero1_spec`); a
 low-rank leaf (``r × k`` moments, model mode's ``B``, ``d × r``
 projections) is split over the same mesh axes as its parameter, so under
 FSDP every large leaf is split as many ways as the weights; anything else
@@ -36,6 +37,7 @@ __all__ = [
     "logical_spec",
     "tree_shardings",
     "state_shardings",
+    "zero1_spec",
     "batch_sharding",
 ]
 
@@ -140,12 +142,14 @@ def tree_shardings(
 
 # What a subtree holds, per leaf of the parameters (None: no entry there):
 #   "params"     every leaf, at its own shape and names;
-#   "full"       the leaves that are not projected (``inner_full``);
+#   "full"       the leaves that are not projected (``inner_full``), also
+#                split over the data-parallel axes (ZeRO-1);
 #   "low"        ``batch + (r, k)`` arrays of the projected leaves: the rank
 #                axis replicated, the kept dimension named as in the leaf;
 #   "projection" ``batch + (d, r)`` projections of the projected leaves;
-#   "updated"    the tree the optimizer updates: "params" in transform mode,
-#                in model mode "low" at the projected leaves (``B``).
+#   "updated"    the tree the optimizer updates: "full" (each weight, with
+#                ZeRO-1's split) in transform mode, in model mode "low" at
+#                the projected leaves (``B``).
 # The state classes of the subspace transforms say which field is which
 # (their ``ROLES``); elsewhere a subtree laid out like the updated tree (Adam
 # moments of adamw, gradient accumulators) is taken as a copy of it.
@@ -182,6 +186,25 @@ def _spread(spec: P, shape: Sequence[int], axes: Sequence[str], mesh: Mesh) -> P
   return P(*[None if not e else e[0] if len(e) == 1 else e for e in entries])
 
 
+def zero1_spec(spec: P, shape: Sequence[int], mesh: Mesh,
+               rules: Mapping[str, Any] = LOGICAL_RULES) -> P:
+  """ZeRO-1: ``spec`` of a full-shape optimizer state leaf (Adam's moments
+  of a weight kept in full) with the data-parallel mesh axes (those of the
+  ``batch`` rule) that its weight is not split over added to a dimension
+  they divide.
+
+  Data-parallel replicas then each update a slice of the weight: its
+  gradient is reduce-scattered instead of all-reduced (the same bytes) and
+  the updated slices are gathered, and the moments take 1/n of their
+  bytes per device. Every optimizer's full leaves get it: all of AdamW's,
+  the embedding, lm_head and norms of the subspace methods.
+  """
+  batch = rules.get("batch")
+  axes = () if batch is None else (batch,) if isinstance(batch, str) else batch
+  return _spread(spec, shape, [a for a in axes if mesh.shape.get(a, 1) > 1],
+                 mesh)
+
+
 class _Layout:
   """Per role, the tree structure of its subtree and the spec and shape of
   each of its leaves, from the parameters and their plans."""
@@ -200,12 +223,13 @@ class _Layout:
                                      _mesh_axes(spec), mesh), s)
         low = like(low_names, plan.low_shape)
         proj = like(proj_names, plan.projection_shape)
+      state = (zero1_spec(spec, shape, mesh, rules), shape)
       entries["params"].append((spec, shape))
-      entries["full"].append(None if plan is not None else (spec, shape))
+      entries["full"].append(None if plan is not None else state)
       entries["low"].append(low)
       entries["projection"].append(proj)
       entries["updated"].append(low if factored and plan is not None
-                                else (spec, shape))
+                                else state)
     self.structure = {
         role: jax.tree.structure(treedef.unflatten(
             [_MASKED() if e is None else 0 for e in es]))

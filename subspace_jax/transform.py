@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Mapping, NamedTuple, Optional
 
 import jax
@@ -198,22 +199,6 @@ def leaf_plans(
   return plans, treedef
 
 
-def _over_batch(fn, plan: mv.LeafPlan, g, old, key):
-  """``fn(g, old, key)`` on each matrix of a stacked leaf, one key each.
-
-  The matrices are done one after another (``lax.map``), not batched: an SVD
-  already uses the whole machine, one at a time needs one workspace, and a
-  batched LAPACK SVD inside the refresh ``cond`` was seen to hang a
-  multi-device CPU train step (jax 0.10).
-  """
-  if not plan.batch_shape:
-    return fn(g, old, key)
-  nb = plan.num_matrices
-  flat = lambda a: a.reshape((nb,) + a.shape[len(plan.batch_shape):])
-  out = jax.lax.map(lambda a: fn(*a), (flat(g), flat(old), jax.random.split(key, nb)))
-  return out.reshape(plan.batch_shape + out.shape[1:])
-
-
 def matrix_keys(key: jax.Array, plan: mv.LeafPlan) -> jax.Array:
   """The key of each matrix of a leaf from the leaf's key: ``key`` itself for
   a plain matrix, ``fold_in(key, j)`` for matrix ``j`` (flat index over the
@@ -264,18 +249,6 @@ def random_projection(
     raise ValueError(f"a {kind!r} projection is made from the gradient, not "
                      "regenerated from a key")
   return _regenerated(sampler, key, plan, dtype)
-
-
-def _gradient_projection(sampler: proj.Sampler, plan: mv.LeafPlan, key, g,
-                         old, options: Mapping[str, Any]) -> jax.Array:
-  """A stored sampler's projection of the gradient matrix ``g``, in the dtype
-  of the previous projection ``old`` (its warm start)."""
-
-  def one(g, old, k):
-    return sampler.make(k, plan.dim, plan.rank, dtype=old.dtype, g=g,
-                        init=old, transposed=plan.transpose, **options)
-
-  return _over_batch(one, plan, g, old, key)
 
 
 def _check_positive_int(name: str, value, *, allow_zero: bool = False) -> None:
@@ -394,6 +367,7 @@ class _Settings:
   moment_dtype: Any
   options: Mapping[str, Any]
   name: str
+  shardings: Any = None
 
   @property
   def stores(self) -> bool:
@@ -402,6 +376,18 @@ class _Settings:
 
   def plans(self, tree):
     return leaf_plans(tree, rank=self.rank, side=self.side, views=self.views)
+
+  def leaf_specs(self, treedef, plans) -> list[Optional[_Specs]]:
+    """The :class:`_Specs` of every leaf (None: unconstrained)."""
+    if self.shardings is None:
+      return [None] * len(plans)
+    try:
+      flat = treedef.flatten_up_to(self.shardings)
+    except (ValueError, TypeError) as e:
+      raise ValueError(f"{self.name}: shardings must have the structure of "
+                       f"the parameters ({e})") from None
+    return [None if p is None else _leaf_specs(p, s)
+            for p, s in zip(plans, flat)]
 
   def low_dtype(self, leaf):
     if self.moment_dtype is not None:
@@ -414,31 +400,180 @@ def _acc(dtype):
   return jnp.promote_types(dtype, jnp.float32)
 
 
-def _project(p, m, acc):
-  """``Pᵀ M`` over the trailing matrix axes."""
-  return jnp.einsum("...dr,...dk->...rk", p, m, preferred_element_type=acc)
+# --- where a leaf's arrays live on the mesh ---------------------------------
+
+_FREE = jax.sharding.PartitionSpec.UNCONSTRAINED
 
 
-def _back_project(plan: mv.LeafPlan, p, u, g, scale):
-  """``scale · P U`` in the leaf's shape and in ``g``'s dtype."""
-  back = jnp.einsum("...dr,...rk->...dk", p, u,
-                    preferred_element_type=_acc(g.dtype))
-  return (scale * plan.from_matrix(back)).astype(g.dtype)
+def _axis_size(mesh, entry) -> int:
+  if entry is None or entry is _FREE:
+    return 1
+  names = (entry,) if isinstance(entry, str) else tuple(entry)
+  return math.prod(mesh.shape[n] for n in names)
 
 
-def _refresh(st: _Settings, plan, key, count, starts, g, old):
-  """New stored projection: recomputed at a new subspace, else ``old``."""
+class _Specs(NamedTuple):
+  """Where one projected leaf's matrices live on its mesh, as
+  ``PartitionSpec`` entries (mesh axes, None for replicated,
+  ``UNCONSTRAINED`` for XLA's choice) of one matrix of the stack.
+
+  Attributes:
+    mesh: The leaf's mesh.
+    rows, cols: The leaf's own rows and columns (its matrix view).
+    dim, kept: The projected and the kept dimension (rows and columns,
+      or the other way round).
+    rank: The rank axis of a projected ``r × kept`` array: the projected
+      dimension's mesh axes where they divide the rank (as
+      ``training.sharding`` shards the optimizer state), else XLA's choice.
+    stored: The rank axis of a stored projection ``d × r``: the kept
+      dimension's mesh axes where they divide the rank (as
+      ``training.sharding`` shards it, its ``d`` as the projected
+      dimension), else XLA's choice.
+  """
+
+  mesh: Any
+  rows: Any
+  cols: Any
+  dim: Any
+  kept: Any
+  rank: Any
+  stored: Any
+
+
+def _leaf_specs(plan: mv.LeafPlan, sharding) -> Optional[_Specs]:
+  """The :class:`_Specs` of a leaf from its sharding (None: none given)."""
+  if sharding is None:
+    return None
+  if not isinstance(sharding, jax.sharding.NamedSharding):
+    raise TypeError(
+        "shardings must hold a jax.sharding.NamedSharding (or None) for "
+        f"each leaf, got {type(sharding).__name__}: a PartitionSpec alone "
+        "names no mesh")
+  spec = tuple(sharding.spec) + (None,) * (len(plan.shape) - len(sharding.spec))
+  b, r = plan.view.batch_dims, plan.view.row_dims
+
+  def group(entries):
+    if len(entries) == 1:
+      return entries[0]
+    # Several axes merged into one: where they are split is XLA's choice.
+    return None if all(e is None for e in entries) else _FREE
+
+  rows, cols = group(spec[b:b + r]), group(spec[b + r:])
+  dim, kept = (cols, rows) if plan.transpose else (rows, cols)
+  on_rank = lambda e: (e if e is not _FREE
+                       and plan.rank % _axis_size(sharding.mesh, e) == 0
+                       else _FREE)
+  return _Specs(sharding.mesh, rows, cols, dim, kept, on_rank(dim),
+                on_rank(kept))
+
+
+def _put(x, specs: Optional[_Specs], *fields: Optional[str]):
+  """``x`` (one matrix) constrained to the leaf's mesh, each axis as the
+  field of ``specs`` it names (``"dim"``, ``"kept"``, ...; None:
+  replicated); ``x`` itself without specs."""
+  if specs is None:
+    return x
+  entries = [None if f is None else getattr(specs, f) for f in fields]
+  return jax.lax.with_sharding_constraint(
+      x, jax.sharding.NamedSharding(specs.mesh,
+                                    jax.sharding.PartitionSpec(*entries)))
+
+
+def _each_matrix(plan: mv.LeafPlan, fn, *stacks):
+  """``fn`` on each matrix of a leaf: once for a plain matrix, in a loop
+  (``lax.map``) over a stacked leaf's matrices, the ``stacks`` (each with
+  the leaf's batch axes first, or None) sliced along them."""
+  if not plan.batch_shape:
+    return fn(*stacks)
+  nb, nbatch = plan.num_matrices, len(plan.batch_shape)
+  flat = [None if s is None else s.reshape((nb,) + s.shape[nbatch:])
+          for s in stacks]
+  out = jax.lax.map(lambda xs: fn(*xs), tuple(flat))
+  return jax.tree.map(lambda o: o.reshape(plan.batch_shape + o.shape[1:]), out)
+
+
+def _matrices(plan: mv.LeafPlan, x):
+  """``x`` (the leaf's shape) as ``batch + (rows, cols)``, in the leaf's
+  own layout (no transpose)."""
+  return x.reshape(plan.batch_shape + (plan.rows, plan.cols))
+
+
+def _project_one(plan: mv.LeafPlan, p, m, dtype):
+  """``Pᵀ M`` (``r × kept``) of one matrix ``m`` in the leaf's layout."""
+  spec = "dr,kd->rk" if plan.transpose else "dr,dk->rk"
+  return jnp.einsum(spec, p, m, preferred_element_type=dtype)
+
+
+def _back_one(plan: mv.LeafPlan, p, u, dtype):
+  """``P U`` of one matrix, in the leaf's layout (``(P U)ᵀ`` when the
+  columns are projected), computed in ``dtype``."""
+  spec = "dr,rk->kd" if plan.transpose else "dr,rk->dk"
+  return jnp.einsum(spec, p, u, preferred_element_type=dtype)
+
+
+class _Leaf(NamedTuple):
+  """One projected leaf in one update: its plan, specs and what makes its
+  projection (``keys``: matrix keys of a regenerated one; ``stored``: the
+  projections kept in the state, after this step's refresh)."""
+
+  plan: mv.LeafPlan
+  specs: Optional[_Specs]
+  keys: Any
+  stored: Any
+
+
+def _projection(st: _Settings, leaf: _Leaf, source, dtype):
+  """One matrix's projection ``(d, r)`` from its ``source`` (its key, or its
+  stored projection), split along the projected dimension as the gradient
+  is.
+
+  A regenerated projection is drawn whole on every device (a few matrix
+  products on replicated data: no collective), then each device keeps its
+  rows; drawn under the gradient's sharding, the draw was split into
+  thousands of small collectives. A stored one is gathered to that layout.
+  """
+  if leaf.stored is None:
+    p = _put(draw(st.sampler, source, leaf.plan.dim, leaf.plan.rank, dtype),
+             leaf.specs, None, None)
+  else:
+    p = source
+  return _put(p, leaf.specs, "dim", None)
+
+
+def _sources(leaf: _Leaf):
+  return leaf.keys if leaf.stored is None else leaf.stored
+
+
+def _refresh(st: _Settings, plan, specs, key, count, starts, g, old):
+  """New stored projection: recomputed at a new subspace, else ``old``.
+
+  The gradient of each matrix is gathered whole for its SVD (on every
+  device: the refresh's collectives are its gradients' size).
+  """
+  keys = key
+  if plan.batch_shape:
+    keys = jax.random.split(key, plan.num_matrices).reshape(plan.batch_shape)
+
+  def from_gradient(sampler):
+    def one(g, old, k):
+      gm = _put(g.T if plan.transpose else g, specs, None, None)
+      new = sampler.make(k, plan.dim, plan.rank, dtype=old.dtype, g=gm,
+                         init=_put(old, specs, None, None),
+                         transposed=plan.transpose, **st.options)
+      return _put(new, specs, "dim", "stored")
+    return _each_matrix(plan, one, _matrices(plan, g), old, keys)
 
   def recompute():
-    made = lambda sampler: _gradient_projection(sampler, plan, key, g, old,
-                                                st.options)
     if st.sampler.stored:
-      new = made(st.sampler)
+      new = from_gradient(st.sampler)
     else:  # a random projection after an SVD phase (GoLore@x%)
       new = jax.lax.cond(
           count < st.svd_steps,
-          lambda: made(proj.SAMPLERS[_SVD_PHASE]),
-          lambda: _regenerated(st.sampler, key, plan, old.dtype),
+          lambda: from_gradient(proj.SAMPLERS[_SVD_PHASE]),
+          lambda: _each_matrix(plan, lambda k: _put(
+              _put(draw(st.sampler, k, plan.dim, plan.rank, old.dtype), specs,
+                   None, None), specs, "dim", "stored"),
+              matrix_keys(key, plan)),
       )
     # A non-finite gradient must not leave a NaN projection for the next
     # update_gap steps: keep the previous one instead.
@@ -447,31 +582,53 @@ def _refresh(st: _Settings, plan, key, count, starts, g, old):
   return jax.lax.cond(starts, recompute, lambda: old)
 
 
-def _leaf_forward(st: _Settings, key, index, count, starts, i, plan, g, old,
-                  old_anchor, x):
-  """One leaf's step into the subspace.
+def _leaf_forward(st: _Settings, leaf: _Leaf, g, old_anchor, x, starts):
+  """One leaf's step into the subspace: ``(anchor or MaskedNode, low-rank
+  gradient)``.
 
-  Returns:
-    ``(P, stored P or MaskedNode, anchor or MaskedNode, low-rank gradient)``,
-    or ``(None, MaskedNode, MaskedNode, None)`` for a full leaf.
+  One matrix at a time: its projection is made, used and dropped, so no
+  projection of every layer lives through the step. The projected
+  gradient ``Pᵀ G`` is formed in the moments' dtype (the partial sums of a
+  gradient split along the projected dimension are reduced in it, as the
+  gradients themselves are); with RSO's proximal term it and ``Pᵀ X`` are
+  formed in float32 (at least).
   """
-  if plan is None:
-    return None, _MASKED(), _MASKED(), None
-  gm = plan.to_matrix(g)
-  k = projection_key(key, i, index)
-  if st.stores:
-    p = kept = _refresh(st, plan, k, count, starts, gm, old)
-  else:
-    p, kept = _regenerated(st.sampler, k, plan, st.low_dtype(g)), _MASKED()
-  low = _project(p, gm, _acc(g.dtype))
+  plan, specs = leaf.plan, leaf.specs
+  low_dtype = st.low_dtype(g)
+  dtype = _acc(g.dtype) if st.eta is not None else jnp.promote_types(
+      g.dtype, low_dtype)
+
+  def one(source, g, x):
+    p = _projection(st, leaf, source, low_dtype)
+    low = _put(_project_one(plan, p, g, dtype), specs, "rank", "kept")
+    if x is None:
+      return low, None
+    ptx = _project_one(plan, p, x, old_anchor.dtype)
+    return low, _put(ptx, specs, "rank", "kept")
+
+  xm = None if x is None else _matrices(plan, x)
+  low, ptx = _each_matrix(plan, one, _sources(leaf), _matrices(plan, g), xm)
   anchor = _MASKED()
   if st.eta is not None:
-    ptx = _project(p, plan.to_matrix(x), old_anchor.dtype)
     anchor = jnp.where(starts, ptx, old_anchor)
     # B = (PᵀP)⁻¹ Pᵀ(X − X₀), PᵀX₀ being the anchor.
     gram = st.sampler.gram(plan.dim, plan.rank)
     low = proximal(low, ptx - anchor, st.eta, gram)
-  return p, kept, anchor, low.astype(st.low_dtype(g))
+  return anchor, low.astype(low_dtype)
+
+
+def _leaf_back(st: _Settings, leaf: _Leaf, u, g):
+  """``scale · P U`` in the leaf's shape and ``g``'s dtype, one matrix at a
+  time (a regenerated projection is drawn again: the step never holds
+  every layer's), each split as the gradient is."""
+  plan, specs = leaf.plan, leaf.specs
+
+  def one(source, u):
+    p = _projection(st, leaf, source, st.low_dtype(g))
+    back = _back_one(plan, p, _put(u, specs, None, "kept"), _acc(g.dtype))
+    return _put((st.scale * back).astype(g.dtype), specs, "rows", "cols")
+
+  return _each_matrix(plan, one, _sources(leaf), u).reshape(plan.shape)
 
 
 def _unzip(treedef, tree, n: int) -> tuple:
@@ -531,26 +688,43 @@ def _update(st: _Settings, updates, state: SubspaceState, params=None):
   inner core, back-project."""
   require_params(st.name, st.eta, params)
   plans, treedef = st.plans(updates)
-  plan_tree = treedef.unflatten(plans)
+  specs = st.leaf_specs(treedef, plans)
   index, starts = subspace_schedule(state.count, st.update_gap)
   key = jax.random.wrap_key_data(state.key)
-  ids = treedef.unflatten(range(treedef.num_leaves))
-  xs = params if st.eta is not None else treedef.unflatten([None] * len(plans))
-  forward = functools.partial(_leaf_forward, st, key, index, state.count,
-                              starts)
-  ps, projections, anchors, lows = _unzip(treedef, jax.tree.map(
-      forward, ids, plan_tree, updates, state.projections, state.anchors, xs,
-  ), 4)
+  flat = treedef.flatten_up_to
+  gs = flat(updates)
+  xs = flat(params) if st.eta is not None else [None] * len(plans)
+  leaves, stored, anchors, lows = [], [], [], []
+  for i, (plan, spec, g, old, old_anchor, x) in enumerate(zip(
+      plans, specs, gs, flat(state.projections), flat(state.anchors), xs)):
+    if plan is None:
+      leaves.append(None)
+      stored.append(_MASKED())
+      anchors.append(_MASKED())
+      lows.append(None)
+      continue
+    k = projection_key(key, i, index)
+    if st.stores:
+      p = _refresh(st, plan, spec, k, state.count, starts, g, old)
+      leaf = _Leaf(plan, spec, None, p)
+    else:
+      p, leaf = _MASKED(), _Leaf(plan, spec, matrix_keys(k, plan), None)
+    anchor, low = _leaf_forward(st, leaf, g, old_anchor, x, starts)
+    leaves.append(leaf)
+    stored.append(p)
+    anchors.append(anchor)
+    lows.append(low)
   low_up, full_up, inner_low, inner_full = inner_update(
-      st.inner, treedef, plans, lows, updates, state.inner_low,
-      state.inner_full, reset=starts if st.reset_inner else None,
+      st.inner, treedef, plans, treedef.unflatten(lows), updates,
+      state.inner_low, state.inner_full,
+      reset=starts if st.reset_inner else None,
   )
-  back = lambda g, plan, p, u, f: f if plan is None else _back_project(
-      plan, p, u, g, st.scale)
-  out = jax.tree.map(back, updates, plan_tree, ps, low_up, full_up)
-  return out, SubspaceState(
+  out = [f if leaf is None else _leaf_back(st, leaf, u, g)
+         for leaf, u, f, g in zip(leaves, flat(low_up), flat(full_up), gs)]
+  return treedef.unflatten(out), SubspaceState(
       count=optax.safe_int32_increment(state.count), key=state.key,
-      projections=projections, anchors=anchors, inner_low=inner_low,
+      projections=treedef.unflatten(stored),
+      anchors=treedef.unflatten(anchors), inner_low=inner_low,
       inner_full=inner_full,
   )
 
@@ -571,6 +745,7 @@ def scale_by_subspace(
     moment_dtype: Any = None,
     oversample: int = 8,
     power_iters: int = 2,
+    shardings: Any = None,
     name: str = "scale_by_subspace",
 ) -> optax.GradientTransformation:
   """Runs ``inner`` on rank-``rank`` projections of the matrix gradients.
@@ -605,6 +780,12 @@ def scale_by_subspace(
       and of stored projections). None: each gradient's own dtype.
     oversample: Extra sketch columns of the ``"randomized"`` projection.
     power_iters: Subspace iterations of the ``"randomized"`` projection.
+    shardings: The parameters' shardings under a mesh: a tree of the
+      parameters' structure holding a ``jax.sharding.NamedSharding`` (or
+      None) per leaf, e.g. those ``jax.jit`` gives the weights. With them
+      every projection, projected gradient and back-projection follows its
+      gradient's sharding (see :func:`golore`). None (the default): no
+      constraint, XLA's propagation decides.
     name: Name used in error messages.
 
   Returns:
@@ -630,6 +811,7 @@ def scale_by_subspace(
       svd_steps=svd_steps, reset_inner=reset_inner, eta=eta, seed=seed,
       side=side, views=views, moment_dtype=moment_dtype,
       options=dict(oversample=oversample, power_iters=power_iters), name=name,
+      shardings=shardings,
   )
   return optax.GradientTransformation(
       functools.partial(_init, st), functools.partial(_update, st))
@@ -681,6 +863,7 @@ def galore(
     seed: int = 0,
     oversample: int = 8,
     power_iters: int = 2,
+    shardings: Any = None,
 ) -> optax.GradientTransformation:
   """GaLore: the inner optimizer runs on the top-r singular subspace.
 
@@ -716,6 +899,11 @@ def galore(
     seed: Seed for the randomized SVD and the initial projection.
     oversample: Extra columns of the randomized sketch.
     power_iters: Power iterations of the randomized SVD.
+    shardings: The parameters' ``NamedSharding`` objects under a mesh (a tree
+      like the parameters; None: no constraints). The stored projections
+      keep their own sharding and are gathered, one matrix at a time, to
+      the rows of the gradient each device holds; a refresh gathers each
+      gradient matrix whole for its SVD.
 
   References:
     Zhao et al., GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
@@ -725,6 +913,7 @@ def galore(
       "galore", inner, svd=svd, rank=rank, update_gap=update_gap,
       scale=scale, side=side, views=views, moment_dtype=moment_dtype,
       seed=seed, oversample=oversample, power_iters=power_iters,
+      shardings=shardings,
   )
 
 
@@ -739,6 +928,7 @@ def golore(
     side: str | None = None,
     views: Optional[mv.ViewFn] = None,
     moment_dtype: Any = None,
+    shardings: Any = None,
 ) -> optax.GradientTransformation:
   """GoLore: the subspace is sampled uniformly on the Stiefel manifold.
 
@@ -770,6 +960,14 @@ def golore(
       the smaller state ``r × min(m, n)``).
     views: Which leaves are projected and how.
     moment_dtype: dtype of projected gradients and inner moments.
+    shardings: The parameters' ``NamedSharding`` objects under a mesh (a tree
+      like the parameters, e.g. FSDP's; None: no constraints). Each
+      matrix's ``P`` is then drawn whole on every device (no collective)
+      and split along the projected dimension as its gradient is, the
+      projected gradient is reduced over that dimension's mesh axes into
+      the state's sharding (a reduce-scatter of ``r × k``), and the update
+      is gathered along the rank only (``r × k``) before ``P U`` is formed
+      in the gradient's own sharding.
 
   References:
     He, Li, Hu, Chen, Yuan, Subspace Optimization for Large Language Models
@@ -778,7 +976,7 @@ def golore(
   return scale_by_method(
       "golore", inner, svd_steps=svd_steps, rank=rank, update_gap=update_gap,
       scale=scale, seed=seed, side=side, views=views,
-      moment_dtype=moment_dtype,
+      moment_dtype=moment_dtype, shardings=shardings,
   )
 
 
@@ -793,6 +991,7 @@ def rso(
     side: str | None = None,
     views: Optional[mv.ViewFn] = None,
     moment_dtype: Any = None,
+    shardings: Any = None,
 ) -> optax.GradientTransformation:
   """RSO: a sequence of random rank-r subproblems ``min_B f(X + P B)``.
 
@@ -823,6 +1022,8 @@ def rso(
     side: Side rule (default, None: ``"std"``, as for :func:`golore`).
     views: Which leaves are projected and how.
     moment_dtype: dtype of projected gradients and inner moments.
+    shardings: The parameters' ``NamedSharding`` objects under a mesh (None: no
+      constraints); see :func:`golore`.
 
   References:
     Chen, Zhang, Liu, Yuan, Wen, A Memory Efficient Randomized Subspace
@@ -832,4 +1033,5 @@ def rso(
   return scale_by_method(
       "rso", inner, eta=eta, rank=rank, update_gap=update_gap, scale=scale,
       seed=seed, side=side, views=views, moment_dtype=moment_dtype,
+      shardings=shardings,
   )

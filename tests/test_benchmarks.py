@@ -4,7 +4,10 @@ rate) and its statistics."""
 
 import json
 import math
+import os
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -69,6 +72,38 @@ def test_report_refuses_a_key_in_two_files(tmp_path):
   (results / "s.md").write_text(_PROVENANCE + block)
   with pytest.raises(ValueError, match="'k' is in both r.md and s.md"):
     report.run(check=True, root=tmp_path, results=results)
+
+
+# ----------------------------------------------------------------------------
+# The device check (benchmarks/gpu.py) with tiny settings
+# ----------------------------------------------------------------------------
+
+
+def test_device_check_runs_every_part_with_tiny_settings(tmp_path):
+  """`python -m benchmarks.gpu --tiny`: every part of what a lent GPU runs
+  (tests, speed, compiled against real peaks, the 60M study), on the CPU."""
+  out = tmp_path / "gpu.md"
+  # One CPU device, as a one-GPU machine has (the suite's fake 8 would
+  # split the 60M study's batch of 4).
+  flags = os.environ.get("XLA_FLAGS", "").replace(
+      "--xla_force_host_platform_device_count=8", "")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
+  result = subprocess.run(
+      [sys.executable, "-m", "benchmarks.gpu", "--tiny", "--minutes", "30",
+       "--optimizers", "adamw,rso-model", "--out", str(out)],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-2000:]
+  text = out.read_text()
+  for line in ("Machine:", "Command: `python -m benchmarks.gpu --tiny",
+               "Commit:", "Device: cpu"):
+    assert line in text
+  assert "1 passed" in text                                  # tests
+  assert "| adamw | " in text and "| rso-model | " in text   # speed
+  assert "| tiny | rso_model | 16 | 2 × 32 |" in text          # memory
+  assert "| RSO |" in text                                   # paper60m
+  for bad in ("skipped", "failed", "Failed", "Not run", "stopped"):
+    assert bad not in text, text
+  assert (tmp_path / "paper60m.md").exists()
 
 
 # ----------------------------------------------------------------------------
@@ -148,3 +183,33 @@ def test_a_damaged_runs_file_line_is_skipped(tmp_path, capsys):
   records = quality.Records(path)
   assert records.loss(t) == 1.0
   assert "skipping damaged line 2" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------
+# benchmarks/memory.py: tables copied from an earlier results file
+# ----------------------------------------------------------------------------
+
+
+def test_memory_earlier_sections_keeps_only_tables_not_measured(monkeypatch):
+  """`--earlier COMMIT`: the earlier file's tables whose titles this run did
+  not measure, one heading level down, under a heading naming the commit;
+  the sections every run writes itself are never copied."""
+  from benchmarks import memory as bench  # pylint: disable=import-outside-toplevel
+  old = ("# Title\n\nCommand: `python -m benchmarks.memory --x`\n\n"
+         "## A\n\n| a |\n\n## B\n\n| b |\n\n## Targets\n\n- t\n\n"
+         "## Notes\n\n- n\n")
+  seen = []
+
+  def fake_run(cmd, **kwargs):
+    seen.append(cmd)
+    return subprocess.CompletedProcess(cmd, 0, stdout=old, stderr="")
+
+  monkeypatch.setattr(bench.subprocess, "run", fake_run)
+  text = bench.earlier_sections("abc1234", {"## B"})
+  assert seen == [["git", "show", "abc1234:benchmarks/results/memory.md"]]
+  assert text.startswith("## Earlier measurements (commit `abc1234`, not re-run)")
+  assert "`python -m benchmarks.memory --x`" in text
+  assert "### A\n\n| a |\n" in text
+  for gone in ("| b |", "Targets", "Notes", "\n## A"):
+    assert gone not in text
+  assert bench.earlier_sections("abc1234", {"## A", "## B"}) == ""

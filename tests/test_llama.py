@@ -492,6 +492,31 @@ def test_bf16_params(scan_layers):
   assert logits.dtype == jnp.float32 and np.all(np.isfinite(logits))
 
 
+def test_attention_takes_cudnn_on_a_gpu_only_where_it_applies():
+  choose = llama.attention_implementation
+  assert choose(jnp.bfloat16, 128, False, "gpu") == "cudnn"
+  assert choose(jnp.float16, 64, False, "gpu") == "cudnn"
+  assert choose(jnp.float32, 64, False, "gpu") is None      # cuDNN: 16-bit only
+  assert choose(jnp.bfloat16, 256, False, "gpu") is None    # head too wide
+  assert choose(jnp.bfloat16, 60, False, "gpu") is None     # not a multiple of 8
+  assert choose(jnp.bfloat16, 64, True, "gpu") is None      # packed segments
+  for platform in ("cpu", "tpu"):
+    assert choose(jnp.bfloat16, 64, False, platform) is None
+
+
+def test_attention_traced_for_a_gpu_still_runs_elsewhere(monkeypatch):
+  """A step traced with a GPU as the default backend holds the cuDNN kernel
+  only in its CUDA branch: on the CPU it computes XLA's attention (here
+  the cuDNN branch cannot even be traced, and falls back)."""
+  q, k, v = (jax.random.normal(jax.random.key(i), (2, 16, 4, 64), jnp.bfloat16)
+             for i in range(3))
+  want = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  got = jax.jit(lambda *a: llama._dot_product_attention(*a, None))(q, k, v)  # pylint: disable=protected-access
+  np.testing.assert_array_equal(np.asarray(got, np.float32),
+                                np.asarray(want, np.float32))
+
+
 # --------------------------------------------------------------------------
 # Loss and training
 # --------------------------------------------------------------------------

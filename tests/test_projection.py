@@ -26,6 +26,35 @@ def test_svd_subspace_spans_numpy_top_vectors():
   np.testing.assert_allclose(q @ q.T, u[:, :5] @ u[:, :5].T, atol=1e-4)
 
 
+@pytest.mark.parametrize("m, n", [(40, 60), (60, 40)], ids=["d<k", "d>k"])
+def test_gram_singular_vectors_span_numpy_top_vectors(m, n):
+  """The TPU's exact refresh (eigenvectors of the smaller Gram matrix; here
+  with the CPU's eigh in place of the TPU's Jacobi solver) against NumPy's
+  float64 SVD: the same top-5 subspace, orthonormal columns, each column's
+  largest entry positive. Tolerance 1e-4: float32 eigenvectors of a Gram
+  matrix whose top singular values are 0.8**i apart."""
+  g, u, _ = _decaying(m, n, decay=0.8)
+  p = np.asarray(proj.gram_singular_vectors(jnp.asarray(g, jnp.float32), 5))
+  np.testing.assert_allclose(p @ p.T, u[:, :5] @ u[:, :5].T, atol=1e-4)
+  np.testing.assert_allclose(p.T @ p, np.eye(5), atol=1e-5)
+  # Column by column, the singular vectors themselves (up to sign).
+  np.testing.assert_allclose(np.abs(p.T @ u[:, :5]), np.eye(5), atol=1e-4)
+  peak = p[np.argmax(np.abs(p), axis=0), np.arange(5)]
+  assert np.all(peak > 0)
+
+
+def test_exact_svd_takes_the_jacobi_solver_only_on_a_tpu():
+  """The TPU branch of the exact refresh is the Gram matrix's Jacobi eigh
+  (one custom call); the CPU's is LAPACK's SVD."""
+  g = jax.ShapeDtypeStruct((12, 8), jnp.float32)
+  lowered = jax.jit(lambda g: proj.svd_subspace(g, 3)).lower(g)
+  text = lowered.as_text()
+  assert "lapack" in text.lower() or "svd" in text.lower()
+  assert "Eigh" not in text
+  jaxpr = str(jax.make_jaxpr(lambda g: proj.svd_subspace(g, 3))(g))
+  assert "JACOBI" in jaxpr.upper() and "platform_index" in jaxpr
+
+
 def test_svd_subspace_bf16_input_runs_in_float32():
   g, u, _ = _decaying(32, 48)
   p = proj.svd_subspace(jnp.asarray(g, jnp.bfloat16), 4)

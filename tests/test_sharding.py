@@ -66,3 +66,60 @@ def test_init_and_update_keep_given_shardings(make):
     for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(ref_u)):
       # Sharded reductions add in another order: float32 rounding only.
       np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+
+
+def _fsdp_mesh():
+  if jax.device_count() < 8:
+    pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
+  return jax.make_mesh((8,), ("fsdp",), axis_types=(AxisType.Auto,))
+
+
+@pytest.mark.parametrize("make", [sj.golore, sj.rso], ids=["golore", "rso"])
+def test_transform_under_fsdp_moves_only_rank_sized_arrays(make):
+  """With the parameters' shardings, a leaf split along its projected
+  dimension exchanges per matrix one reduction of ``PᵀG`` (``r × k``) and
+  one gather of the update (``r × k``), and a leaf split along the dimension
+  it keeps exchanges nothing; the updates are those of the unsharded
+  transform. Without the shardings XLA split each draw of ``P`` into small
+  collectives and all-reduced the back-projection (``d × k``, in float32)."""
+  mesh = _fsdp_mesh()
+  layers, r = 3, 8
+  params = {
+      "rows": jax.random.normal(jax.random.key(0), (layers, 64, 24)),  # P on 64, split
+      "cols": jax.random.normal(jax.random.key(1), (layers, 16, 80)),  # P on 80, 16 split
+      "b": jnp.ones(24),
+  }
+  spec = {"rows": P(None, "fsdp", None), "cols": P(None, "fsdp", None), "b": P()}
+  shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), spec)
+  grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(2), x.shape), params)
+  # "lean": the larger dimension is projected (64 and 80 above).
+  tx = make(rank=r, update_gap=2, side="lean", shardings=shardings)
+  ref = make(rank=r, update_gap=2, side="lean")
+  update = jax.jit(tx.update)
+  abstract = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      grads, shardings)
+  hlo = update.lower(abstract, jax.eval_shape(tx.init, params)).compile()
+  c = sj.memory.collective_bytes(hlo, num_devices=8)
+  moved = {k: v for k, v in c.by_kind.items() if v.count}
+  assert set(moved) <= {"all-reduce", "reduce-scatter", "all-gather"}, moved
+  assert c.by_kind["all-gather"].count == layers, moved
+  reduced = c.by_kind["all-reduce"].count + c.by_kind["reduce-scatter"].count
+  assert reduced == layers, moved
+  assert c.bytes == 2 * layers * r * 24 * 4, moved
+  state, ref_state = tx.init(params), ref.init(params)
+  g = jax.device_put(grads, shardings)
+  for _ in range(3):
+    u, state = update(g, state)
+    ref_u, ref_state = ref.update(grads, ref_state)
+    for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(ref_u)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    for leaf, sh in zip(jax.tree.leaves(u), jax.tree.leaves(shardings)):
+      assert leaf.sharding.is_equivalent_to(sh, leaf.ndim)
+
+
+def test_transform_shardings_must_name_a_mesh():
+  params = {"w": jnp.ones((8, 4))}
+  tx = sj.golore(rank=2, shardings={"w": P("fsdp", None)})
+  with pytest.raises(TypeError, match="NamedSharding"):
+    tx.update(params, tx.init(params))

@@ -61,8 +61,10 @@ def test_low_rank_state_split_over_its_leafs_mesh_axes():
   # projected one's (mlp: tensor): the leaf's two mesh axes, as the kernel.
   assert pick(core.inner_low.mu).spec == P(None, "tensor", "fsdp")  # (L, 8, 64)
   assert pick(core.projections).spec == P(None, "tensor", "fsdp")   # (L, 176, 8)
-  # Full-rank leaves mirror their parameter's sharding.
-  assert core.inner_full.mu["embed"]["embedding"].spec == P("tensor", "fsdp")
+  # Full-rank leaves mirror their parameter's sharding, and ZeRO-1 splits
+  # them over the data axis as well (embedding (256, 64): on the vocab).
+  assert core.inner_full.mu["embed"]["embedding"].spec == P(("tensor", "data"), "fsdp")
+  assert s.state_shardings.params["embed"]["embedding"].spec == P("tensor", "fsdp")
   assert core.count.spec == P()
 
 
@@ -84,9 +86,11 @@ def _device_bytes(tree) -> tuple[int, int, int]:
 @pytest.mark.parametrize("name", [
     "adamw", "galore", "golore", "rso", "golore:model", "rso:model"])
 def test_every_state_leaf_is_split_like_the_weights(name, mesh_sizes, rank):
-  """The whole train state (weights, moments, B, projections) takes 1/n of
-  its bytes per device, n = fsdp × tensor (the data axis replicates), within
-  5%, besides the small leaves that stay whole. A rank the fsdp axis does
+  """The weights (W, B) take 1/n of their bytes per device, n = fsdp ×
+  tensor (the data axis replicates them), within 5%, besides the small
+  leaves that stay whole; the optimizer state (moments, projections) is
+  split at least as much, and adamw's, whose every moment mirrors a weight
+  kept in full, over the data axis too (ZeRO-1). A rank the fsdp axis does
   not divide (4 on 8) moves that axis to another dimension."""
   _need8()
   mesh = shd.make_mesh(*mesh_sizes)
@@ -95,9 +99,13 @@ def test_every_state_leaf_is_split_like_the_weights(name, mesh_sizes, rank):
                               eta=1.0 if name == "rso" else None,
                               subspace_mode=mode or "transform")
   s = train.setup(llama.get_config("tiny", scan_layers=True), opt, mesh)
-  total, per_device, small = _device_bytes(s.abstract_state)
-  split = (total - small) / (mesh_sizes[1] * mesh_sizes[2])
+  n = mesh_sizes[1] * mesh_sizes[2]
+  total, per_device, small = _device_bytes(s.abstract_state.params)
+  split = (total - small) / n
   assert split + small <= per_device * 1.0001, (per_device, split, small)
+  assert per_device <= 1.05 * split + small, (per_device, split, small)
+  total, per_device, small = _device_bytes(s.abstract_state.opt_state)
+  split = (total - small) / (n * (mesh_sizes[0] if name == "adamw" else 1))
   assert per_device <= 1.05 * split + small, (per_device, split, small)
 
 
@@ -117,7 +125,8 @@ def test_state_axes_come_from_roles_not_shapes():
   assert q(galore.abstract_state.opt_state[1].inner_low.mu).shape == (2, 64, 64)
   assert q(core.inner_low.mu).spec == P(None, "tensor", "fsdp")
   adamw = train.setup(cfg, train.OptimizerConfig(name="adamw"), mesh)
-  assert q(adamw.state_shardings.opt_state[1].mu).spec == P(None, "fsdp", "tensor")
+  # (ZeRO-1 adds the data axis to the moments of a weight kept in full.)
+  assert q(adamw.state_shardings.opt_state[1].mu).spec == P(None, ("fsdp", "data"), "tensor")
 
 
 @pytest.mark.parametrize(

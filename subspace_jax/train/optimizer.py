@@ -346,7 +346,7 @@ def _having(capability: str) -> str:
 
 
 def make_optimizer(
-    cfg: OptimizerConfig, model: models.Model, params=None,
+    cfg: OptimizerConfig, model: models.Model, params=None, shardings=None,
 ) -> tuple[optax.GradientTransformation, Callable[[Any], list] | None]:
   """The optax chain for ``cfg`` and the leaf-plan function of its subspace
   transform (None for adamw), used to shard the low-rank state.
@@ -358,6 +358,8 @@ def make_optimizer(
     params: The (abstract) weights; model mode needs them to know which
       leaves are factored (its chain runs on the trainable tree,
       :meth:`subspace_jax.factored.Subspace.trainable`).
+    shardings: The weights' ``NamedSharding`` objects (None: unsharded);
+      the subspace transform follows them (its ``shardings`` option).
   """
   inner = optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
   views = model.views()
@@ -375,7 +377,7 @@ def make_optimizer(
         cfg.name, inner, svd=cfg.svd, seed=cfg.seed, eta=cfg.eta,
         svd_steps=cfg.svd_steps, rank=cfg._rank(),  # pylint: disable=protected-access
         update_gap=cfg.update_gap, scale=cfg.scale, side=cfg.side,
-        views=views,
+        views=views, shardings=shardings,
         moment_dtype=jnp.dtype(cfg.moment_dtype) if cfg.moment_dtype else None)
   plans = None if method is None else (lambda p: cfg.leaf_plans(p, views))
   parts = []

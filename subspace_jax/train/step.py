@@ -290,8 +290,11 @@ def setup(
   family = models.for_config(model_config)
   model = family.model_def(model_config)
   weights = jax.eval_shape(lambda: model.init(0))
-  tx, plans = make_optimizer(opt, family, weights)
   axes = model.logical_axes
+  # The transform follows the weights' sharding (model mode's B does so
+  # through its own layers).
+  tx, plans = make_optimizer(opt, family, weights,
+                             shd.tree_shardings(weights, axes, mesh))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   subspace = None
   if opt.model_mode:
