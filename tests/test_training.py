@@ -181,16 +181,20 @@ def test_optimizer_config_reads_the_method_table(monkeypatch):
                       sj.transform.Method("stiefel"))
   opt = train.OptimizerConfig(name="toy", rank=2, update_gap=3, scale=1.0,
                               learning_rate=1.0, warmup_steps=0,
-                              total_steps=10, clip_norm=None, eta=1.0)
+                              total_steps=10, clip_norm=None)
   tx, _ = train.make_optimizer(opt, models.MODELS["llama"])
   params = {"w": {"kernel": jnp.ones((8, 4))}}
   g = {"w": {"kernel": jnp.arange(32.0).reshape(8, 4)}}
-  inner = optax.chain(sj.golore(rank=2, update_gap=3),
+  inner = optax.chain(sj.golore(rank=2, update_gap=3, side="lean"),
                       optax.scale_by_learning_rate(opt.schedule()))
   got, _ = tx.update(g, tx.init(params), params)
   want, _ = inner.update(g, inner.init(params), params)
-  # eta is ignored: the method has no proximal term.
   np.testing.assert_array_equal(got["w"]["kernel"], want["w"]["kernel"])
+  # The table says the method has no proximal term and no SVD phase.
+  with pytest.raises(ValueError, match="eta applies to"):
+    train.OptimizerConfig(name="toy", eta=1.0)
+  with pytest.raises(ValueError, match="svd_steps applies to"):
+    train.OptimizerConfig(name="toy", svd_steps=2)
   with pytest.raises(ValueError, match="supports golore and rso, not toy"):
     train.OptimizerConfig(name="toy", subspace_mode="model")
 

@@ -106,22 +106,23 @@ def _bytes(tree):
 def test_random_methods_store_no_projection():
   params = {"a": jnp.zeros((64, 32)), "b": jnp.zeros((3, 40, 24)), "v": jnp.zeros(7)}
   ga = sj.galore(rank=8, update_gap=2).init(params)
-  go = sj.golore(rank=8, update_gap=2).init(params)
-  rs = sj.rso(rank=8, update_gap=2).init(params)
+  go = sj.golore(rank=8, update_gap=2, side="lean").init(params)
+  rs = sj.rso(rank=8, update_gap=2, side="lean").init(params)
   p_bytes = (64 * 8 + 3 * 40 * 8) * 4
   assert _bytes(ga.projections) == p_bytes
   for st in (go, rs):
     assert jax.tree.leaves(st.projections) == []
     assert _bytes(st) == _bytes(ga) - p_bytes
   # GoLore@x% keeps the SVD-phase projection, like GaLore.
-  assert _bytes(sj.golore(rank=8, update_gap=2, svd_steps=4).init(params).projections) == p_bytes
+  assert _bytes(sj.golore(rank=8, update_gap=2, svd_steps=4, side="lean"
+                          ).init(params).projections) == p_bytes
 
 
 # --- random projections --------------------------------------------------------
 
 def test_golore_update_uses_regenerated_stiefel_projection():
   params = {"w": jnp.zeros((20, 9))}
-  tx = sj.golore(optax.identity(), rank=3, update_gap=2, seed=7)
+  tx = sj.golore(optax.identity(), rank=3, update_gap=2, seed=7, side="lean")
   us, _ = _run(tx, params, 5)
   plan = tr.leaf_plans(params, rank=3)[0][0]
   key = jax.random.key(7)
@@ -160,7 +161,7 @@ def test_rso_matches_numpy_subproblem_solver(eta):
   target = rng.standard_normal((14, 8))
   grad = lambda x: a.T @ (a @ x - target)
   lr, gap, r, steps = 0.05, 4, 3, 13
-  tx = optax.chain(sj.rso(rank=r, update_gap=gap, seed=3, eta=eta),
+  tx = optax.chain(sj.rso(rank=r, update_gap=gap, seed=3, eta=eta, side="lean"),
                    optax.scale_by_learning_rate(lr))
   x = jnp.zeros((14, 8))
   state = tx.init(x)
@@ -186,7 +187,7 @@ def test_rso_matches_numpy_subproblem_solver(eta):
 
 def test_golore_svd_steps_switches_from_svd_to_random():
   params = {"w": jnp.zeros((12, 8))}
-  go, _ = _run(sj.golore(rank=2, update_gap=2, svd_steps=4), params, 8)
+  go, _ = _run(sj.golore(rank=2, update_gap=2, svd_steps=4, side="lean"), params, 8)
   ga, _ = _run(sj.galore(rank=2, update_gap=2), params, 8)
   for t in range(4):
     assert _max_diff(go[t], ga[t]) < 1e-5, t     # the SVD phase is GaLore
