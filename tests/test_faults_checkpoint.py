@@ -60,7 +60,7 @@ def _final_state(cwd, step=None) -> checkpoint.Restored:
   """The newest checkpoint (or ``step``) of the run in ``cwd``, restored
   onto this test session's devices; it must carry checksums, and they must
   match."""
-  cfg = pretrain.run_config(pretrain.parse_args(ARGS))
+  cfg = clirun.run_config(ARGS)
   setup = train.setup(cfg.model_config, cfg.optimizer, shd.make_mesh(*cfg.mesh))
   with checkpoint.Checkpointer(cwd / RUN / "ckpt") as ckpt, warnings.catch_warnings():
     warnings.simplefilter("error", checkpoint.CheckpointWarning)
