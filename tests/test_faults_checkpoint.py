@@ -32,7 +32,6 @@ from subspace_jax.train import checkpoint
 from subspace_jax.train import step as train
 from subspace_jax import sharding as shd
 
-from subspace_jax.cli import pretrain  # pylint: disable=wrong-import-order
 
 ARGS = [*clirun.FAST, "--schedule-steps", "30"]
 RUN = pathlib.Path("runs", "tiny_golore")  # Under the working directory.
