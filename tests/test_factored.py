@@ -393,7 +393,9 @@ def test_b_and_its_moments_are_split_like_w():
   assert up(params.weights).spec == P(None, "fsdp", "tensor")
   core = s.state_shardings.opt_state[0]  # chain: core, decay, lr (no clip)
   assert up(core.inner_low.mu).spec == P(None, "tensor", "fsdp")
-  assert core.inner_full.mu["embed"]["embedding"].spec == P("tensor", "fsdp")
+  # Leaves kept in full have their moments split over the data axis too
+  # (ZeRO-1), on top of their weight's axes.
+  assert core.inner_full.mu["embed"]["embedding"].spec == P(("tensor", "data"), "fsdp")
   assert core.key.spec == P() and core.count.spec == P()
   # side "left": B on every input side, up_proj's is (L, r, mlp): kept axis
   # 'mlp' -> tensor, rank for 'embed' -> fsdp.
