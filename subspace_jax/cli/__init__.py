@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
   """``subspace-jax COMMAND ...`` (the console script)."""
   argv = sys.argv[1:] if argv is None else list(argv)
   if not argv or argv[0] in ("-h", "--help"):
-    print(__doc__.strip())
+    print(__doc__.strip().replace("``", ""))
     raise SystemExit(0 if argv else 2)
   command, rest = argv[0], argv[1:]
   if command not in COMMANDS:
