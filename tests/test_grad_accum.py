@@ -11,8 +11,7 @@ from subspace_jax.train import optimizer as opt_lib
 from subspace_jax.train import step as train
 
 
-@pytest.mark.parametrize("name,mode", [("adamw", "transform"),
-                                       ("golore", "transform"),
+@pytest.mark.parametrize("name,mode", [("golore", "transform"),
                                        ("rso", "model")])
 def test_accumulated_step_is_the_whole_batch_step(name, mode):
   """The loss is a mean over equally many tokens per row, so the mean of
