@@ -55,7 +55,6 @@ from typing import Any, Mapping, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from subspace_jax import cache
 from subspace_jax import matrix_view as mv
@@ -542,29 +541,15 @@ def load(path: str | os.PathLike[str], *, mesh: jax.sharding.Mesh | None = None,
   for (path_, leaf), sharding in zip(flat, jax.tree.leaves(shardings)):
     sources = _sources(config, path_)
     if config.scan_layers and path_.startswith("layers/"):
-      loaded.append(_stacked(reader, sources, leaf.shape, dtype, sharding))
+      loaded.append(hf.stacked_array(
+          lambda n, t, index: reader.array(n, t, dtype)[index], sources,
+          leaf.shape, dtype, sharding))
     else:
       (name, transposed), = sources
       loaded.append(jax.make_array_from_callback(
           leaf.shape, sharding,
           lambda index, n=name, t=transposed: reader.array(n, t, dtype)[index]))
   return config, jax.tree.unflatten(jax.tree.structure(abstract), loaded)
-
-
-def _stacked(reader: _Reader, sources, shape, dtype,
-             sharding: NamedSharding) -> jax.Array:
-  """A ``(layers, ...)`` leaf, one layer at a time on the devices."""
-  spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
-  layer_sharding = NamedSharding(sharding.mesh, PartitionSpec(*spec[1:]))
-  out = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
-  put = jax.jit(lambda a, x, i: jax.lax.dynamic_update_index_in_dim(a, x, i, 0),
-                donate_argnums=0, out_shardings=sharding)
-  for i, (name, transposed) in enumerate(sources):
-    layer = jax.make_array_from_callback(
-        shape[1:], layer_sharding,
-        lambda index, n=name, t=transposed: reader.array(n, t, dtype)[index])
-    out = put(out, layer, i)
-  return out
 
 
 # --------------------------------------------------------------------------

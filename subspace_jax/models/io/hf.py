@@ -542,8 +542,9 @@ def load(path: str | os.PathLike[str], *, mesh: jax.sharding.Mesh | None = None,
   loaded = []
   for leaf, sharding in zip(leaves, jax.tree.leaves(shardings)):
     if leaf.stacked:
-      loaded.append(_load_stacked(ckpt, leaf.sources, leaf.value.shape, dtype,
-                                  sharding))
+      loaded.append(stacked_array(
+          lambda n, t, index: ckpt.read(n, t, index, dtype), leaf.sources,
+          leaf.value.shape, dtype, sharding))
     else:
       (name, transposed), = leaf.sources
       loaded.append(jax.make_array_from_callback(
@@ -552,9 +553,14 @@ def load(path: str | os.PathLike[str], *, mesh: jax.sharding.Mesh | None = None,
   return config, jax.tree.unflatten(jax.tree.structure(abstract), loaded)
 
 
-def _load_stacked(ckpt: _Checkpoint, sources, shape, dtype,
+def stacked_array(read, sources, shape, dtype,
                   sharding: NamedSharding) -> jax.Array:
-  """A ``(layers, ...)`` leaf, filled one layer at a time on the devices."""
+  """A ``(layers, ...)`` leaf, filled one layer at a time on the devices.
+
+  ``sources`` holds each layer's ``(tensor name, transposed)``, and
+  ``read(name, transposed, index)`` gives the slice ``index`` of that
+  layer's tensor in ``dtype`` (the Hugging Face and GGUF readers).
+  """
   spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
   layer_sharding = NamedSharding(sharding.mesh, PartitionSpec(*spec[1:]))
   out = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
@@ -563,7 +569,7 @@ def _load_stacked(ckpt: _Checkpoint, sources, shape, dtype,
   for i, (name, transposed) in enumerate(sources):
     layer = jax.make_array_from_callback(
         shape[1:], layer_sharding,
-        lambda index, n=name, t=transposed: ckpt.read(n, t, index, dtype))
+        lambda index, n=name, t=transposed: read(n, t, index))
     out = put(out, layer, i)
   return out
 
